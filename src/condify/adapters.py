@@ -1,0 +1,184 @@
+"""Architecture adapters: where decoder layers, attention, MLP and norms live. Data, not code.
+
+Each :class:`Adapter` names submodules relative to the model (``layers``) or to one decoder layer.
+Unknown ``model_type`` values go through a structural fallback; when neither works,
+:func:`get_adapter` raises and lists the supported architectures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture cannot be handled by any adapter."""
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Names of the parts of a decoder-only transformer (relative paths, dotted)."""
+
+    name: str
+    layers: str = "model.layers"  # from the top-level model
+    attn: str = "self_attn"  # from a decoder layer
+    mlp: str = "mlp"
+    attn_norm: str = "input_layernorm"
+    attn_post_norm: str | None = None  # sandwich norms (Gemma 2/3)
+    mlp_norm: str = "post_attention_layernorm"
+    mlp_post_norm: str | None = None
+    q: str | None = "q_proj"  # from the attention module
+    k: str | None = "k_proj"
+    v: str | None = "v_proj"
+    o: str = "o_proj"
+    qkv: str | None = None  # fused q|k|v projection (Phi-3, GPT-2)
+    gate: str | None = "gate_proj"  # from the MLP module; None for non-GLU MLPs
+    up: str | None = "up_proj"  # None when fused into gate_up
+    down: str = "down_proj"
+    gate_up: str | None = None  # fused [gate; up] projection (Phi-3)
+    act: str = "act_fn"
+    conv1d: bool = False  # GPT-2 Conv1D stores weights as (in, out)
+    norm_offset: float = 0.0  # Gemma RMSNorm multiplies by (1 + weight)
+    qk_norm: bool = False  # per-head q/k norms inside attention (Qwen3, Gemma3)
+    fusable: bool = False  # layer-parallel may fuse pairs into wide GEMMs
+
+    def layer_list(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(self.layers)
+
+    def part(self, layer: nn.Module, name: str | None) -> nn.Module | None:
+        return None if name is None else layer.get_submodule(name)
+
+    def mlp_weights(self, mlp: nn.Module) -> dict[str, torch.Tensor | None]:
+        """The MLP as nn.Linear-layout weights: gate/up (I, d), down (d, I), biases; views, no copies."""
+
+        def lin(name: str | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+            if name is None:
+                return None, None
+            m = mlp.get_submodule(name)
+            w = m.weight.t() if self.conv1d else m.weight
+            return w, getattr(m, "bias", None)
+
+        if self.gate_up is not None:
+            w, b = lin(self.gate_up)
+            half = w.shape[0] // 2
+            gate, up = w[:half], w[half:]
+            b_gate, b_up = (None, None) if b is None else (b[:half], b[half:])
+        else:
+            gate, b_gate = lin(self.gate)
+            up, b_up = lin(self.up)
+        down, b_down = lin(self.down)
+        return {"gate": gate, "up": up, "down": down, "b_gate": b_gate, "b_up": b_up, "b_down": b_down}
+
+
+_LLAMA = Adapter("llama", fusable=True)
+ADAPTERS: dict[str, Adapter] = {
+    "llama": _LLAMA,
+    "mistral": dataclasses.replace(_LLAMA, name="mistral"),
+    "qwen2": dataclasses.replace(_LLAMA, name="qwen2"),
+    "qwen3": dataclasses.replace(_LLAMA, name="qwen3", qk_norm=True, fusable=False),
+    "gemma": dataclasses.replace(_LLAMA, name="gemma", norm_offset=1.0),
+    "gemma3_text": dataclasses.replace(
+        _LLAMA,
+        name="gemma3_text",
+        attn_post_norm="post_attention_layernorm",
+        mlp_norm="pre_feedforward_layernorm",
+        mlp_post_norm="post_feedforward_layernorm",
+        norm_offset=1.0,
+        qk_norm=True,
+        fusable=False,
+    ),
+    "phi3": dataclasses.replace(
+        _LLAMA,
+        name="phi3",
+        q=None,
+        k=None,
+        v=None,
+        qkv="qkv_proj",
+        gate=None,
+        up=None,
+        gate_up="gate_up_proj",
+        act="activation_fn",
+        fusable=False,
+    ),
+    "gpt2": Adapter(
+        "gpt2",
+        layers="transformer.h",
+        attn="attn",
+        attn_norm="ln_1",
+        mlp_norm="ln_2",
+        q=None,
+        k=None,
+        v=None,
+        qkv="c_attn",
+        o="c_proj",
+        gate=None,
+        up="c_fc",
+        down="c_proj",
+        act="act",
+        conv1d=True,
+    ),
+}
+
+
+def supported() -> list[str]:
+    return sorted(ADAPTERS)
+
+
+def _structural(model: nn.Module) -> Adapter | None:
+    """Guess an adapter for an unknown decoder-only model from its module tree."""
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for path, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0 or (n is not None and len(mod) != n):
+            continue
+        layer = mod[0]
+        children = dict(layer.named_children())
+        attn = next((c for c in children if "attn" in c or "attention" in c), None)
+        mlp = next((c for c in children if c in ("mlp", "feed_forward", "ffn")), None)
+        norms = [c for c, m in children.items() if "norm" in type(m).__name__.lower() or "ln" in c]
+        if attn is None or mlp is None or len(norms) < 2:
+            continue
+        mlp_children = set(dict(layer.get_submodule(mlp).named_children()))
+        for base in (_LLAMA, ADAPTERS["phi3"]):
+            names = [base.gate, base.up, base.down, base.gate_up]
+            if all(x in mlp_children for x in names if x):
+                act = next((a for a in ("act_fn", "activation_fn", "act") if a in mlp_children), base.act)
+                return dataclasses.replace(
+                    base, name=f"structural:{path}", layers=path, attn=attn, mlp=mlp,
+                    attn_norm=norms[0], mlp_norm=norms[1], act=act, fusable=False,
+                )  # fmt: skip
+    return None
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    """The adapter for ``model`` (by ``config.model_type``, else structural), validated against it."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    adapter = ADAPTERS.get(model_type) or _structural(model)
+    if adapter is None:
+        raise UnsupportedModelError(
+            f"condify does not know how to convert model_type {model_type!r} ({type(model).__name__}): "
+            f"no adapter and the structural fallback found no decoder-layer list with attention, MLP and "
+            f"two norms. Supported model types: {supported()}."
+        )
+    _check(model, adapter)
+    return adapter
+
+
+def _check(model: nn.Module, a: Adapter) -> None:
+    try:
+        layers = a.layer_list(model)
+        for layer in layers:
+            for name in (a.attn, a.mlp, a.attn_norm, a.mlp_norm, a.attn_post_norm, a.mlp_post_norm):
+                a.part(layer, name)
+            attn, mlp = layer.get_submodule(a.attn), layer.get_submodule(a.mlp)
+            for name in (a.q, a.k, a.v, a.o, a.qkv):
+                a.part(attn, name)
+            for name in (a.gate, a.up, a.down, a.gate_up, a.act):
+                a.part(mlp, name)
+    except AttributeError as e:
+        raise UnsupportedModelError(
+            f"adapter {a.name!r} does not match {type(model).__name__}: {e}. "
+            f"Supported model types: {supported()}."
+        ) from None

@@ -1,0 +1,225 @@
+"""The core: ``modify``/``unmodify`` walk a model through its adapter and apply registered methods.
+
+Modules are patched *in place*: the original HF module object stays at its path (same class, same
+parameter names, so hooks, ``output_hidden_states``, gradient checkpointing and PEFT keep working);
+a method adds new child modules under new names (e.g. ``router``) and an instance-level ``forward``.
+``unpatch`` removes exactly those.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import registry
+from .adapters import Adapter, get_adapter
+from .config import ConfigError, MethodConfig
+
+CONFIG_KEY = "condify"
+FORMAT_VERSION = 1
+
+
+class ModifyError(ValueError):
+    """A conversion was refused; the model has not been changed."""
+
+
+@dataclass
+class Patch:
+    """What condify added to one module (kept on the module as ``_condify_patch``)."""
+
+    method: str
+    children: tuple[str, ...]
+    info: dict[str, Any]
+
+
+def patch(
+    module: nn.Module,
+    method: str,
+    forward: Callable[..., Any] | None = None,
+    children: dict[str, nn.Module] | None = None,
+    **info: Any,
+) -> None:
+    """Attach ``children`` under new names and (optionally) replace ``forward`` on this instance."""
+    if hasattr(module, "_condify_patch"):
+        raise ModifyError(
+            f"module {type(module).__name__} is already converted by {module._condify_patch.method!r}"
+        )
+    children = children or {}
+    clash = [n for n in children if hasattr(module, n)]
+    if clash:
+        raise ModifyError(f"cannot add {clash} to {type(module).__name__}: the name already exists")
+    for name, child in children.items():
+        module.add_module(name, child)
+    if forward is not None:
+        module.forward = types.MethodType(forward, module)
+    module._condify_patch = Patch(method, tuple(children), info)
+
+
+def unpatch(module: nn.Module) -> None:
+    """Remove what :func:`patch` added."""
+    p: Patch = module.__dict__.pop("_condify_patch")
+    module.__dict__.pop("forward", None)
+    for name in p.children:
+        delattr(module, name)
+
+
+def patched(model: nn.Module, method: str | None = None) -> list[tuple[str, nn.Module]]:
+    """(path, module) of every module patched by ``method`` (any method if None)."""
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if hasattr(m, "_condify_patch") and (method is None or m._condify_patch.method == method)
+    ]
+
+
+def applied_configs(model: nn.Module) -> list[MethodConfig]:
+    """The method configs applied to ``model``, in order."""
+    state = getattr(model.config, CONFIG_KEY, None) or {}
+    return [registry.get(d["method"]).config_cls.from_dict(d) for d in state.get("methods", [])]
+
+
+def _set_configs(model: nn.Module, configs: list[MethodConfig]) -> None:
+    if configs:
+        setattr(
+            model.config, CONFIG_KEY, {"version": FORMAT_VERSION, "methods": [c.to_dict() for c in configs]}
+        )
+    elif hasattr(model.config, CONFIG_KEY):
+        delattr(model.config, CONFIG_KEY)
+
+
+def update_config(model: nn.Module, cfg: MethodConfig) -> None:
+    """Record a changed config of an applied method (e.g. after calibration chose its layers)."""
+    _set_configs(model, [cfg if c.method == cfg.method else c for c in applied_configs(model)])
+
+
+def _targets(model: nn.Module) -> dict[str, str]:
+    return {n: m._condify_patch.method for n, m in patched(model)}
+
+
+def _as_config(method: str | MethodConfig, options: dict[str, Any]) -> MethodConfig:
+    if isinstance(method, MethodConfig):
+        if options:
+            raise ConfigError("pass either a config object or keyword options, not both")
+        return method
+    return registry.get(method).config_cls.from_options(**options)
+
+
+def modify(
+    model: nn.Module, method: str | MethodConfig, *, _from_checkpoint: bool = False, **options: Any
+) -> nn.Module:
+    """Convert ``model`` in place with ``method`` and return it.
+
+    ``method`` is a registered name (see :func:`condify.methods`) with keyword ``options``, or a
+    config object. Every check runs before the model is touched: on error it is left as it was.
+    """
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise ModifyError(f"expected a transformers PreTrainedModel, got {type(model).__name__}")
+    cfg = _as_config(method, options)
+    spec = registry.get(cfg.method)
+    adapter = get_adapter(model)
+    cfg.check_layers(len(adapter.layer_list(model)))
+    existing = applied_configs(model)
+    if any(c.method == cfg.method for c in existing):
+        raise ModifyError(
+            f"this model is already modified with {cfg.method!r}; call condify.unmodify(model) first "
+            f"to change its options"
+        )
+    targets = spec.plan(model, adapter, cfg)
+    taken = _targets(model)
+    for path in targets:
+        for other, owner in taken.items():
+            if path == other or path.startswith(other + ".") or other.startswith(path + "."):
+                raise ModifyError(
+                    f"{cfg.method!r} would convert {path!r}, which overlaps {other!r} already converted by "
+                    f"{owner!r}; methods compose only on disjoint layers (choose `layers=` to avoid it)"
+                )
+    try:
+        spec.apply(model, adapter, cfg, _from_checkpoint)
+    except Exception:
+        _remove(model, adapter, cfg)  # leave no half-converted model behind
+        raise
+    _set_configs(model, [*existing, cfg])
+    return model
+
+
+def _remove(model: nn.Module, adapter: Adapter, cfg: MethodConfig) -> None:
+    spec = registry.get(cfg.method)
+    if spec.remove is not None:
+        spec.remove(model, adapter, cfg)
+    for _, module in patched(model, cfg.method):
+        unpatch(module)
+
+
+def unmodify(model: nn.Module, method: str | None = None) -> nn.Module:
+    """Undo ``modify`` (all methods, or only ``method``): original modules and weights, exactly."""
+    configs = applied_configs(model)
+    if not configs:
+        raise ModifyError("this model is not modified by condify; nothing to undo")
+    if method is not None and method not in {c.method for c in configs}:
+        raise ModifyError(f"{method!r} is not applied; applied: {[c.method for c in configs]}")
+    adapter = get_adapter(model)
+    keep = []
+    for cfg in reversed(configs):
+        if method is None or cfg.method == method:
+            _remove(model, adapter, cfg)
+        else:
+            keep.insert(0, cfg)
+    _set_configs(model, keep)
+    return model
+
+
+def describe(model: nn.Module) -> str:
+    """A short human-readable account of what condify converted where."""
+    configs = applied_configs(model)
+    if not configs:
+        return f"{type(model).__name__}: dense (not modified by condify)"
+    lines = [f"{type(model).__name__}: {len(configs)} condify method(s)"]
+    for cfg in configs:
+        opts = {k: v for k, v in cfg.to_dict().items() if k not in ("method", "version")}
+        lines.append(f"- {cfg.method}: {opts}")
+        for path, module in patched(model, cfg.method):
+            info = module._condify_patch.info
+            extra = ", ".join(f"{k}={v}" for k, v in info.items() if isinstance(v, (str, int, float, tuple)))
+            added = ", ".join(module._condify_patch.children)
+            lines.append(f"    {path}" + (f" (+{added})" if added else "") + (f": {extra}" if extra else ""))
+    n_new = sum(
+        p.numel()
+        for _, m in patched(model)
+        for c in m._condify_patch.children
+        for p in m.get_submodule(c).parameters()
+    )
+    lines.append(f"new parameters: {n_new:,}")
+    return "\n".join(lines)
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """Raise if ``t`` holds NaN or inf (used by debug checks)."""
+    if not torch.isfinite(t).all():
+        raise FloatingPointError(
+            f"{name}: non-finite values (NaN/inf) in the input; check the model's inputs and dtype"
+        )
+
+
+@functools.cache
+def _signature(cls: type) -> tuple[inspect.Signature, str | None]:
+    sig = inspect.signature(cls.forward)
+    return sig, next((n for n, p in sig.parameters.items() if p.kind is p.VAR_KEYWORD), None)
+
+
+def split_layer_args(
+    layer: nn.Module, args: tuple, kwargs: dict[str, Any]
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Split a decoder-layer call into ``hidden_states`` and the remaining arguments, by name."""
+    sig, var_kw = _signature(type(layer))
+    named = dict(sig.bind(layer, *args, **kwargs).arguments)
+    named.pop("self")
+    extra = named.pop(var_kw, {}) if var_kw else {}
+    hidden = named.pop("hidden_states")
+    return hidden, {**named, **extra}

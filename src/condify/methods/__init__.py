@@ -1,0 +1,1 @@
+"""condify methods: one folder each; each registers itself in `condify.registry`."""

@@ -1,0 +1,49 @@
+"""Options of layer-parallel."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ...config import ConfigError, MethodConfig
+
+
+@dataclass
+class LayerParallelConfig(MethodConfig):
+    """Pair ``2·pairs`` consecutive layers starting at ``start``: (start, start+1), (start+2, start+3), ...
+
+    Give either ``layers`` (a contiguous range of even length) or ``pairs`` with an optional ``start``
+    (default: the pairs end just before the last layer; ``calibrate`` sweeps for the best range).
+    ``fuse`` runs each pair as one set of wide GEMMs where the architecture allows it.
+    """
+
+    method: ClassVar[str] = "layer-parallel"
+
+    pairs: int = 2
+    start: int | None = None
+    fuse: bool = True
+
+    def validate(self) -> None:
+        if self.layers is not None:
+            if len(self.layers) % 2 or self.layers != list(
+                range(self.layers[0], self.layers[0] + len(self.layers))
+            ):
+                raise ConfigError(
+                    f"layer-parallel: `layers` must be a contiguous range of even length, got {self.layers}"
+                )
+            self.pairs, self.start = len(self.layers) // 2, self.layers[0]
+        if not isinstance(self.pairs, int) or self.pairs < 1:
+            raise ConfigError(f"layer-parallel: `pairs` must be an integer >= 1, got {self.pairs!r}")
+        if self.start is not None and self.start < 0:
+            raise ConfigError(f"layer-parallel: `start` must be >= 0, got {self.start}")
+        self.layers = None  # derived from (pairs, start); stored that way
+
+    def resolve(self, num_layers: int) -> list[int]:
+        """The paired layer indices for a model with ``num_layers`` layers (raises if they don't fit)."""
+        start = num_layers - 1 - 2 * self.pairs if self.start is None else self.start
+        if start < 0 or start + 2 * self.pairs > num_layers:
+            raise ConfigError(
+                f"layer-parallel: {self.pairs} pairs starting at layer {start} do not fit in a model with "
+                f"{num_layers} layers (at most {num_layers // 2} pairs; start in 0..{num_layers - 2 * self.pairs})"
+            )
+        return list(range(start, start + 2 * self.pairs))
