@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -24,6 +24,8 @@ class Method:
       will be loaded right after, so skip data-dependent initialisation.
     - ``remove(model, adapter, config)``: undo ``apply`` exactly (optional: default unpatches).
     - ``calibrate(model, adapter, config, batches, **options)``: the data-dependent step.
+    - ``recipes``: named budgets -> (modify options, calibrate options) used by the CLI and main
+      job; ``"quick"`` (seconds, smoke tests) and ``"cpu"`` (minutes on a 2-core CPU) at least.
     """
 
     name: str
@@ -33,6 +35,7 @@ class Method:
     apply: Callable[[nn.Module, Adapter, MethodConfig, bool], None]
     remove: Callable[[nn.Module, Adapter, MethodConfig], None] | None = None
     calibrate: Callable[..., Any] | None = None
+    recipes: dict[str, tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=dict)
 
 
 _METHODS: dict[str, Method] = {}

@@ -15,6 +15,11 @@ registry.register(
         plan=plan,
         apply=apply,
         calibrate=calibrate,
+        recipes={
+            "quick": ({"pairs": 1}, {"starts": [20, 24], "sweep_batches": 1}),
+            "cpu": ({"pairs": 2}, {"starts": list(range(12, 26, 2)), "finetune_steps": 60, "lr": 1e-4}),
+            "long": ({"pairs": 4}, {"finetune_steps": 1000, "lr": 1e-4}),
+        },
     )
 )
 
