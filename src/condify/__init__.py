@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from . import registry
+from . import methods, registry
 from .adapters import UnsupportedModelError
 from .config import ConfigError, MethodConfig
 from .convert import ModifyError, applied_configs, describe, modify, unmodify
@@ -34,11 +34,6 @@ __all__ = [
     "save_pretrained",
     "unmodify",
 ]
-
-
-def methods() -> dict[str, str]:
-    """Registered method names with a one-line description each."""
-    return {m.name: m.description for m in registry.all_methods()}
 
 
 def calibrate(

@@ -53,20 +53,21 @@ def register(method: Method) -> Method:
     return method
 
 
+def _load(name: str) -> None:
+    if name not in _METHODS and name in _BUILTIN:
+        importlib.import_module(_BUILTIN[name])
+
+
 def _load_builtins() -> None:
-    for name, module in _BUILTIN.items():
-        if name not in _METHODS:
-            try:
-                importlib.import_module(module)
-            except ModuleNotFoundError as e:  # a method folder still being written
-                if e.name != module:
-                    raise
+    for name in _BUILTIN:
+        _load(name)
 
 
 def get(name: str) -> Method:
     """Look up a method by name; unknown names get an error listing the known ones."""
-    _load_builtins()
+    _load(name)
     if name not in _METHODS:
+        _load_builtins()
         raise ValueError(f"unknown method {name!r}; known methods: {sorted(_METHODS)}")
     return _METHODS[name]
 

@@ -1,0 +1,162 @@
+"""The core API on every adapter architecture: modify/unmodify, save/load, errors before mutation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny import CONFIGS, tiny
+from transformers import AutoModelForCausalLM, BertConfig, BertForMaskedLM
+
+import condify
+
+ARCHS = sorted(CONFIGS)
+
+
+def snapshot(model: torch.nn.Module) -> tuple[str, dict[str, torch.Tensor]]:
+    return repr(model), {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_unchanged(model: torch.nn.Module, snap: tuple[str, dict[str, torch.Tensor]]) -> None:
+    tree, sd = snap
+    assert repr(model) == tree
+    now = model.state_dict()
+    assert now.keys() == sd.keys()
+    assert all(torch.equal(now[k], sd[k]) for k in sd)
+    assert not hasattr(model.config, "condify")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_modify_unmodify_exact(arch):
+    model = tiny(arch)
+    ids = torch.randint(0, 128, (2, 9))
+    dense = model(ids).logits
+    snap = snapshot(model)
+    condify.modify(model, "layer-parallel", pairs=2, start=1)
+    assert not torch.allclose(model(ids).logits, dense)
+    condify.unmodify(model)
+    assert torch.equal(model(ids).logits, dense)
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_load_roundtrip(arch, tmp_path):
+    model = tiny(arch)
+    ids = torch.randint(0, 128, (2, 9))
+    dense = model(ids).logits
+    condify.modify(model, "layer-parallel", pairs=1, start=2)
+    out = model(ids).logits
+    condify.save_pretrained(model, tmp_path)
+    assert (
+        json.loads((tmp_path / "config.json").read_text())["condify"]["methods"][0]["method"]
+        == "layer-parallel"
+    )
+    loaded = condify.from_pretrained(tmp_path).eval()
+    assert torch.equal(loaded(ids).logits, out)
+    assert condify.applied_configs(loaded) == condify.applied_configs(model)
+    vanilla = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # a working dense model
+    assert torch.allclose(vanilla(ids).logits, dense, atol=1e-6)
+
+
+def test_methods_and_describe():
+    names = condify.methods()
+    assert "layer-parallel" in names and all(isinstance(v, str) and v for v in names.values())
+    model = tiny("llama")
+    assert "dense" in condify.describe(model)
+    condify.modify(model, "layer-parallel", pairs=1, start=1)
+    text = condify.describe(model)
+    assert "layer-parallel" in text and "model.layers.1" in text and "model.layers.2" in text
+
+
+def test_config_object_and_options_equivalent():
+    from condify.methods.layer_parallel import LayerParallelConfig
+
+    a, b = tiny("llama"), tiny("llama")
+    condify.modify(a, LayerParallelConfig(pairs=1, start=3))
+    condify.modify(b, "layer-parallel", layers=[3, 4])
+    ids = torch.randint(0, 128, (1, 7))
+    assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "match"),
+    [
+        ("no-such-method", {}, "unknown method 'no-such-method'; known methods"),
+        ("layer-parallel", {"pairs": 0}, "`pairs` must be an integer >= 1"),
+        ("layer-parallel", {"pairs": 4}, "do not fit in a model with 6 layers"),
+        ("layer-parallel", {"pairs": 1, "start": 5}, "do not fit"),
+        ("layer-parallel", {"layers": [1, 2, 4]}, "contiguous range of even length"),
+        ("layer-parallel", {"layers": [8, 9]}, "do not fit"),
+        ("layer-parallel", {"bogus": 1}, "unknown options \\['bogus'\\]"),
+    ],
+)
+def test_bad_input_leaves_model_unchanged(method, options, match):
+    model = tiny("llama")
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        condify.modify(model, method, **options)
+    assert_unchanged(model, snap)
+
+
+def test_modify_twice_and_overlap_refused():
+    model = tiny("llama")
+    condify.modify(model, "layer-parallel", pairs=1, start=1)
+    snap = repr(model), {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(condify.ModifyError, match="already modified with 'layer-parallel'"):
+        condify.modify(model, "layer-parallel", pairs=1, start=3)
+    assert repr(model) == snap[0]
+    assert condify.applied_configs(model)[0].start == 1
+
+
+def test_unsupported_model():
+    cfg = BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=50
+    )
+    model = BertForMaskedLM(cfg)
+    snap = repr(model)
+    with pytest.raises(condify.UnsupportedModelError, match="Supported model types: \\[.*'llama'"):
+        condify.modify(model, "layer-parallel", pairs=1)
+    assert repr(model) == snap
+
+
+def test_unmodify_and_calibrate_need_a_modified_model():
+    model = tiny("llama")
+    with pytest.raises(condify.ModifyError, match="not modified"):
+        condify.unmodify(model)
+    with pytest.raises(condify.ModifyError, match="call condify.modify"):
+        condify.calibrate(model, [torch.randint(0, 128, (1, 8))])
+
+
+def test_checkpoint_config_and_weights_disagree(tmp_path):
+    model = tiny("llama")
+    condify.modify(model, "layer-parallel", pairs=1, start=1)
+    condify.save_pretrained(model, tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    weights["model.layers.1.router.weight"] = torch.zeros(3)
+    save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(condify.CheckpointError, match="does not match the saved weights.*router"):
+        condify.from_pretrained(tmp_path)
+
+
+def test_checkpoint_config_invalid(tmp_path):
+    model = tiny("llama")
+    condify.modify(model, "layer-parallel", pairs=1, start=1)
+    condify.save_pretrained(model, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["condify"]["methods"][0]["pairs"] = 5
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(condify.ConfigError, match="do not fit"):
+        condify.from_pretrained(tmp_path)
+
+
+def test_import_is_light():
+    code = (
+        "import sys, condify, torch; condify.methods(); "
+        "assert 'triton' not in sys.modules, 'triton imported eagerly'; "
+        "assert not torch.cuda.is_initialized(), 'CUDA initialised'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
