@@ -1,0 +1,267 @@
+"""Data-dependent step of mod-threshold: router training plus continued training of the model.
+
+One loop trains the routers (straight-through gate, see :mod:`.modules`) together with the model
+weights chosen by ``train`` (default: all decoder layers; embeddings, final norm and LM head stay
+frozen). The loss is KL to the dense model's logits (``distill=True``, the dense model is a frozen
+copy taken before training) or next-token cross entropy, plus ``lm_weight`` × cross entropy.
+
+The keep-rate is not a loss term: every step, each router's bias is moved so that the batch's
+hard keep-rate of that layer matches the scheduled capacity (the ``(1 - c)`` quantile of the router
+logits is put at the threshold, smoothed with ``bias_momentum``). This holds every layer exactly at
+its target without fighting the LM gradient, which shapes the router *weights* (which tokens to
+keep). The capacity walks linearly from 1.0 down to the target over the first ``ramp`` fraction of
+the steps. After training, biases are fitted once more layer by layer on the calibration data
+(:func:`fit_biases`), so the hard keep-rate of every gated layer equals the target on that data.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ...adapters import Adapter
+from ...config import ConfigError, in_range
+from ...convert import patched, unmodify
+from ...training import Batch, kl_loss, lm_loss, mean_nll
+from .config import ModThresholdConfig
+from .modules import RouterState
+
+_TRAIN = ("all", "gated", "routers")
+
+
+def _gated(model: nn.Module) -> dict[int, nn.Module]:
+    layers = {m._condify_patch.info["index"]: m for _, m in patched(model, "mod-threshold")}
+    if not layers:
+        raise ConfigError("mod-threshold: the model has no gated layers; call condify.modify first")
+    return dict(sorted(layers.items()))
+
+
+def _state(model: nn.Module) -> RouterState:
+    return next(iter(_gated(model).values()))._condify_patch.info["state"]
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+@torch.no_grad()
+def keep_rates(model: nn.Module, batches: list[Batch] | Any) -> dict[int, float]:
+    """Measured fraction of (non-padding) tokens that take each gated layer, by layer index."""
+    from ...training import as_batches
+
+    batches = as_batches(batches, next(model.parameters()).device)
+    state = _state(model)
+    kept: dict[int, float] = {}
+    total: dict[int, float] = {}
+    was_training, state.record = model.training, {}
+    model.eval()
+    try:
+        for b in batches:
+            model(**b, use_cache=False)
+            for i, (_, keep, real) in state.record.items():
+                n = keep.numel() if real is None else real.sum()
+                kept[i] = kept.get(i, 0.0) + float(keep.sum())
+                total[i] = total.get(i, 0.0) + float(n)
+    finally:
+        state.record = None
+        model.train(was_training)
+    return {i: kept[i] / max(total[i], 1.0) for i in sorted(kept)}
+
+
+def _quantile_shift(g: torch.Tensor, real: torch.Tensor | None, capacity: float, threshold: float) -> float:
+    """Logit shift that makes a fraction ``capacity`` of the tokens reach ``threshold``."""
+    z = torch.logit(g.detach().double().clamp(1e-12, 1 - 1e-12))
+    z = z[real] if real is not None else z.flatten()
+    if capacity >= 1.0:
+        return max(0.0, _logit(threshold) - float(z.min()) + 1e-3)
+    q = torch.quantile(z.float(), 1 - capacity)
+    return _logit(threshold) - float(q)
+
+
+@torch.no_grad()
+def fit_biases(
+    model: nn.Module, batches: list[Batch], capacity: float, threshold: float, progress: bool = True
+) -> dict[int, float]:
+    """Shift each router bias (in layer order) so its hard keep-rate on ``batches`` is ``capacity``."""
+    state, shifts = _state(model), {}
+    was_training = model.training
+    model.eval()
+    try:
+        for i, layer in tqdm(
+            _gated(model).items(), desc="fit router biases", disable=not progress, leave=False
+        ):
+            gs, reals = [], []
+            state.record = {}
+            for b in batches:
+                model(**b, use_cache=False)
+                g, _, real = state.record[i]
+                gs.append(g.flatten())
+                reals.append(
+                    real.flatten() if real is not None else torch.ones_like(g.flatten(), dtype=torch.bool)
+                )
+            shift = _quantile_shift(torch.cat(gs), torch.cat(reals), capacity, threshold)
+            layer.router.bias += shift
+            shifts[i] = shift
+    finally:
+        state.record = None
+        model.train(was_training)
+    return shifts
+
+
+def _params(
+    model: nn.Module, adapter: Adapter, gated: dict[int, nn.Module], train: str
+) -> list[nn.Parameter]:
+    if train == "routers":
+        return []
+    layers = adapter.layer_list(model)
+    chosen = gated.values() if train == "gated" else layers
+    return [p for layer in chosen for n, p in layer.named_parameters() if not n.startswith("router.")]
+
+
+def calibrate(
+    model: nn.Module,
+    adapter: Adapter,
+    cfg: ModThresholdConfig,
+    batches: list[Batch],
+    *,
+    capacity: float | None = None,
+    steps: int = 100,
+    router_steps: int = 0,
+    train: str = "all",
+    lr: float = 5e-5,
+    router_lr: float = 1e-3,
+    distill: bool = True,
+    lm_weight: float = 0.0,
+    ramp: float = 0.5,
+    bias_momentum: float = 0.5,
+    holdout: list[Batch] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train routers (and the model, per ``train``) to keep a fraction ``capacity`` of tokens per layer.
+
+    ``capacity`` defaults to ``cfg.capacity`` (and is recorded there). ``router_steps`` first train
+    the routers alone (model frozen), then ``steps`` train routers and model together; the capacity
+    ramp runs over both. ``train``: ``"all"`` decoder layers, ``"gated"`` layers only, or
+    ``"routers"`` only. ``holdout`` batches (optional) are used for the reported keep-rates and
+    perplexity. Returns per-layer keep-rates, losses, bias shifts and the number of tokens used.
+    """
+    from ...convert import update_config
+
+    capacity = cfg.capacity if capacity is None else capacity
+    in_range("capacity", capacity, 0.0, 1.0, lo_open=True)
+    in_range("ramp", ramp, 0.0, 1.0)
+    in_range("bias_momentum", bias_momentum, 0.0, 1.0, hi_open=True)
+    if train not in _TRAIN:
+        raise ConfigError(f"mod-threshold calibrate: `train` must be one of {_TRAIN}, got {train!r}")
+    if steps < 0 or router_steps < 0:
+        raise ConfigError("mod-threshold calibrate: `steps` and `router_steps` must be >= 0")
+    gated = _gated(model)
+    state = _state(model)
+    if holdout is not None:
+        from ...training import as_batches
+
+        holdout = as_batches(holdout, next(model.parameters()).device)
+    routers = [p for layer in gated.values() for p in layer.router.parameters()]
+    total = router_steps + steps
+    teacher = None
+    if distill and total:
+        teacher = unmodify(copy.deepcopy(model)).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+
+    def forward(b: Batch) -> tuple[torch.Tensor, dict[int, Any]]:
+        state.record = {}
+        try:
+            logits = model(**b, use_cache=False).logits
+            return logits, state.record
+        finally:
+            state.record = None
+
+    def loss_of(logits: torch.Tensor, b: Batch) -> torch.Tensor:
+        if teacher is None:
+            return lm_loss(logits, b)
+        with torch.no_grad():
+            t = teacher(**b, use_cache=False).logits
+        loss = kl_loss(logits, t, b)
+        return loss + lm_weight * lm_loss(logits, b) if lm_weight else loss
+
+    result: dict[str, Any] = {"capacity": capacity, "train": train, "distill": distill, "losses": []}
+    saved = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    ramp_steps = max(1, round(ramp * total))
+    step = 0
+    try:
+        for phase, n, params in (
+            ("routers", router_steps, []),
+            (train, steps, _params(model, adapter, gated, train)),
+        ):
+            if n == 0:
+                continue
+            for p in model.parameters():
+                p.requires_grad_(False)
+            groups = [{"params": routers, "lr": router_lr}]
+            if params:
+                groups.append({"params": params, "lr": lr})
+            for grp in groups:
+                for p in grp["params"]:
+                    p.requires_grad_(True)
+            opt = torch.optim.AdamW(groups, weight_decay=0.0)
+            warm = min(10, n // 10)
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt,
+                lambda s: (
+                    (s + 1) / warm
+                    if s < warm
+                    else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, n - warm)))
+                ),
+            )
+            model.train()
+            bar = tqdm(range(n), desc=f"mod-threshold: train {phase}", disable=not progress, leave=False)
+            for _ in bar:
+                c_t = 1.0 - (1.0 - capacity) * min(1.0, (step + 1) / ramp_steps)
+                b = batches[step % len(batches)]
+                logits, rec = forward(b)
+                loss = loss_of(logits, b)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"mod-threshold calibrate: loss {loss.item()} at step {step}; lower lr"
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_([p for g_ in groups for p in g_["params"]], 1.0)
+                opt.step()
+                sched.step()
+                rates = []
+                with torch.no_grad():
+                    for i, (g, keep, real) in rec.items():
+                        shift = _quantile_shift(g, real, c_t, cfg.threshold)
+                        gated[i].router.bias += (1 - bias_momentum) * shift
+                        rates.append(
+                            float(keep.float().mean() if real is None else keep[real].float().mean())
+                        )
+                result["losses"].append(loss.item())
+                bar.set_postfix(
+                    loss=f"{loss.item():.3f}", cap=f"{c_t:.2f}", keep=f"{sum(rates) / len(rates):.2f}"
+                )
+                step += 1
+    finally:
+        for p, r in saved.items():
+            p.requires_grad_(r)
+        model.train(was_training)
+        state.record = None
+    del teacher
+    result["bias_shifts"] = fit_biases(model, batches, capacity, cfg.threshold, progress)
+    cfg.capacity = capacity
+    update_config(model, cfg)
+    result["steps"] = {"routers": router_steps, train: steps}
+    result["tokens"] = sum(int(batches[i % len(batches)]["input_ids"].numel()) for i in range(total))
+    result["keep_rates"] = keep_rates(model, batches)
+    if holdout is not None:
+        result["keep_rates_holdout"] = keep_rates(model, holdout)
+        result["holdout_ppl"] = math.exp(mean_nll(model, holdout))
+    return result

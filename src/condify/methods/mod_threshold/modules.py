@@ -1,0 +1,191 @@
+"""Forward of a gated decoder layer (mod-threshold).
+
+Gate: ``g = sigmoid(w·h + b)`` per token on the layer input ``h``; the token takes the layer iff
+``g >= threshold`` (a NaN gate counts as kept, so bad inputs propagate instead of silently skipping).
+Padding tokens (from the 2-D ``attention_mask`` given to the model) never take a gated layer, so they
+write no K/V. Kept tokens see only the tokens this layer kept (cached ones included), causally, at
+their original positions; skipped tokens pass through unchanged and write no K/V.
+
+The gate scales the residual updates in the straight-through form ``g_used = hard + (g - g.detach())``
+(``hard`` = 1 kept, 0 skipped): the value is exactly 0/1, so the output is dense at init (``w = 0``,
+``b = init_bias`` keeps every token) and the router still gets ``dL/dg = <dL/dout, update>``.
+
+Two execution paths with the same values:
+
+- masked (the oracle, and every training forward): every token is computed, keys are restricted to
+  kept tokens, updates of skipped tokens are multiplied by 0;
+- gathered (inference, ``mode="gather"``): kept tokens are compacted per sequence
+  (:func:`condify.ops.compact_tokens`), run through the layer with their own rotary embeddings,
+  and their updates added back (:func:`condify.ops.scatter_tokens`).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...adapters import Adapter
+from ...cache import ragged_layer
+from ...convert import check_finite, split_layer_args
+
+_DROP = ("encoder_hidden_states", "encoder_attention_mask", "output_attentions", "use_cache")
+
+
+class RouterState:
+    """Runtime state shared by the gated layers of one model (never saved).
+
+    ``mask2d``: the 2-D padding mask of the current forward, captured by a pre-hook on the decoder
+    stack. ``record``: when a dict, each gated layer stores ``(gate, keep, real)`` of its last call.
+    """
+
+    def __init__(self) -> None:
+        self.mask2d: torch.Tensor | None = None
+        self.record: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None
+
+    def capture(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Forward pre-hook (``with_kwargs=True``) on the module that owns the layer list."""
+        mask = kwargs.get("attention_mask")
+        if mask is None and args:
+            mask = _bind(type(module))(module, *args, **kwargs).arguments.get("attention_mask")
+        self.mask2d = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    def real_tokens(self, b: int, t: int, device: torch.device) -> torch.Tensor | None:
+        """(B, T) True for non-padding tokens of the current call, or None if unknown / no padding."""
+        m = self.mask2d
+        if m is None or m.shape[0] != b or m.shape[1] < t:
+            return None
+        return m[:, -t:].to(device) != 0
+
+
+@functools.cache
+def _bind(cls: type) -> Callable[..., inspect.BoundArguments]:
+    return inspect.signature(cls.forward).bind_partial
+
+
+@functools.cache
+def _ops() -> tuple[Callable[..., Any], Callable[..., Any]]:
+    try:
+        from ...ops import compact_tokens, scatter_tokens
+
+        return compact_tokens, scatter_tokens
+    except ImportError:  # ops dispatcher not available: the plain-torch reference
+        from ...ops.reference import compact_tokens_reference, scatter_tokens_reference
+
+        return compact_tokens_reference, scatter_tokens_reference
+
+
+def _mask(
+    qs: torch.Tensor, ks: torch.Tensor, kvalid: torch.Tensor, window: int | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """Additive (B, 1, Q, S) mask: query slot ``qs`` sees valid key slots ``ks <= qs`` (in window), and itself."""
+    q, k = qs[:, :, None], ks[:, None, :]
+    allowed = kvalid[:, None, :] & (k <= q)
+    if window is not None:
+        allowed &= q - k < window
+    allowed |= k == q  # every row has a key; only rows whose output is discarded rely on it
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=qs.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def _sub(layer: nn.Module, name: str | None) -> nn.Module | None:
+    return None if name is None else layer.get_submodule(name)
+
+
+def _updates(
+    layer: nn.Module,
+    a: Adapter,
+    x: torch.Tensor,
+    gate: torch.Tensor | None,
+    attn_kwargs: dict[str, Any],
+) -> torch.Tensor:
+    """The layer's output ``x + g·attn, then + g·mlp`` (``gate`` None = 1)."""
+    out = layer.get_submodule(a.attn)(hidden_states=layer.get_submodule(a.attn_norm)(x), **attn_kwargs)[0]
+    if a.attn_post_norm:
+        out = layer.get_submodule(a.attn_post_norm)(out)
+    h = x + (out if gate is None else gate * out)
+    out = layer.get_submodule(a.mlp)(layer.get_submodule(a.mlp_norm)(h))
+    if a.mlp_post_norm:
+        out = layer.get_submodule(a.mlp_post_norm)(out)
+    return h + (out if gate is None else gate * out)
+
+
+def gated_forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Forward of a gated decoder layer (installed as an instance method)."""
+    info = self._condify_patch.info
+    cfg, a, state = info["config"], info["adapter"], info["state"]
+    x, kw = split_layer_args(self, args, kwargs)
+    for k in _DROP:
+        kw.pop(k, None)
+    attn = self.get_submodule(a.attn)
+    idx: int = attn.layer_idx
+    window: int | None = info["sliding_window"]
+    if cfg.debug_checks:
+        check_finite(f"mod-threshold layer {idx}: hidden states", x)
+    b, t, _ = x.shape
+    cache = kw.pop("past_key_values", None)
+    kw.pop("attention_mask", None)
+    pos_ids = kw.pop("position_ids", None)
+    cos, sin = kw.pop("position_embeddings")
+    layer_cache = ragged_layer(cache, idx, window) if cache is not None else None
+    past = layer_cache.seen if layer_cache is not None else 0
+    slots = (torch.arange(t, device=x.device) + past).expand(b, t)
+
+    g = torch.sigmoid(self.router(x).squeeze(-1).float())
+    keep = ~(g < cfg.threshold)
+    if cfg.sink_tokens:
+        pos = pos_ids.expand(b, t) if pos_ids is not None else slots
+        keep = keep | (pos < cfg.sink_tokens)
+    real = state.real_tokens(b, t, x.device)
+    if real is not None:
+        keep = keep & real
+    if state.record is not None:
+        state.record[idx] = (g, keep, real)
+
+    if cfg.mode == "mask" or (self.training and torch.is_grad_enabled()):
+        gate = keep.to(x.dtype)
+        if g.requires_grad:
+            gate = gate + (g - g.detach()).to(x.dtype)
+        ks, kvalid = layer_cache.prepare(slots, keep, t) if layer_cache is not None else (slots, keep)
+        kw.update(
+            position_embeddings=(cos, sin),
+            attention_mask=_mask(slots, ks, kvalid, window, x.dtype),
+            past_key_values=cache if layer_cache is not None else None,
+        )
+        return _updates(self, a, x, gate[..., None], kw)
+
+    compact_tokens, scatter_tokens = _ops()
+    index, count = compact_tokens(keep)
+    k = int(count.max())
+    if k == 0:
+        if layer_cache is not None:
+            layer_cache.skip(t)
+        return x
+    index = index[:, :k]
+    valid = torch.arange(k, device=x.device) < count[:, None]
+
+    def rows(v: torch.Tensor) -> torch.Tensor:
+        v = v.expand(b, *v.shape[1:])
+        return v.gather(1, index.view(b, k, *([1] * (v.dim() - 2))).expand(b, k, *v.shape[2:]))
+
+    xg, qs = rows(x), rows(slots)
+    if layer_cache is not None:
+        ks, kvalid = layer_cache.prepare(qs, valid, t)
+    else:
+        ks, kvalid = qs, valid
+    fast = (
+        attn.config._attn_implementation == "sdpa"
+        and (layer_cache is None or ks.shape[1] == k)  # nothing cached yet: causal over the compacted rows
+        and (window is None or window >= past + t)
+    )
+    kw.update(
+        position_embeddings=(rows(cos), rows(sin)),
+        attention_mask=None if fast else _mask(qs, ks, kvalid, window, x.dtype),
+        past_key_values=cache if layer_cache is not None else None,
+    )
+    out = _updates(self, a, xg, None, kw)
+    return scatter_tokens(x, out - xg, index, count)

@@ -1,0 +1,295 @@
+"""mod-threshold: dense at init, masked oracle == gathered path, cached generate == recompute, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen3Config
+
+import condify
+from condify.cache import RaggedCache, RaggedLayer
+from condify.convert import patched
+from condify.methods.mod_threshold import ModThresholdConfig, keep_rates
+
+COMMON = dict(
+    hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
+    num_key_value_heads=2, vocab_size=128, max_position_embeddings=256,
+)  # fmt: skip
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**COMMON),
+    "mistral": lambda: MistralConfig(**COMMON, sliding_window=8),
+    "qwen3": lambda: Qwen3Config(**COMMON, head_dim=16),
+    "gemma3_text": lambda: Gemma3TextConfig(
+        **COMMON, head_dim=16, sliding_window=6, layer_types=["sliding_attention", "full_attention"] * 3
+    ),
+}
+
+
+def tiny(arch: str = "llama", attn: str = "sdpa") -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS[arch](), attn_implementation=attn).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def randomize_routers(model: torch.nn.Module, seed: int = 1) -> None:
+    """Routers with large random weights: ragged, far-from-threshold decisions."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in patched(model, "mod-threshold"):
+            w = layer.router.weight
+            w.copy_(torch.randn(w.shape, generator=gen) * 200.0 / w.shape[1] ** 0.5)
+            layer.router.bias.fill_(0.0)
+
+
+def set_mode(model: torch.nn.Module, mode: str) -> None:
+    for _, layer in patched(model, "mod-threshold"):
+        layer._condify_patch.info["config"].mode = mode
+
+
+def left_padded(batch: int = 4, t: int = 19, vocab: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(3, vocab, (batch, t))
+    mask = torch.ones_like(ids)
+    for b in range(1, batch):
+        mask[b, : 2 * b + 1] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_dense_at_init_and_unmodify_exact(arch: str) -> None:
+    model = tiny(arch)
+    ids, mask = left_padded()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+        condify.modify(model, method="mod-threshold")
+        out = model(ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(out[real], ref[real], atol=1e-5, rtol=0)
+    assert [i for i, _ in keep_rates(model, [{"input_ids": ids, "attention_mask": mask}]).items()] == [1, 3]
+    condify.unmodify(model)
+    assert set(model.state_dict()) == set(state)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert not model.model._forward_pre_hooks and not hasattr(model.model.layers[1], "router")
+    with torch.no_grad():
+        assert torch.equal(model(ids, attention_mask=mask).logits, ref)
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_mask_oracle_equals_gather(arch: str, attn: str) -> None:
+    model = tiny(arch, attn)
+    condify.modify(model, method="mod-threshold", layers=[1, 2, 4])
+    randomize_routers(model)
+    ids, mask = left_padded(4, 23)
+    batch = [{"input_ids": ids, "attention_mask": mask}]
+    rates = keep_rates(model, batch)
+    assert all(0.1 < r < 0.9 for r in rates.values()), rates  # ragged kept sets
+    with torch.no_grad():
+        gathered = model(ids, attention_mask=mask).logits
+        set_mode(model, "mask")
+        masked = model(ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(gathered[real], masked[real], atol=1e-5, rtol=0)
+
+
+def test_gather_matches_per_sequence_loop() -> None:
+    """Batch of 4 with padding == each sequence alone without padding (naive loop oracle)."""
+    model = tiny("llama")
+    condify.modify(model, method="mod-threshold")
+    randomize_routers(model)
+    ids, mask = left_padded(4, 21)
+    with torch.no_grad():
+        batched = model(ids, attention_mask=mask).logits
+        for b in range(4):
+            real = mask[b].bool()
+            alone = model(ids[b : b + 1, real]).logits[0]
+            torch.testing.assert_close(batched[b, real], alone, atol=1e-4, rtol=0)
+
+
+def _generate_equal(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, new: int = 10) -> None:
+    kw = dict(attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
+    cached = model.generate(ids, **kw)
+    full = model.generate(ids, use_cache=False, **kw)
+    assert torch.equal(cached, full)
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_cached_generate_equals_recompute(arch: str) -> None:
+    model = tiny(arch)
+    condify.modify(model, method="mod-threshold", layers=[1, 2, 4])
+    randomize_routers(model)
+    ids, mask = left_padded(3, 11)
+    _generate_equal(model, ids, mask)
+
+
+def test_generate_sampling_and_cache_type() -> None:
+    model = tiny("llama")
+    condify.modify(model, method="mod-threshold")
+    randomize_routers(model)
+    ids, mask = left_padded(3, 9)
+    torch.manual_seed(3)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True, top_k=20, pad_token_id=0)
+    torch.manual_seed(3)
+    again = model.generate(
+        ids, attention_mask=mask, max_new_tokens=6, do_sample=True, top_k=20, pad_token_id=0, use_cache=False
+    )
+    assert out.shape == (3, 15) and torch.equal(out, again)
+    res = model(ids, attention_mask=mask, use_cache=True)
+    cache = res.past_key_values
+    assert isinstance(cache, RaggedCache) and isinstance(cache.layers[1], RaggedLayer)
+    assert cache.get_seq_length() == 9
+
+
+def test_kv_bytes_lower_and_ragged() -> None:
+    model = tiny("llama")
+    ids, mask = left_padded(1, 64)
+    with torch.no_grad():
+        dense = model(ids, use_cache=True).past_key_values
+        dense_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in dense.layers)
+        condify.modify(model, method="mod-threshold", layers=[1, 2, 3, 4])
+        randomize_routers(model)
+        cache = model(ids, use_cache=True).past_key_values
+    rates = keep_rates(model, ids)
+    for i, r in rates.items():
+        assert cache.layers[i].kept_tokens().tolist() == [round(r * 64)]
+    expected = dense_bytes * (2 + sum(rates.values())) / 6
+    assert cache.condify_nbytes() < dense_bytes
+    assert abs(cache.condify_nbytes() - expected) / dense_bytes < 0.02  # + the small slot index
+
+
+def test_all_skipped_layer_and_nan_handling() -> None:
+    model = tiny("llama")
+    condify.modify(model, method="mod-threshold", debug_checks=True)
+    with torch.no_grad():
+        for _, layer in patched(model, "mod-threshold"):
+            layer.router.bias.fill_(-50.0)  # nobody takes the gated layers
+    ids, mask = left_padded(2, 7)
+    _generate_equal(model, ids, mask, new=4)
+    assert set(keep_rates(model, ids).values()) == {0.0}
+    emb = model.get_input_embeddings()
+    with torch.no_grad():
+        emb.weight[5] = float("nan")
+    ids[0, 3] = 5
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        model(ids)
+    # without debug checks a NaN gate keeps the token: the NaN shows in the output, no silent skip
+    condify.unmodify(model)
+    condify.modify(model, method="mod-threshold")
+    with torch.no_grad():
+        assert torch.isnan(model(ids).logits[0, 3:]).all()
+
+
+def test_training_forward_gives_router_gradients() -> None:
+    model = tiny("llama").train()
+    condify.modify(model, method="mod-threshold")
+    randomize_routers(model)
+    ids, _ = left_padded(2, 12)
+    model(ids, labels=ids).loss.backward()
+    for _, layer in patched(model, "mod-threshold"):
+        assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
+
+
+def test_save_load_round_trip(tmp_path) -> None:
+    model = tiny("llama")
+    condify.modify(model, method="mod-threshold", threshold=0.4, sink_tokens=2)
+    randomize_routers(model)
+    ids, mask = left_padded(3, 13)
+    condify.save_pretrained(model, tmp_path)
+    loaded = condify.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    cfg = condify.applied_configs(loaded)[0]
+    assert isinstance(cfg, ModThresholdConfig) and cfg.threshold == 0.4 and cfg.sink_tokens == 2
+    with torch.no_grad():
+        assert torch.equal(model(ids, attention_mask=mask).logits, loaded(ids, attention_mask=mask).logits)
+
+
+def test_sink_tokens_always_kept() -> None:
+    model = tiny("llama")
+    condify.modify(model, method="mod-threshold", sink_tokens=3)
+    with torch.no_grad():
+        for _, layer in patched(model, "mod-threshold"):
+            layer.router.bias.fill_(-50.0)
+    rates = keep_rates(model, torch.randint(3, 128, (2, 12)))
+    assert all(r == pytest.approx(3 / 12) for r in rates.values())
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"threshold": 0.0}, "threshold"),
+        ({"threshold": 1.0}, "threshold"),
+        ({"capacity": 0.0}, "capacity"),
+        ({"capacity": 1.5}, "capacity"),
+        ({"layers": [1, 9]}, "out of range"),
+        ({"mode": "fast"}, "mode"),
+        ({"gate": 1}, "unknown options"),
+    ],
+)
+def test_bad_options_leave_model_unchanged(options: dict, match: str) -> None:
+    model = tiny("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        condify.modify(model, method="mod-threshold", **options)
+    assert condify.applied_configs(model) == [] and not patched(model)
+    assert model.state_dict().keys() == before.keys()
+
+
+def test_overlap_with_other_method_refused() -> None:
+    model = tiny("llama")
+    condify.modify(model, method="layer-parallel", layers=[2, 3])
+    with pytest.raises(condify.ModifyError, match="overlaps"):
+        condify.modify(model, method="mod-threshold", layers=[1, 3])
+    assert [c.method for c in condify.applied_configs(model)] == ["layer-parallel"]
+    assert not patched(model, "mod-threshold") and not hasattr(model.model.layers[1], "router")
+    condify.modify(model, method="mod-threshold", layers=[1, 4])  # disjoint layers compose
+    with pytest.raises(condify.ModifyError, match="already modified"):
+        condify.modify(model, method="mod-threshold", layers=[5])
+
+
+def test_unsupported_attention_and_static_cache() -> None:
+    model = tiny("llama", attn="sdpa")
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(condify.ConfigError, match="attention implementation"):
+        condify.modify(model, method="mod-threshold")
+    model.config._attn_implementation = "sdpa"
+    condify.modify(model, method="mod-threshold")
+    ids, mask = left_padded(2, 7)
+    with pytest.raises(TypeError, match="dynamic KV cache"):
+        model.generate(
+            ids, attention_mask=mask, max_new_tokens=2, cache_implementation="static", pad_token_id=0
+        )
+
+
+def test_short_calibrate_moves_keep_rates_toward_target() -> None:
+    model = tiny("llama")
+    condify.modify(model, method="mod-threshold", layers=[1, 2, 3, 4])
+    data = [torch.randint(3, 128, (4, 32)) for _ in range(3)]
+    holdout = [torch.randint(3, 128, (4, 32))]
+    res = condify.calibrate(
+        model, data, capacity=0.5, steps=8, router_steps=4, holdout=holdout, progress=False
+    )
+    assert set(res["keep_rates"]) == {1, 2, 3, 4}
+    assert all(abs(r - 0.5) <= 0.05 for r in res["keep_rates"].values()), res["keep_rates"]
+    assert all(abs(r - 0.5) <= 0.15 for r in res["keep_rates_holdout"].values()), res["keep_rates_holdout"]
+    assert res["tokens"] == 12 * 4 * 32 and len(res["losses"]) == 12
+    assert condify.applied_configs(model)[0].capacity == 0.5
+    _generate_equal(model, *left_padded(3, 9), new=5)
+
+
+@pytest.mark.slow
+def test_smollm2_dense_at_init_and_cached_generate() -> None:
+    data = pytest.importorskip("condify.data")
+    model, tok = data.load_model()
+    model.eval()
+    ids, mask = left_padded(3, 24, vocab=1000)
+    ids = ids.masked_fill(mask == 0, tok.pad_token_id or 0)
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+        condify.modify(model, method="mod-threshold")
+        out = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(out[mask.bool()], ref[mask.bool()], atol=1e-4, rtol=0)
+    randomize_routers(model)
+    _generate_equal(model, ids, mask, new=8)
