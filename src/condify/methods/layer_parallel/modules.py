@@ -90,7 +90,7 @@ def fused_weights(a: Adapter, first: nn.Module, second: nn.Module) -> dict[str, 
     def rows(mods: list[nn.Module], name: str, gains: list[torch.Tensor]) -> list[torch.Tensor]:
         return [
             m.get_submodule(name).weight * g.to(m.get_submodule(name).weight.dtype)
-            for m, g in zip(mods, gains)
+            for m, g in zip(mods, gains, strict=True)
         ]
 
     def biases(names: tuple[str, ...]) -> torch.Tensor | None:

@@ -1,0 +1,170 @@
+"""layer-parallel: the pair formula, fused == generic, KV cache in generate(), calibration sweep, fine-tune."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import tiny
+from transformers.masking_utils import create_causal_mask
+
+import condify
+from condify.training import mean_nll
+
+
+def manual_forward(model, ids: torch.Tensor, pairs: list[tuple[int, int]]) -> torch.Tensor:
+    """Oracle: run the dense Llama submodules by hand, applying the paper's pair formula."""
+    inner = model.model
+    x = inner.embed_tokens(ids)
+    pos = torch.arange(ids.shape[1])[None]
+    rope = inner.rotary_emb(x, position_ids=pos)
+    mask = create_causal_mask(
+        config=model.config, inputs_embeds=x, attention_mask=None, past_key_values=None, position_ids=pos
+    )
+    starts = {a: b for a, b in pairs}
+
+    def attn(layer, h):
+        return layer.self_attn(layer.input_layernorm(h), position_embeddings=rope, attention_mask=mask)[0]
+
+    def mlp(layer, h):
+        return layer.mlp(layer.post_attention_layernorm(h))
+
+    i = 0
+    while i < len(inner.layers):
+        la = inner.layers[i]
+        if i in starts:
+            lb = inner.layers[starts[i]]
+            a = x + attn(la, x) + attn(lb, x)
+            x = a + mlp(la, a) + mlp(lb, a)
+            i += 2
+        else:
+            a = x + attn(la, x)
+            x = a + mlp(la, a)
+            i += 1
+    return model.lm_head(inner.norm(x))
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_matches_pair_formula(fuse):
+    model = tiny("llama", attention_bias=True)
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        want = manual_forward(model, ids, [(1, 2), (3, 4)])
+        condify.modify(model, "layer-parallel", pairs=2, start=1, fuse=fuse)
+        got = model(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma"])
+def test_fused_equals_generic(arch):
+    ids = torch.randint(0, 128, (3, 12))
+    out = {}
+    for fuse in (False, True):
+        model = tiny(arch)
+        condify.modify(model, "layer-parallel", pairs=2, start=1, fuse=fuse)
+        assert model.model.layers[1]._condify_patch.info["fused"] is fuse
+        with torch.no_grad():
+            out[fuse] = model(ids).logits
+    torch.testing.assert_close(out[True], out[False], atol=2e-5, rtol=1e-5)
+
+
+def _left_padded(batch: int = 3, length: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(3, 128, (batch, length))
+    mask = torch.ones_like(ids)
+    for b in range(1, batch):
+        mask[b, : 2 * b] = 0
+        ids[b, : 2 * b] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2", "gemma3_text"])
+@pytest.mark.parametrize("fuse", [False, True])
+def test_generate_cache_equals_recompute(arch, fuse):
+    model = tiny(arch)
+    condify.modify(model, "layer-parallel", pairs=2, start=1, fuse=fuse)
+    ids, mask = _left_padded()
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with_cache = model.generate(ids, **kw)
+    without = model.generate(ids, use_cache=False, **kw)
+    assert torch.equal(with_cache, without)
+
+
+def test_fused_weights_follow_parameter_updates_and_train():
+    model = tiny("llama")
+    condify.modify(model, "layer-parallel", pairs=1, start=2)
+    ids = torch.randint(0, 128, (2, 8))
+    before = model(ids).logits.detach()
+    with torch.no_grad():
+        model.model.layers[3].mlp.down_proj.weight.mul_(2)  # cached fused weights must notice
+    after = model(ids).logits.detach()
+    assert not torch.allclose(before, after)
+    model.train()
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad for p in model.model.layers[3].parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_calibrate_sweep_picks_the_best_start():
+    model = tiny("llama", num_hidden_layers=8)
+    batches = [torch.randint(0, 128, (2, 16)) for _ in range(2)]
+    condify.modify(model, "layer-parallel", pairs=1)
+    result = condify.calibrate(model, batches, pairs=1, sweep_batches=2, progress=False)
+    # brute force over the same candidates
+    condify.unmodify(model)
+    scores = {}
+    for s in range(1, 8 - 2):
+        condify.modify(model, "layer-parallel", pairs=1, start=s)
+        scores[s] = mean_nll(model, [{"input_ids": b} for b in batches])
+        condify.unmodify(model)
+    assert result["start"] == min(scores, key=scores.get)
+    assert condify.applied_configs(model) == []  # the brute force above unmodified it
+
+
+def test_calibrate_budget_and_finetune_only_touches_pairs():
+    model = tiny("llama", num_hidden_layers=8)
+    batches = [torch.randint(0, 128, (2, 16)) for _ in range(3)]
+    condify.modify(model, "layer-parallel", pairs=1)
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    result = condify.calibrate(
+        model, batches, max_ppl_increase=10.0, sweep_batches=1, finetune_steps=3, lr=1e-3, progress=False
+    )
+    cfg = condify.applied_configs(model)[0]
+    assert cfg.pairs == result["pairs"] >= 1 and cfg.start == result["start"]
+    paired = {f"model.layers.{i}." for i in result["layers"]}
+    for k, v in model.state_dict().items():
+        if not torch.equal(v, frozen[k]):
+            assert any(k.startswith(p) for p in paired), f"{k} changed but is not in a paired layer"
+    assert any(not torch.equal(v, frozen[k]) for k, v in model.state_dict().items())
+    assert result["finetune_tokens"] == 3 * 32
+
+
+def test_calibrate_rejects_impossible_budget_and_keeps_model():
+    model = tiny("llama", num_hidden_layers=8)
+    data = torch.randint(0, 128, (2, 16))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(40):  # memorise the batch so that any pairing costs perplexity
+        opt.zero_grad()
+        model(data, labels=data).loss.backward()
+        opt.step()
+    model.eval()
+    dense = mean_nll(model, [{"input_ids": data}])
+    scores = {}
+    for s in range(1, 6):
+        condify.modify(model, "layer-parallel", pairs=1, start=s)
+        scores[s] = mean_nll(model, [{"input_ids": data}])
+        condify.unmodify(model)
+    worst = max(scores, key=scores.get)
+    assert scores[worst] > dense
+    condify.modify(model, "layer-parallel", pairs=1, start=3)
+    with pytest.raises(condify.ConfigError, match="raise the budget"):
+        condify.calibrate(model, [data], max_ppl_increase=1e-6, starts=[worst], progress=False)
+    assert condify.applied_configs(model)[0].start == 3
+    with pytest.raises(condify.ConfigError, match="unknown options"):
+        condify.calibrate(model, [torch.randint(0, 128, (2, 16))], nope=1)
+
+
+def test_gemma3_mixed_attention_pair_refused():
+    model = tiny("gemma3_text", layer_types=["sliding_attention", "full_attention"] * 3)
+    with pytest.raises(condify.ConfigError, match="different attention types"):
+        condify.modify(model, "layer-parallel", pairs=1, start=0)
+    assert not hasattr(model.config, "condify")
