@@ -269,12 +269,12 @@ def test_short_calibrate_moves_keep_rates_toward_target() -> None:
     data = [torch.randint(3, 128, (4, 32)) for _ in range(3)]
     holdout = [torch.randint(3, 128, (4, 32))]
     res = condify.calibrate(
-        model, data, capacity=0.5, steps=8, router_steps=4, holdout=holdout, progress=False
+        model, data, capacity=0.5, steps=4, router_steps=2, holdout=holdout, progress=False
     )
     assert set(res["keep_rates"]) == {1, 2, 3, 4}
     assert all(abs(r - 0.5) <= 0.05 for r in res["keep_rates"].values()), res["keep_rates"]
-    assert all(abs(r - 0.5) <= 0.15 for r in res["keep_rates_holdout"].values()), res["keep_rates_holdout"]
-    assert res["tokens"] == 12 * 4 * 32 and len(res["losses"]) == 12
+    assert all(abs(r - 0.5) <= 0.25 for r in res["keep_rates_holdout"].values()), res["keep_rates_holdout"]
+    assert res["tokens"] == 6 * 4 * 32 and len(res["losses"]) == 6
     assert condify.applied_configs(model)[0].capacity == 0.5
     _generate_equal(model, *left_padded(3, 9), new=5)
 

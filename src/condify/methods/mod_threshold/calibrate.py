@@ -17,6 +17,7 @@ the steps. After training, biases are fitted once more layer by layer on the cal
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from typing import Any
 
@@ -29,7 +30,7 @@ from ...config import ConfigError, in_range
 from ...convert import patched, unmodify
 from ...training import Batch, kl_loss, lm_loss, mean_nll
 from .config import ModThresholdConfig
-from .modules import RouterState
+from .modules import RouterState, quantile_shift
 
 _TRAIN = ("all", "gated", "routers")
 
@@ -45,8 +46,12 @@ def _state(model: nn.Module) -> RouterState:
     return next(iter(_gated(model).values()))._condify_patch.info["state"]
 
 
-def _logit(p: float) -> float:
-    return math.log(p / (1 - p))
+def _forward_routes(model: nn.Module, b: Batch) -> None:
+    """A forward for the routing decisions only (logits of the last position, when supported)."""
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        model(**b, use_cache=False, logits_to_keep=1)
+    else:
+        model(**b, use_cache=False)
 
 
 @torch.no_grad()
@@ -62,7 +67,7 @@ def keep_rates(model: nn.Module, batches: list[Batch] | Any) -> dict[int, float]
     model.eval()
     try:
         for b in batches:
-            model(**b, use_cache=False)
+            _forward_routes(model, b)
             for i, (_, keep, real) in state.record.items():
                 n = keep.numel() if real is None else real.sum()
                 kept[i] = kept.get(i, 0.0) + float(keep.sum())
@@ -73,44 +78,89 @@ def keep_rates(model: nn.Module, batches: list[Batch] | Any) -> dict[int, float]
     return {i: kept[i] / max(total[i], 1.0) for i in sorted(kept)}
 
 
-def _quantile_shift(g: torch.Tensor, real: torch.Tensor | None, capacity: float, threshold: float) -> float:
-    """Logit shift that makes a fraction ``capacity`` of the tokens reach ``threshold``."""
-    z = torch.logit(g.detach().double().clamp(1e-12, 1 - 1e-12))
-    z = z[real] if real is not None else z.flatten()
-    if capacity >= 1.0:
-        return max(0.0, _logit(threshold) - float(z.min()) + 1e-3)
-    q = torch.quantile(z.float(), 1 - capacity)
-    return _logit(threshold) - float(q)
+def _concat(batches: list[Batch]) -> Batch:
+    """One right-padded batch holding every sequence of ``batches``."""
+    t = max(b["input_ids"].shape[1] for b in batches)
+    ids, masks = [], []
+    for b in batches:
+        x = b["input_ids"]
+        m = b.get("attention_mask", torch.ones_like(x))
+        ids.append(torch.nn.functional.pad(x, (0, t - x.shape[1])))
+        masks.append(torch.nn.functional.pad(m, (0, t - x.shape[1])))
+    return {"input_ids": torch.cat(ids), "attention_mask": torch.cat(masks)}
 
 
 @torch.no_grad()
-def fit_biases(
-    model: nn.Module, batches: list[Batch], capacity: float, threshold: float, progress: bool = True
-) -> dict[int, float]:
-    """Shift each router bias (in layer order) so its hard keep-rate on ``batches`` is ``capacity``."""
-    state, shifts = _state(model), {}
-    was_training = model.training
+def fit_biases(model: nn.Module, batches: list[Batch], capacity: float) -> dict[int, float]:
+    """Shift each router bias so its hard keep-rate on ``batches`` is ``capacity``.
+
+    One forward over all of ``batches`` at once; each gated layer fits its bias on its own inputs
+    before deciding, so later layers are fitted on the inputs they will really see.
+    """
+    gated, state = _gated(model), _state(model)
+    before = {i: float(layer.router.bias) for i, layer in gated.items()}
+    was_training, state.fit = model.training, capacity
     model.eval()
     try:
-        for i, layer in tqdm(
-            _gated(model).items(), desc="fit router biases", disable=not progress, leave=False
-        ):
-            gs, reals = [], []
-            state.record = {}
-            for b in batches:
-                model(**b, use_cache=False)
-                g, _, real = state.record[i]
-                gs.append(g.flatten())
-                reals.append(
-                    real.flatten() if real is not None else torch.ones_like(g.flatten(), dtype=torch.bool)
-                )
-            shift = _quantile_shift(torch.cat(gs), torch.cat(reals), capacity, threshold)
-            layer.router.bias += shift
-            shifts[i] = shift
+        _forward_routes(model, _concat(batches))
     finally:
-        state.record = None
+        state.fit = None
         model.train(was_training)
-    return shifts
+    return {i: float(layer.router.bias) - before[i] for i, layer in gated.items()}
+
+
+@torch.no_grad()
+def init_routers(model: nn.Module, batches: list[Batch], scale: float = 2.0, ridge: float = 1e-2) -> None:
+    """Training-free router init: predict each token's relative update ``log(|f(h)| / |h|)`` from ``h``.
+
+    A ridge regression per gated layer on a dense forward; the router logit is the prediction,
+    scaled to standard deviation ``scale`` (tokens the layer changes most are kept first). The
+    bias is then set by :func:`fit_biases`.
+    """
+    gated, state = _gated(model), _state(model)
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def hook(i: int):
+        def f(module: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+            x = args[0] if args else kwargs["hidden_states"]
+            seen[i] = (x, out)
+
+        return f
+
+    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in gated.items()]
+    big = _concat(batches)
+    was_training, state.keep_all = model.training, True
+    model.eval()
+    try:
+        _forward_routes(model, big)
+    finally:
+        state.keep_all = False
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    real = big["attention_mask"].bool()
+    for i, layer in gated.items():
+        x, out = seen[i]
+        x, out = x[real].double(), out[real].double()
+        y = torch.log((out - x).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-6) + 1e-6)
+        xm, ym = x.mean(0), y.mean()
+        xc, yc = x - xm, y - ym
+        gram = xc.T @ xc
+        lam = ridge * gram.diagonal().mean()
+        w = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), xc.T @ yc)
+        pred = xc @ w
+        w = w * (scale / pred.std().clamp_min(1e-12))
+        layer.router.weight.copy_(w[None].to(layer.router.weight.dtype))
+        layer.router.bias.fill_(float(-(xm @ w)))
+
+
+def _cosine(n: int, warm: int):
+    def f(s: int) -> float:
+        if s < warm:
+            return (s + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, n - warm)))
+
+    return f
 
 
 def _params(
@@ -139,6 +189,8 @@ def calibrate(
     lm_weight: float = 0.0,
     ramp: float = 0.5,
     bias_momentum: float = 0.5,
+    init: bool = True,
+    fit_batches: int = 8,
     holdout: list[Batch] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -147,8 +199,11 @@ def calibrate(
     ``capacity`` defaults to ``cfg.capacity`` (and is recorded there). ``router_steps`` first train
     the routers alone (model frozen), then ``steps`` train routers and model together; the capacity
     ramp runs over both. ``train``: ``"all"`` decoder layers, ``"gated"`` layers only, or
-    ``"routers"`` only. ``holdout`` batches (optional) are used for the reported keep-rates and
-    perplexity. Returns per-layer keep-rates, losses, bias shifts and the number of tokens used.
+    ``"routers"`` only. ``init`` gives routers that are still at their init (weight 0) the
+    training-free start of :func:`init_routers`. The first ``fit_batches`` batches fit the biases
+    (:func:`fit_biases`) before and after training. ``holdout`` batches (optional) are used for the
+    reported keep-rates and perplexity. The dense teacher is the model as it comes in, routing off.
+    Returns per-layer keep-rates, losses, bias shifts and the number of tokens used.
     """
     from ...convert import update_config
 
@@ -168,6 +223,11 @@ def calibrate(
         holdout = as_batches(holdout, next(model.parameters()).device)
     routers = [p for layer in gated.values() for p in layer.router.parameters()]
     total = router_steps + steps
+    fit_on = batches[: max(1, fit_batches)]
+    ramp_steps = max(1, round(ramp * total))
+    if init and all(not layer.router.weight.any() for layer in gated.values()):
+        init_routers(model, fit_on)
+        fit_biases(model, fit_on, 1.0 - (1.0 - capacity) / ramp_steps if total else capacity)
     teacher = None
     if distill and total:
         teacher = unmodify(copy.deepcopy(model)).eval()
@@ -193,7 +253,6 @@ def calibrate(
     result: dict[str, Any] = {"capacity": capacity, "train": train, "distill": distill, "losses": []}
     saved = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
-    ramp_steps = max(1, round(ramp * total))
     step = 0
     try:
         for phase, n, params in (
@@ -211,15 +270,7 @@ def calibrate(
                 for p in grp["params"]:
                     p.requires_grad_(True)
             opt = torch.optim.AdamW(groups, weight_decay=0.0)
-            warm = min(10, n // 10)
-            sched = torch.optim.lr_scheduler.LambdaLR(
-                opt,
-                lambda s: (
-                    (s + 1) / warm
-                    if s < warm
-                    else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, n - warm)))
-                ),
-            )
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(n, warm=min(10, n // 10)))
             model.train()
             bar = tqdm(range(n), desc=f"mod-threshold: train {phase}", disable=not progress, leave=False)
             for _ in bar:
@@ -239,7 +290,7 @@ def calibrate(
                 rates = []
                 with torch.no_grad():
                     for i, (g, keep, real) in rec.items():
-                        shift = _quantile_shift(g, real, c_t, cfg.threshold)
+                        shift = quantile_shift(g.detach(), real, c_t, cfg.threshold)
                         gated[i].router.bias += (1 - bias_momentum) * shift
                         rates.append(
                             float(keep.float().mean() if real is None else keep[real].float().mean())
@@ -254,13 +305,13 @@ def calibrate(
             p.requires_grad_(r)
         model.train(was_training)
         state.record = None
-    del teacher
-    result["bias_shifts"] = fit_biases(model, batches, capacity, cfg.threshold, progress)
+    teacher = None  # free the dense copy before measuring
+    result["bias_shifts"] = fit_biases(model, fit_on, capacity)
     cfg.capacity = capacity
     update_config(model, cfg)
     result["steps"] = {"routers": router_steps, train: steps}
     result["tokens"] = sum(int(batches[i % len(batches)]["input_ids"].numel()) for i in range(total))
-    result["keep_rates"] = keep_rates(model, batches)
+    result["keep_rates"] = keep_rates(model, fit_on)
     if holdout is not None:
         result["keep_rates_holdout"] = keep_rates(model, holdout)
         result["holdout_ppl"] = math.exp(mean_nll(model, holdout))

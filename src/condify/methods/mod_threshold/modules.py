@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -40,12 +41,15 @@ class RouterState:
     """Runtime state shared by the gated layers of one model (never saved).
 
     ``mask2d``: the 2-D padding mask of the current forward, captured by a pre-hook on the decoder
-    stack. ``record``: when a dict, each gated layer stores ``(gate, keep, real)`` of its last call.
+    stack. ``record``: when a dict, each gated layer stores ``(logits, keep, real)`` of its last call.
+    ``fit`` and ``keep_all`` serve calibration (see :mod:`.calibrate`).
     """
 
     def __init__(self) -> None:
         self.mask2d: torch.Tensor | None = None
         self.record: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None
+        self.fit: float | None = None  # capacity to fit router biases to, during one forward
+        self.keep_all = False  # route every token (dense), e.g. to collect activations
 
     def capture(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         """Forward pre-hook (``with_kwargs=True``) on the module that owns the layer list."""
@@ -77,6 +81,19 @@ def _ops() -> tuple[Callable[..., Any], Callable[..., Any]]:
         from ...ops.reference import compact_tokens_reference, scatter_tokens_reference
 
         return compact_tokens_reference, scatter_tokens_reference
+
+
+def quantile_shift(
+    logits: torch.Tensor, real: torch.Tensor | None, capacity: float, threshold: float
+) -> float:
+    """Logit shift after which a fraction ``capacity`` of the (real) tokens has ``sigmoid >= threshold``."""
+    z = logits[real] if real is not None else logits.flatten()
+    target = math.log(threshold / (1 - threshold))
+    if z.numel() == 0:
+        return 0.0
+    if capacity >= 1.0:
+        return max(0.0, target - float(z.min()) + 1e-3)
+    return target - float(torch.quantile(z.double(), 1 - capacity))
 
 
 def _mask(
@@ -135,16 +152,24 @@ def gated_forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
     past = layer_cache.seen if layer_cache is not None else 0
     slots = (torch.arange(t, device=x.device) + past).expand(b, t)
 
-    g = torch.sigmoid(self.router(x).squeeze(-1).float())
+    real = state.real_tokens(b, t, x.device)
+    logits = self.router(x).squeeze(-1).float()
+    if state.fit is not None:  # calibration: move the bias so a fraction `fit` of the tokens is kept
+        shift = quantile_shift(logits.detach(), real, state.fit, cfg.threshold)
+        with torch.no_grad():
+            self.router.bias += shift
+        logits = logits + shift
+    g = torch.sigmoid(logits)
     keep = ~(g < cfg.threshold)
     if cfg.sink_tokens:
         pos = pos_ids.expand(b, t) if pos_ids is not None else slots
         keep = keep | (pos < cfg.sink_tokens)
-    real = state.real_tokens(b, t, x.device)
+    if state.keep_all:
+        keep = torch.ones_like(keep)
     if real is not None:
         keep = keep & real
     if state.record is not None:
-        state.record[idx] = (g, keep, real)
+        state.record[idx] = (logits, keep, real)
 
     if cfg.mode == "mask" or (self.training and torch.is_grad_enabled()):
         gate = keep.to(x.dtype)

@@ -12,8 +12,8 @@ from transformers.cache_utils import get_layer_types_and_kwargs
 
 from ...adapters import Adapter
 from ...config import ConfigError
-from ...convert import patched
 from ...convert import patch as patch_module
+from ...convert import patched
 from .config import ModThresholdConfig
 from .modules import RouterState, gated_forward
 
@@ -45,7 +45,10 @@ def _windows(model: nn.Module, n: int) -> list[int | None]:
         types, kwargs = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
     except Exception:  # configs without per-layer information: full attention
         return [None] * n
-    out = [kw.get("sliding_window") if t != "full_attention" else None for t, kw in zip(types, kwargs)]
+    out = [
+        kw.get("sliding_window") if t != "full_attention" else None
+        for t, kw in zip(types, kwargs, strict=False)
+    ]
     return out + [None] * (n - len(out))
 
 
