@@ -1,0 +1,281 @@
+"""Public ops: ``x`` dispatches (Triton on CUDA tensors, the torch reference elsewhere), ``x_triton`` is the
+Triton entry point, wrapped in a ``torch.library.custom_op`` so ``torch.compile`` traces it as one opaque
+node (``register_fake``) and autograd runs through it (``register_autograd``).
+
+Nothing here imports Triton: the kernel modules are imported on the first call that reaches a kernel.
+The custom ops accept CPU tensors only when ``TRITON_INTERPRET=1`` (that is how the tests run the kernels on
+a CPU: Triton's interpreter executes them with numpy); ``x_triton`` itself insists on CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor
+
+from .reference import (
+    check_expert_mlp_args,
+    check_scatter_tokens_args,
+    compact_tokens_reference,
+    expert_mlp_reference,
+    scatter_tokens_reference,
+)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _require_kernel_device(t: Tensor, op: str) -> None:
+    if not t.is_cuda and not _interpreting():
+        raise RuntimeError(
+            f"condify::{op} runs Triton kernels and needs CUDA tensors, got {t.device} "
+            "(set TRITON_INTERPRET=1 to run the kernels on CPU in Triton's interpreter, for tests)"
+        )
+
+
+def _require_cuda(t: Tensor, fn: str) -> None:
+    if not t.is_cuda:
+        raise ValueError(
+            f"{fn} needs CUDA tensors, got {t.device}; use the dispatching op "
+            f"({fn.removesuffix('_triton')}) or {fn.removesuffix('_triton')}_reference on CPU"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# expert_mlp
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("condify::expert_mlp", mutates_args=())
+def _expert_mlp_op(
+    x: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+    mask: Tensor,
+    expert_size: int,
+    activation: str,
+    w_gate: Tensor | None,
+    b_up: Tensor | None,
+    b_gate: Tensor | None,
+) -> Tensor:
+    _require_kernel_device(x, "expert_mlp")
+    from .triton.expert_mlp import expert_mlp_launch
+
+    return expert_mlp_launch(x, w_up, w_down, mask, expert_size, activation, w_gate, b_up, b_gate)
+
+
+@_expert_mlp_op.register_fake
+def _(x, w_up, w_down, mask, expert_size, activation, w_gate, b_up, b_gate):
+    return torch.empty_like(x)
+
+
+def _act_and_grad(z: Tensor, activation: str) -> tuple[Tensor, Tensor]:
+    """act(z) and act'(z), in z's dtype (callers pass fp32)."""
+    if activation == "relu":
+        return z.clamp_min(0), (z > 0).to(z.dtype)
+    if activation == "silu":
+        sig = torch.sigmoid(z)
+        return z * sig, sig * (1 + z * (1 - sig))
+    if activation == "gelu":
+        cdf = 0.5 * (1 + torch.erf(z * (1 / math.sqrt(2))))
+        pdf = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+        return z * cdf, cdf + z * pdf
+    c = math.sqrt(2 / math.pi)  # gelu_tanh
+    th = torch.tanh(c * (z + 0.044715 * z**3))
+    return 0.5 * z * (1 + th), 0.5 * (1 + th) + 0.5 * z * (1 - th * th) * c * (1 + 3 * 0.044715 * z * z)
+
+
+def _expert_mlp_setup_context(ctx, inputs, output) -> None:
+    x, w_up, w_down, mask, expert_size, activation, w_gate, b_up, b_gate = inputs
+    ctx.save_for_backward(x, w_up, w_down, mask, w_gate, b_up, b_gate)
+    ctx.expert_size, ctx.activation = expert_size, activation
+
+
+def _expert_mlp_backward(ctx, grad: Tensor):
+    """Backward with torch ops: recompute the pre-activations densely and mask unselected neurons.
+
+    Dense matmuls on the full weights, no gathers, no host sync (so it also traces under torch.compile);
+    it costs about 2x a dense MLP backward's FLOPs regardless of sparsity (a grouped backward is future work).
+    Elementwise math in (at least) fp32; matmuls in the inputs' dtype.
+    """
+    x, w_up, w_down, mask, w_gate, b_up, b_gate = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dt, f = x.dtype, torch.promote_types(x.dtype, torch.float32)
+    keep = mask.repeat_interleave(ctx.expert_size, dim=1)
+    grad = grad.to(dt)
+    up = torch.nn.functional.linear(x, w_up, b_up).to(f)
+    dh = (grad @ w_down).to(f).masked_fill(~keep, 0)
+    d_gate = None  # gradients w.r.t. the pre-activations, in f
+    if w_gate is not None:
+        a, da = _act_and_grad(torch.nn.functional.linear(x, w_gate, b_gate).to(f), ctx.activation)
+        h, d_up, d_gate = a * up, dh * a, dh * up * da
+    else:
+        h, da = _act_and_grad(up, ctx.activation)
+        d_up = dh * da
+    h = h.masked_fill(~keep, 0).to(dt)
+    dx = dw_up = dw_down = dw_gate = db_up = db_gate = None
+    if b_up is not None and need[7]:
+        db_up = d_up.sum(0).to(dt)
+    if d_gate is not None and b_gate is not None and need[8]:
+        db_gate = d_gate.sum(0).to(dt)
+    d_up = d_up.to(dt)
+    d_gate = d_gate.to(dt) if d_gate is not None else None
+    if need[0]:
+        dx = d_up @ w_up if d_gate is None else d_up @ w_up + d_gate @ w_gate
+    if need[1]:
+        dw_up = d_up.t() @ x
+    if need[2]:
+        dw_down = grad.t() @ h
+    if d_gate is not None and need[6]:
+        dw_gate = d_gate.t() @ x
+    return dx, dw_up, dw_down, None, None, None, dw_gate, db_up, db_gate
+
+
+_expert_mlp_op.register_autograd(_expert_mlp_backward, setup_context=_expert_mlp_setup_context)
+
+
+def expert_mlp_triton(
+    x: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+    mask: Tensor,
+    expert_size: int,
+    activation: str,
+    w_gate: Tensor | None = None,
+    b_up: Tensor | None = None,
+    b_gate: Tensor | None = None,
+) -> Tensor:
+    """Triton path of ``expert_mlp`` (CUDA tensors only); differentiable, traceable by torch.compile."""
+    check_expert_mlp_args(x, w_up, w_down, mask, expert_size, activation, w_gate, b_up, b_gate)
+    _require_cuda(x, "expert_mlp_triton")
+    return torch.ops.condify.expert_mlp(x, w_up, w_down, mask, expert_size, activation, w_gate, b_up, b_gate)
+
+
+def expert_mlp(
+    x: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+    mask: Tensor,
+    expert_size: int,
+    activation: str,
+    w_gate: Tensor | None = None,
+    b_up: Tensor | None = None,
+    b_gate: Tensor | None = None,
+) -> Tensor:
+    """Dynamic expert FFN: ``out[t] = sum_{e: mask[t, e]} W_down[:, blk_e] h_e(x[t])``.
+
+    ``x`` (T, d); ``w_up``/``w_gate`` (I, d) and ``w_down`` (d, I) in nn.Linear layout with expert e owning
+    neurons [e*s, (e+1)*s); ``mask`` (T, I/s) bool; ``h_e = act(W_gate x + b_gate) * (W_up x + b_up)`` with a
+    gate (GLU), else ``act(W_up x + b_up)``; activation in {"silu", "gelu", "gelu_tanh", "relu"}. The down
+    projection's bias is not included. fp32 accumulation, output in x's dtype; a token with no expert gets 0.
+    Triton kernels on CUDA tensors, ``expert_mlp_reference`` otherwise.
+    """
+    if x.is_cuda:
+        return expert_mlp_triton(x, w_up, w_down, mask, expert_size, activation, w_gate, b_up, b_gate)
+    return expert_mlp_reference(x, w_up, w_down, mask, expert_size, activation, w_gate, b_up, b_gate)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# compact_tokens / scatter_tokens
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("condify::compact_tokens", mutates_args=())
+def _compact_tokens_op(keep: Tensor) -> tuple[Tensor, Tensor]:
+    _require_kernel_device(keep, "compact_tokens")
+    from .triton.tokens import compact_tokens_launch
+
+    return compact_tokens_launch(keep)
+
+
+@_compact_tokens_op.register_fake
+def _(keep):
+    return keep.new_empty(keep.shape, dtype=torch.int64), keep.new_empty(keep.shape[0], dtype=torch.int64)
+
+
+def _check_keep(keep: Tensor) -> None:
+    if keep.dim() != 2 or keep.dtype != torch.bool:
+        raise ValueError(f"keep must be a (batch, tokens) bool tensor, got {keep.dtype} {tuple(keep.shape)}")
+
+
+def compact_tokens_triton(keep: Tensor) -> tuple[Tensor, Tensor]:
+    """Triton path of ``compact_tokens`` (CUDA tensors only)."""
+    _check_keep(keep)
+    _require_cuda(keep, "compact_tokens_triton")
+    return torch.ops.condify.compact_tokens(keep)
+
+
+def compact_tokens(keep: Tensor) -> tuple[Tensor, Tensor]:
+    """Stable partition of each row of ``keep`` (B, T) bool: kept positions in increasing order, then skipped.
+
+    Returns ``index`` (B, T) int64 and ``count`` (B,) int64; ``index[b, :count[b]]`` are the kept positions.
+    Gather the kept tokens with ``h.gather(1, index[:, :K, None].expand(-1, -1, D))``. No host sync.
+    """
+    if keep.is_cuda:
+        return compact_tokens_triton(keep)
+    return compact_tokens_reference(keep)
+
+
+@torch.library.custom_op("condify::scatter_tokens", mutates_args=())
+def _scatter_tokens_op(
+    base: Tensor, update: Tensor, index: Tensor, count: Tensor, scale: Tensor | None
+) -> Tensor:
+    _require_kernel_device(base, "scatter_tokens")
+    from .triton.tokens import scatter_tokens_launch
+
+    return scatter_tokens_launch(base, update, index, count, scale)
+
+
+@_scatter_tokens_op.register_fake
+def _(base, update, index, count, scale):
+    return torch.empty_like(base)
+
+
+def _scatter_tokens_setup_context(ctx, inputs, output) -> None:
+    base, update, index, count, scale = inputs
+    ctx.save_for_backward(update, index, count, scale)
+
+
+def _scatter_tokens_backward(ctx, grad: Tensor):
+    update, index, count, scale = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    K = update.shape[1]
+    valid = (torch.arange(K, device=grad.device) < count[:, None])[..., None]  # (B, K, 1)
+    idx = torch.where(valid[..., 0], index, 0)[..., None].expand_as(update)
+    f = torch.promote_types(grad.dtype, torch.float32)
+    rows = grad.gather(1, idx).to(f)  # grad of the output at each compacted row
+    d_update = d_scale = None
+    if need[1]:
+        d_update = rows if scale is None else rows * scale.to(f)[..., None]
+        d_update = torch.where(valid, d_update, 0).to(update.dtype)
+    if scale is not None and need[4]:
+        d_scale = torch.where(valid[..., 0], (rows * update.to(f)).sum(-1), 0).to(scale.dtype)
+    return grad if need[0] else None, d_update, None, None, d_scale
+
+
+_scatter_tokens_op.register_autograd(_scatter_tokens_backward, setup_context=_scatter_tokens_setup_context)
+
+
+def scatter_tokens_triton(
+    base: Tensor, update: Tensor, index: Tensor, count: Tensor, scale: Tensor | None = None
+) -> Tensor:
+    """Triton path of ``scatter_tokens`` (CUDA tensors only); differentiable in base, update and scale."""
+    check_scatter_tokens_args(base, update, index, count, scale)
+    _require_cuda(base, "scatter_tokens_triton")
+    return torch.ops.condify.scatter_tokens(base, update, index, count, scale)
+
+
+def scatter_tokens(
+    base: Tensor, update: Tensor, index: Tensor, count: Tensor, scale: Tensor | None = None
+) -> Tensor:
+    """New tensor equal to ``base`` (B, T, D) with ``out[b, index[b, k]] += scale[b, k] * update[b, k]``
+    for ``k < count[b]`` (``update`` (B, K, D), ``index`` (B, K) int64, ``count`` (B,) int64, ``scale``
+    (B, K) or None). Rows ``k >= count[b]`` are ignored; the valid indices of a row must be distinct (as
+    ``compact_tokens`` gives). Accumulates in fp32; output in ``base``'s dtype.
+    """
+    if base.is_cuda:
+        return scatter_tokens_triton(base, update, index, count, scale)
+    return scatter_tokens_reference(base, update, index, count, scale)

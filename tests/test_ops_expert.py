@@ -1,0 +1,346 @@
+"""expert_mlp: naive per-token loop (oracle) -> torch reference -> Triton (interpreter on CPU, CUDA on a GPU).
+
+On CPU the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by conftest), which takes CPU
+tensors; ``expert_mlp_triton`` refuses CPU tensors by design, so these tests call the custom op
+``torch.ops.condify.expert_mlp`` (which allows CPU under the interpreter) or the launcher directly.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from condify.ops import ACTIVATIONS, expert_mlp, expert_mlp_reference, expert_mlp_triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes: one intra-op thread (two threads on a busy 2-core machine can stall for seconds)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def loop_oracle(x, w_up, w_down, mask, expert_size, activation, w_gate=None, b_up=None, b_gate=None):
+    """One token, one expert at a time: the definition of the op (differentiable, no in-place)."""
+    act = ACTIVATIONS[activation]
+    rows = []
+    for t in range(x.shape[0]):
+        acc = torch.zeros(x.shape[1], dtype=x.dtype)
+        for e in range(mask.shape[1]):
+            if not mask[t, e]:
+                continue
+            blk = slice(e * expert_size, (e + 1) * expert_size)
+            u = w_up[blk] @ x[t] + (b_up[blk] if b_up is not None else 0)
+            if w_gate is None:
+                h = act(u)
+            else:
+                h = act(w_gate[blk] @ x[t] + (b_gate[blk] if b_gate is not None else 0)) * u
+            acc = acc + w_down[:, blk] @ h
+        rows.append(acc)
+    return torch.stack(rows)
+
+
+def make(T=3, d=72, inter=200, s=8, glu=True, bias=False, dtype=torch.float32, p=0.4, requires_grad=False):
+    E = inter // s
+    g = torch.Generator().manual_seed(T * 1000 + inter)
+
+    def r(*shape, scale=1.0):
+        t = (torch.randn(*shape, generator=g) * scale).to(dtype)
+        return t.requires_grad_(requires_grad)
+
+    x = r(T, d)
+    w_up, w_down = r(inter, d, scale=d**-0.5), r(d, inter, scale=(inter * max(p, 0.1)) ** -0.5)
+    w_gate = r(inter, d, scale=d**-0.5) if glu else None
+    b_up = r(inter, scale=0.5) if bias else None
+    b_gate = r(inter, scale=0.5) if bias and glu else None
+    mask = torch.rand(T, E, generator=g) < p
+    return dict(
+        x=x, w_up=w_up, w_down=w_down, mask=mask, expert_size=s, w_gate=w_gate, b_up=b_up, b_gate=b_gate
+    )
+
+
+def call(fn, a, activation, **kw):
+    return fn(
+        a["x"],
+        a["w_up"],
+        a["w_down"],
+        a["mask"],
+        a["expert_size"],
+        activation,
+        a["w_gate"],
+        a["b_up"],
+        a["b_gate"],
+        **kw,
+    )
+
+
+def f64(a):
+    return {
+        k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in a.items()
+    }
+
+
+def assert_close(out, ref, dtype):
+    assert out.dtype == dtype and out.shape == ref.shape
+    err = (out.double() - ref.double()).abs().max().item()
+    scale = max(ref.double().abs().max().item(), 1.0)
+    assert err <= TOL[dtype] * scale, f"max error {err:.3g} (scale {scale:.3g})"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tier 1 -> 2: reference vs the naive loop
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["auto", "dense", "runs", "grouped"])
+@pytest.mark.parametrize("T", [1, 3, 37])
+@pytest.mark.parametrize(
+    ("glu", "bias", "activation"),
+    [(True, True, "silu"), (True, False, "gelu"), (False, True, "gelu_tanh"), (False, False, "relu")],
+)
+def test_reference_matches_loop(strategy, T, glu, bias, activation):
+    a = make(T=T, glu=glu, bias=bias)
+    ref = loop_oracle(**f64(a), activation=activation)
+    assert_close(call(expert_mlp_reference, a, activation, strategy=strategy), ref, torch.float32)
+
+
+@pytest.mark.parametrize("strategy", ["dense", "runs", "grouped"])
+@pytest.mark.parametrize("p", [0.0, 1.0])
+def test_reference_zero_and_all_experts(strategy, p):
+    a = make(T=5, p=p, bias=True)
+    out = call(expert_mlp_reference, a, "silu", strategy=strategy)
+    if p == 0.0:
+        assert torch.equal(out, torch.zeros_like(out))
+    else:  # all experts = the dense MLP
+        x, wg, wu, wd = a["x"], a["w_gate"], a["w_up"], a["w_down"]
+        dense = F.linear(F.silu(F.linear(x, wg, a["b_gate"])) * F.linear(x, wu, a["b_up"]), wd)
+        torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("strategy", ["dense", "runs", "grouped"])
+def test_reference_low_precision(dtype, strategy):
+    a = make(T=4, dtype=dtype, bias=True)
+    ref = loop_oracle(**f64(a), activation="silu")
+    assert_close(call(expert_mlp_reference, a, "silu", strategy=strategy), ref, dtype)
+
+
+@pytest.mark.parametrize("strategy", ["dense", "runs", "grouped"])
+@pytest.mark.parametrize(("glu", "activation"), [(True, "silu"), (False, "gelu")])
+def test_reference_gradients_match_loop(strategy, glu, activation):
+    a = make(T=3, d=16, inter=48, glu=glu, bias=True, dtype=torch.float64, requires_grad=True)
+    a["mask"][0, :2] = True  # a run of two experts
+    leaves = [v for v in a.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+    g = torch.randn(3, 16, dtype=torch.float64)
+    want = torch.autograd.grad((loop_oracle(**a, activation=activation) * g).sum(), leaves)
+    got = torch.autograd.grad(
+        (call(expert_mlp_reference, a, activation, strategy=strategy) * g).sum(), leaves
+    )
+    for w, o in zip(want, got, strict=True):
+        torch.testing.assert_close(o, w, rtol=1e-9, atol=1e-9)
+
+
+def test_reference_reads_slices_not_copies(monkeypatch):
+    """The CPU path must not gather weights with index_select / fancy indexing."""
+    a = make(T=1, p=0.5)
+
+    def banned(*args, **kwargs):
+        raise AssertionError("weights gathered with index_select")
+
+    monkeypatch.setattr(torch, "index_select", banned)
+    monkeypatch.setattr(torch.Tensor, "index_select", banned)
+    call(expert_mlp_reference, a, "silu", strategy="runs")
+
+
+def test_dispatch_on_cpu_is_reference():
+    a = make(T=3)
+    torch.testing.assert_close(call(expert_mlp, a, "silu"), call(expert_mlp_reference, a, "silu"))
+
+
+def test_torch_compile_fullgraph_cpu():
+    """The CPU reference traces without graph breaks (compile-friendly dense branch)."""
+
+    class ExpertFFN(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.gate = torch.nn.Linear(16, 32), torch.nn.Linear(16, 32)
+            self.down = torch.nn.Linear(32, 16)
+
+        def forward(self, x, mask):
+            y = expert_mlp(
+                x,
+                self.up.weight,
+                self.down.weight,
+                mask,
+                8,
+                "silu",
+                self.gate.weight,
+                self.up.bias,
+                self.gate.bias,
+            )
+            return y + self.down.bias
+
+    m = ExpertFFN()
+    x, mask = torch.randn(5, 16), torch.rand(5, 4) < 0.5
+    eager = m(x, mask)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, mask), eager, rtol=1e-5, atol=1e-6)
+    compiled(x, mask).sum().backward()  # autograd through the traced graph
+    assert m.up.weight.grad is not None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tier 2 -> 3: Triton (interpreter on CPU) vs reference
+# ---------------------------------------------------------------------------------------------------------
+
+needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="CPU kernel tests need TRITON_INTERPRET=1")
+
+KERNEL_CASES = [  # (T, inter, s, glu, bias, activation, dtype, grouped)
+    (1, 200, 8, True, True, "silu", torch.float32, False),
+    (1, 200, 8, False, False, "gelu", torch.bfloat16, False),
+    (3, 192, 24, True, False, "gelu_tanh", torch.float16, False),  # 24 neurons: two neuron blocks per expert
+    (3, 200, 8, False, True, "relu", torch.float32, True),
+    (37, 200, 8, True, True, "silu", torch.bfloat16, True),
+    (37, 200, 8, True, False, "silu", torch.float32, False),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize(("T", "inter", "s", "glu", "bias", "activation", "dtype", "grouped"), KERNEL_CASES)
+def test_kernel_matches_reference(T, inter, s, glu, bias, activation, dtype, grouped):
+    from condify.ops.triton.expert_mlp import expert_mlp_launch
+
+    a = make(T=T, inter=inter, s=s, glu=glu, bias=bias, dtype=dtype)
+    ref = loop_oracle(**f64(a), activation=activation)
+    assert_close(call(expert_mlp_launch, a, activation, grouped=grouped), ref, dtype)
+    assert_close(call(expert_mlp_reference, a, activation), ref, dtype)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("grouped", [False, True])
+def test_kernel_zero_and_all_experts(grouped):
+    from condify.ops.triton.expert_mlp import expert_mlp_launch
+
+    a = make(T=3, p=0.0)
+    a["mask"][1] = True  # token 0 and 2: no expert, token 1: all experts
+    out = call(expert_mlp_launch, a, "silu", grouped=grouped)
+    assert torch.equal(out[0], torch.zeros(72)) and torch.equal(out[2], torch.zeros(72))
+    torch.testing.assert_close(
+        out, call(expert_mlp_reference, a, "silu", strategy="dense"), rtol=1e-5, atol=1e-5
+    )
+
+
+@needs_interpreter
+def test_group_tokens():
+    from condify.ops.triton.expert_mlp import group_tokens
+
+    mask = torch.rand(37, 9) < 0.3
+    tok, off, cnt = group_tokens(mask)
+    assert tok.shape == (37 * 9 + 1,)
+    for e in range(9):
+        want = mask[:, e].nonzero().squeeze(1)
+        assert cnt[e] == len(want)
+        assert torch.equal(tok[off[e] : off[e] + cnt[e]].long(), want)
+
+
+@needs_interpreter
+@pytest.mark.parametrize(
+    ("glu", "activation", "dtype"),
+    [(True, "silu", torch.float64), (False, "gelu_tanh", torch.float64), (True, "gelu", torch.bfloat16)],
+)
+def test_custom_op_backward_matches_reference(glu, activation, dtype):
+    a = make(T=5, d=24, inter=64, s=16, glu=glu, bias=True, dtype=dtype, requires_grad=True)
+    leaves = [v for v in a.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+    g = torch.randn(5, 24, dtype=dtype)
+    out = call(torch.ops.condify.expert_mlp, a, activation)
+    got = torch.autograd.grad((out * g).sum(), leaves)
+    want = torch.autograd.grad((call(expert_mlp_reference, a, activation, strategy="runs") * g).sum(), leaves)
+    for w, o in zip(want, got, strict=True):
+        assert_close(o, w, dtype)
+
+
+@needs_interpreter
+def test_custom_op_opcheck_and_compile():
+    a = make(T=2, d=16, inter=32, s=8, bias=True, requires_grad=True)
+    args = (a["x"], a["w_up"], a["w_down"], a["mask"], 8, "silu", a["w_gate"], a["b_up"], a["b_gate"])
+    torch.library.opcheck(torch.ops.condify.expert_mlp.default, args)
+
+    def f(*args):
+        return torch.ops.condify.expert_mlp(*args) * 2
+
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
+    torch.testing.assert_close(out, 2 * expert_mlp_reference(*args), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bad input, import hygiene
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs():
+    a = make(T=3)
+    with pytest.raises(ValueError, match="contiguous"):
+        call(expert_mlp, {**a, "w_up": torch.randn(72, 200).t()}, "silu")
+    with pytest.raises(TypeError, match="dtype"):
+        call(expert_mlp, {**a, "w_down": a["w_down"].double()}, "silu")
+    with pytest.raises(ValueError, match="mask"):
+        call(expert_mlp, {**a, "mask": a["mask"][:, :-1]}, "silu")
+    with pytest.raises(ValueError, match="mask"):
+        call(expert_mlp, {**a, "mask": a["mask"].float()}, "silu")
+    with pytest.raises(ValueError, match="multiple of expert_size"):
+        call(expert_mlp, {**a, "expert_size": 7}, "silu")
+    with pytest.raises(ValueError, match="unknown activation"):
+        call(expert_mlp, a, "swish")
+    with pytest.raises(ValueError, match="CUDA"):
+        call(expert_mlp_triton, a, "silu")
+
+
+def test_import_does_not_load_triton_or_cuda():
+    code = "import sys, torch, condify, condify.ops; assert 'triton' not in sys.modules, 'triton imported'; assert not torch.cuda.is_initialized()"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 8, 64, 300])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_matches_reference(T, dtype):
+    a = make(T=T, d=256, inter=1024, s=32, bias=True, dtype=dtype)
+    a = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in a.items()}
+    ref = call(expert_mlp_reference, f64(a), "silu", strategy="dense")
+    assert_close(call(expert_mlp, a, "silu"), ref, dtype)
+    assert_close(call(expert_mlp_triton, a, "silu"), ref, dtype)
+
+
+@pytest.mark.gpu
+def test_cuda_backward_and_compile():
+    a = make(T=16, d=128, inter=512, s=32, bias=True, requires_grad=True)
+    a = {
+        k: v.detach().cuda().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v
+        for k, v in a.items()
+    }
+    leaves = [v for v in a.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+    got = torch.autograd.grad(call(expert_mlp, a, "silu").square().sum(), leaves)
+    want = torch.autograd.grad(call(expert_mlp_reference, a, "silu", strategy="dense").square().sum(), leaves)
+    for w, o in zip(want, got, strict=True):
+        torch.testing.assert_close(o, w, rtol=1e-3, atol=1e-3)
+    compiled = torch.compile(lambda *args: expert_mlp(*args), fullgraph=True)
+    out = call(compiled, a, "silu")
+    torch.testing.assert_close(out, call(expert_mlp_reference, a, "silu"), rtol=1e-4, atol=1e-4)
