@@ -1,0 +1,406 @@
+"""Data-dependent step of dynamic-k, in four stages (each optional, in this order):
+
+1. **Sparsify** (``sparsify=True``): compute the MLPs with ReLU (``activation="relu"``, the default
+   when sparsifying; ``None`` keeps the model's activation) and fine-tune the model weights (the MLPs,
+   or everything with ``sparsify_params="all"``) on ``loss + penalty_weight * sum_layers penalty(a)``
+   where ``a`` are the MLP hidden activations and ``penalty`` the per-token square Hoyer
+   ``||a||_1^2/||a||_2^2`` (or ``"l1"``). The loss is KL to the original dense model (``distill``,
+   so the held-out ratio measures what the step costs, not domain adaptation) or the LM loss.
+2. **Cluster** (``cluster=True``): balanced k-means of the neurons (``cfg.clustering``: gate rows, or
+   co-activation profiles |a| over ``coactivation_tokens`` calibration tokens), permuted in place.
+3. **Routers** (``router_steps > 0``): the model frozen, each router regresses its experts' true output
+   L2 norms (MSE, Adam) on up to ``router_tokens`` dense-model MLP inputs.
+4. **Thresholds** (``target_sparsity``, or the config's): per layer (``per_layer=True``) or one global
+   ``tau`` chosen by bisection so that a fraction ``1 - target_sparsity`` of expert compute runs on the
+   calibration tokens (router scores, or true norms with ``oracle=True``).
+
+The last ``holdout`` batches are never trained on; they give the reported perplexities, activation
+sparsity and executed fraction. Budgets: see the ``recipes`` in ``__init__`` ("cpu": a few minutes on
+2 cores; "long": GPU-sized).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ...adapters import Adapter
+from ...config import ConfigError, in_range
+from ...convert import unmodify, update_config
+from ...training import Batch, kl_loss, lm_loss, mean_nll, train
+from .clustering import balanced_kmeans, permutation
+from .config import DynamicKConfig
+from .losses import PENALTIES
+from .modules import converted, executed_fraction, expert_norms, mode, track_executed
+from .transform import gate_features, relayout_
+
+MIN_TOKENS = 256  # calibration tokens (outside the hold-out) below which calibrate refuses to run
+
+
+def _tokens(batches: list[Batch]) -> int:
+    return sum(
+        int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches
+    )
+
+
+def _ppl(model: nn.Module, batches: list[Batch]) -> float:
+    return math.exp(mean_nll(model, batches))
+
+
+@torch.no_grad()
+def collect(
+    model: nn.Module, batches: list[Batch], max_tokens: int, what: str
+) -> dict[str, list[torch.Tensor]]:
+    """Run the dense model and keep, per converted MLP, up to ``max_tokens`` rows of ``what``:
+    ``"inputs"`` -> (x, true expert norms); ``"hidden"`` -> hidden activations."""
+    out: dict[str, list[torch.Tensor]] = {p: [] for p, _ in converted(model)}
+    seen = 0
+    with mode(model, "dense"):
+        for b in batches:
+            if seen >= max_tokens:
+                break
+            recs = {p: [] for p in out}
+            for p, m in converted(model):
+                m._condify_patch.info["record"] = recs[p]
+            try:
+                model(**b, use_cache=False)
+            finally:
+                for _, m in converted(model):
+                    m._condify_patch.info.pop("record", None)
+            keep = b["attention_mask"].reshape(-1).bool() if "attention_mask" in b else None
+            for p, m in converted(model):
+                h = recs[p][0]
+                if keep is not None:
+                    h = h[keep]
+                h = h[: max_tokens - seen]
+                if what == "hidden":
+                    out[p].append(h)
+                else:
+                    info = m._condify_patch.info
+                    down = info["adapter"].mlp_weights(m)["down"]
+                    out[p].append(expert_norms(h, down, info["expert_size"]))
+            seen += h.shape[0]
+    return out
+
+
+@torch.no_grad()
+def _collect_inputs(
+    model: nn.Module, batches: list[Batch], max_tokens: int
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per converted MLP: (inputs x (T, d), true expert norms (T, E)) of the dense model."""
+    xs: dict[str, list[torch.Tensor]] = {p: [] for p, _ in converted(model)}
+    hooks = []
+    for p, m in converted(model):
+        hooks.append(
+            m.register_forward_pre_hook(
+                lambda mod, args, p=p: xs[p].append(args[0].reshape(-1, args[0].shape[-1]))
+            )
+        )
+    try:
+        norms = collect(model, batches, max_tokens, "inputs")
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for p in xs:
+        n = torch.cat(norms[p])
+        x = torch.cat(xs[p])
+        if batches and "attention_mask" in batches[0]:
+            mask = torch.cat([b["attention_mask"].reshape(-1).bool() for b in batches[: len(xs[p])]])
+            x = x[mask]
+        out[p] = (x[: n.shape[0]], n)
+    return out
+
+
+def train_routers(
+    model: nn.Module,
+    data: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    steps: int,
+    lr: float = 1e-3,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Fit every router to its layer's expert norms (MSE); the last 10 % of tokens score it.
+
+    Returns the mean held-out MSE before and after, and the mean R^2 (1 - MSE / variance of targets).
+    """
+    before, after, r2 = [], [], []
+    gen = torch.Generator().manual_seed(0)
+    for p, m in tqdm(converted(model), desc="routers", disable=not progress, leave=False):
+        x, y = data[p]
+        n_val = max(1, x.shape[0] // 10)
+        xt, yt, xv, yv = x[:-n_val], y[:-n_val], x[-n_val:], y[-n_val:]
+        router = m.router
+        with torch.no_grad():
+            before.append(float(((router(xv) - yv) ** 2).mean()))
+        params = list(router.parameters())
+        saved = [q.requires_grad for q in params]
+        for q in params:
+            q.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+        with torch.enable_grad():
+            for _ in range(steps):
+                idx = torch.randint(0, xt.shape[0], (min(batch_size, xt.shape[0]),), generator=gen)
+                loss = ((router(xt[idx]) - yt[idx]) ** 2).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+        for q, r in zip(params, saved, strict=True):
+            q.requires_grad_(r)
+        with torch.no_grad():
+            mse = float(((router(xv) - yv) ** 2).mean())
+        after.append(mse)
+        r2.append(1 - mse / max(float(yv.var()), 1e-12))
+    k = max(1, len(after))
+    return {
+        "router_mse_before": sum(before) / k,
+        "router_mse_after": sum(after) / k,
+        "router_r2": sum(r2) / k,
+    }
+
+
+def _fraction(scores: torch.Tensor, tau: float) -> float:
+    top = scores.max(-1, keepdim=True).values
+    sel = (scores >= top * tau).sum(-1).clamp(min=1)
+    return float(sel.float().mean()) / scores.shape[1]
+
+
+def _bisect(f: Any, target: float, iters: int = 40) -> float:
+    """Smallest-error tau in [0, 1] for a non-increasing f(tau) -> executed fraction."""
+    lo, hi = 0.0, 1.0
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if f(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+@torch.no_grad()
+def fit_tau(
+    model: nn.Module,
+    data: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    target_sparsity: float,
+    *,
+    per_layer: bool = True,
+    oracle: bool = False,
+) -> dict[str, float]:
+    """Set ``expert_layout.tau`` so that ``1 - target_sparsity`` of expert compute runs on ``data``."""
+    in_range("target_sparsity", target_sparsity, 0.0, 1.0, hi_open=True)
+    goal = 1.0 - target_sparsity
+    scores = {}
+    for p, m in converted(model):
+        x, norms = data[p]
+        scores[p] = norms if oracle else m.router(x)
+    if per_layer:
+        taus = {
+            p: (0.0 if goal >= 1 else _bisect(lambda t, s=s: _fraction(s, t), goal))
+            for p, s in scores.items()
+        }
+    else:
+        t = (
+            0.0
+            if goal >= 1
+            else _bisect(lambda t: sum(_fraction(s, t) for s in scores.values()) / len(scores), goal)
+        )
+        taus = dict.fromkeys(scores, t)
+    for p, m in converted(model):
+        m.expert_layout.tau.fill_(taus[p])
+    return taus
+
+
+@torch.no_grad()
+def measure(model: nn.Module, batches: list[Batch], oracle: bool = False) -> dict[str, float]:
+    """Perplexity and executed fraction of expert compute on ``batches`` (sparse or oracle selection)."""
+    with mode(model, "oracle" if oracle else "sparse"), track_executed(model) as stats:
+        ppl = _ppl(model, batches)
+    return {"ppl": ppl, "executed": executed_fraction(stats)}
+
+
+@torch.no_grad()
+def activation_sparsity(model: nn.Module, batches: list[Batch], eps: float = 1e-3) -> float:
+    """Fraction of MLP hidden activations with ``|a| <= eps`` (exact zeros under ReLU)."""
+    acts = collect(model, batches, 1 << 30, "hidden")
+    zero = sum(int((h.abs() <= eps).sum()) for hs in acts.values() for h in hs)
+    total = sum(h.numel() for hs in acts.values() for h in hs)
+    return zero / max(total, 1)
+
+
+def _set_activation(model: nn.Module, cfg: DynamicKConfig, act: str) -> None:
+    for _, m in converted(model):
+        m._condify_patch.info["activation"] = act
+    cfg.activation = act if act == "relu" else cfg.activation
+    update_config(model, cfg)
+
+
+def sparsify_(
+    model: nn.Module,
+    cfg: DynamicKConfig,
+    batches: list[Batch],
+    *,
+    activation: str | None,
+    penalty: str,
+    penalty_weight: float,
+    steps: int,
+    lr: float,
+    params: str,
+    distill: bool,
+    progress: bool,
+) -> list[float]:
+    """Stage 1: ReLU swap (optional) and fine-tune with the activation-sparsity penalty."""
+    teacher = unmodify(copy.deepcopy(model)).eval() if distill else None
+    if activation == "relu":
+        _set_activation(model, cfg, "relu")
+    mlps = [m for _, m in converted(model)]
+    if params == "all":
+        trainable = [q for n, q in model.named_parameters() if ".router." not in n]
+    else:
+        trainable = [q for m in mlps for n, q in m.named_parameters() if not n.startswith("router.")]
+    pen = PENALTIES[penalty]
+
+    def loss_fn(mdl: nn.Module, b: Batch, step: int) -> torch.Tensor:
+        recs: list[torch.Tensor] = []
+        for m in mlps:
+            m._condify_patch.info["record"] = recs
+        try:
+            logits = mdl(**b, use_cache=False).logits
+        finally:
+            for m in mlps:
+                m._condify_patch.info.pop("record", None)
+        if teacher is not None:
+            with torch.no_grad():
+                t_logits = teacher(**b, use_cache=False).logits
+            loss = kl_loss(logits, t_logits, b)
+        else:
+            loss = lm_loss(logits, b)
+        return loss + penalty_weight * sum(pen(h) for h in recs)
+
+    with mode(model, "dense"):
+        return train(
+            model,
+            trainable,
+            batches,
+            steps,
+            loss_fn,
+            lr=lr,
+            warmup=max(1, steps // 10),
+            desc="sparsify",
+            progress=progress,
+        )
+
+
+def cluster_(model: nn.Module, cfg: DynamicKConfig, batches: list[Batch], coactivation_tokens: int) -> None:
+    """Stage 2: balanced k-means and in-place permutation of every converted MLP."""
+    acts = collect(model, batches, coactivation_tokens, "hidden") if cfg.clustering == "coactivation" else {}
+    for p, m in converted(model):
+        info = m._condify_patch.info
+        E = info["experts"]
+        inter = E * info["expert_size"]
+        if not 1 < E < inter:
+            continue
+        feats = torch.cat(acts[p]).abs().t() if acts else gate_features(m, info["adapter"])
+        relayout_(m, info["adapter"], permutation(balanced_kmeans(feats, E, seed=info["layer"])))
+
+
+def calibrate(
+    model: nn.Module,
+    adapter: Adapter,
+    cfg: DynamicKConfig,
+    batches: list[Batch],
+    *,
+    sparsify: bool = False,
+    activation: str | None = "relu",
+    penalty: str = "hoyer",
+    penalty_weight: float = 1e-4,
+    sparsify_steps: int = 100,
+    sparsify_lr: float = 1e-4,
+    sparsify_params: str = "mlp",
+    distill: bool = True,
+    cluster: bool = True,
+    coactivation_tokens: int = 2048,
+    router_steps: int = 500,
+    router_lr: float = 1e-3,
+    router_tokens: int = 8192,
+    target_sparsity: float | None = None,
+    per_layer: bool = True,
+    oracle: bool = False,
+    holdout: int = 1,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the stages described in the module docstring; returns the measurements (held-out batches).
+
+    Keys: ``ppl_dense`` (before anything), ``activation_sparsity_before/after`` and
+    ``ppl_after_sparsify`` (tau = 0, i.e. the cost of stage 1), ``router_mse_before/after``,
+    ``router_r2``, ``tau`` (per layer), ``ppl`` and ``executed`` (the fraction of expert compute run).
+    """
+    if penalty not in PENALTIES:
+        raise ConfigError(
+            f"dynamic-k calibrate: `penalty` must be one of {sorted(PENALTIES)}, got {penalty!r}"
+        )
+    if activation not in (None, "relu"):
+        raise ConfigError(f"dynamic-k calibrate: `activation` must be 'relu' or None, got {activation!r}")
+    if sparsify_params not in ("mlp", "all"):
+        raise ConfigError(
+            f"dynamic-k calibrate: `sparsify_params` must be 'mlp' or 'all', got {sparsify_params!r}"
+        )
+    for name, v in (("sparsify_steps", sparsify_steps), ("router_steps", router_steps), ("holdout", holdout)):
+        if not isinstance(v, int) or v < 0:
+            raise ConfigError(f"dynamic-k calibrate: `{name}` must be an integer >= 0, got {v!r}")
+    in_range("penalty_weight", penalty_weight, 0.0, math.inf)
+    if target_sparsity is not None:
+        in_range("target_sparsity", target_sparsity, 0.0, 1.0, hi_open=True)
+    if len(batches) <= holdout:
+        raise ConfigError(
+            f"dynamic-k calibrate: got {len(batches)} batch(es) but {holdout} are held out for measurement; "
+            f"pass at least {holdout + 1} batches (or holdout=0)"
+        )
+    fit, held = (batches[:-holdout], batches[-holdout:]) if holdout else (batches, [])
+    if _tokens(fit) < MIN_TOKENS:
+        raise ConfigError(
+            f"dynamic-k calibrate: only {_tokens(fit)} calibration tokens outside the hold-out; "
+            f"need at least {MIN_TOKENS} (e.g. 4 sequences of 256 tokens)"
+        )
+
+    res: dict[str, Any] = {}
+    was_training = model.training
+    model.eval()
+    if held:
+        with mode(model, "dense"):
+            res["ppl_dense"] = _ppl(model, held)
+            res["activation_sparsity_before"] = activation_sparsity(model, held)
+    if sparsify:
+        losses = sparsify_(
+            model, cfg, fit, activation=activation, penalty=penalty, penalty_weight=penalty_weight,
+            steps=sparsify_steps, lr=sparsify_lr, params=sparsify_params, distill=distill, progress=progress,
+        )  # fmt: skip
+        model.eval()
+        res["sparsify_loss"] = (losses[0], losses[-1]) if losses else None
+        if held:
+            with mode(model, "dense"):
+                res["ppl_after_sparsify"] = _ppl(model, held)
+                res["activation_sparsity_after"] = activation_sparsity(model, held)
+    if cluster:
+        cluster_(model, cfg, fit, coactivation_tokens)
+    data = None
+    if router_steps:
+        data = _collect_inputs(model, fit, router_tokens)
+        res.update(train_routers(model, data, router_steps, router_lr, progress=progress))
+    target = cfg.target_sparsity if target_sparsity is None else target_sparsity
+    if target is not None:
+        data = data or _collect_inputs(model, fit, router_tokens)
+        taus = fit_tau(model, data, target, per_layer=per_layer, oracle=oracle)
+        res["tau"] = taus
+        cfg.target_sparsity = target
+        update_config(model, cfg)
+    if held:
+        res.update(measure(model, held, oracle=oracle))
+    model.train(was_training)
+    return res

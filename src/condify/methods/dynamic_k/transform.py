@@ -1,0 +1,105 @@
+"""Structural part of dynamic-k: check, patch the MLPs, cluster and permute neurons in place."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...adapters import Adapter
+from ...config import ConfigError
+from ...convert import patch
+from .clustering import balanced_kmeans, permutation
+from .config import DynamicKConfig
+from .modules import METHOD, ExpertLayout, Router, converted, model_activation, moe_forward
+
+
+def _indices(model: nn.Module, adapter: Adapter, cfg: DynamicKConfig) -> list[int]:
+    n = len(adapter.layer_list(model))
+    return list(range(n)) if cfg.layers is None else list(cfg.layers)
+
+
+def divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def activation_name(model: nn.Module, cfg: DynamicKConfig) -> str:
+    act = cfg.activation or model_activation(model.config)
+    if act is None:
+        raise ConfigError(
+            "dynamic-k: the model's MLP activation is not one of silu/gelu/gelu_tanh/relu; "
+            "pass activation='relu' to compute the experts with ReLU"
+        )
+    return act
+
+
+def plan(model: nn.Module, adapter: Adapter, cfg: DynamicKConfig) -> list[str]:
+    activation_name(model, cfg)
+    layers = adapter.layer_list(model)
+    paths = []
+    for i in _indices(model, adapter, cfg):
+        mlp = layers[i].get_submodule(adapter.mlp)
+        inter = adapter.mlp_weights(mlp)["up"].shape[0]
+        if inter % cfg.expert_size:
+            raise ConfigError(
+                f"dynamic-k: expert_size={cfg.expert_size} does not divide the MLP intermediate size {inter} "
+                f"(layer {i}); sizes that divide it: {divisors(inter)}"
+            )
+        paths.append(f"{adapter.layers}.{i}.{adapter.mlp}")
+    return paths
+
+
+@torch.no_grad()
+def permute_(mlp: nn.Module, adapter: Adapter, p: torch.Tensor) -> None:
+    """Reorder the MLP's neurons in place: new neuron j is old neuron ``p[j]`` (function unchanged)."""
+    w = adapter.mlp_weights(mlp)
+    p = p.to(w["up"].device)
+    for k in ("gate", "up", "b_gate", "b_up"):
+        if w[k] is not None:
+            w[k].copy_(w[k][p])
+    w["down"].copy_(w["down"][:, p])
+
+
+def relayout_(mlp: nn.Module, adapter: Adapter, p: torch.Tensor) -> None:
+    """Apply a further permutation ``p`` and record it in ``expert_layout.perm``."""
+    permute_(mlp, adapter, p)
+    layout = mlp.expert_layout
+    layout.perm.copy_(layout.perm[p.to(layout.perm.device)])
+
+
+def gate_features(mlp: nn.Module, adapter: Adapter) -> torch.Tensor:
+    """Rows clustered by ``clustering="gate"``: gate rows (GLU) or up rows, plus biases when present."""
+    w = adapter.mlp_weights(mlp)
+    rows, b = (w["gate"], w["b_gate"]) if w["gate"] is not None else (w["up"], w["b_up"])
+    return rows if b is None else torch.cat([rows, b[:, None]], dim=1)
+
+
+def apply(model: nn.Module, adapter: Adapter, cfg: DynamicKConfig, from_checkpoint: bool) -> None:
+    act = activation_name(model, cfg)
+    layers = adapter.layer_list(model)
+    for i in _indices(model, adapter, cfg):
+        mlp = layers[i].get_submodule(adapter.mlp)
+        up = adapter.mlp_weights(mlp)["up"]
+        inter, d = up.shape
+        experts = inter // cfg.expert_size
+        router = Router(d, cfg.router_width, experts).to(device=up.device, dtype=up.dtype)
+        layout = ExpertLayout(torch.arange(inter), cfg.tau).to(up.device)
+        patch(
+            mlp,
+            METHOD,
+            moe_forward,
+            children={"router": router, "expert_layout": layout},
+            adapter=adapter,
+            expert_size=cfg.expert_size,
+            experts=experts,
+            activation=act,
+            layer=i,
+        )
+        if not from_checkpoint and cfg.clustering == "gate" and 1 < experts < inter:
+            labels = balanced_kmeans(gate_features(mlp, adapter), experts, seed=i)
+            relayout_(mlp, adapter, permutation(labels))
+
+
+def remove(model: nn.Module, adapter: Adapter, cfg: DynamicKConfig) -> None:
+    """Restore the original neuron order exactly (before the children are removed)."""
+    for _, mlp in converted(model):
+        permute_(mlp, adapter, torch.argsort(mlp.expert_layout.perm))

@@ -1,0 +1,202 @@
+"""dynamic-k (D2DMoE): conversion, layout, routers, thresholds, save/load, bad inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GemmaConfig, GPT2Config, LlamaConfig, Phi3Config, Qwen2Config
+
+import condify
+from condify.methods.dynamic_k import DynamicKConfig, executed_fraction, mode, track_executed
+from condify.methods.dynamic_k.clustering import balanced_assign, balanced_kmeans
+from condify.methods.dynamic_k.modules import converted, select
+from condify.methods.dynamic_k.transform import relayout_
+
+KINDS = ["llama", "qwen2", "gemma", "phi3", "gpt2"]
+
+
+def tiny(kind: str = "llama", inter: int = 64) -> torch.nn.Module:
+    common = dict(
+        vocab_size=128, hidden_size=32, intermediate_size=inter, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    if kind == "gpt2":
+        cfg = GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=inter)
+    elif kind == "phi3":
+        cfg = Phi3Config(**common, pad_token_id=0, bos_token_id=1, eos_token_id=1)
+    elif kind == "gemma":
+        cfg = GemmaConfig(**common, head_dim=8)
+    else:
+        cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config}[kind](**common)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    if kind == "gpt2":  # biases are zero at init; make them matter
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 1:
+                    p.normal_(0, 0.1)
+    return model
+
+
+def ids(b: int = 2, t: int = 9, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 128, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def data(n: int = 6) -> list[torch.Tensor]:
+    return [ids(4, 32, seed=s) for s in range(n)]
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@torch.no_grad()
+def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x, use_cache=False).logits
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tau0_dense_and_unmodify_exact(kind: str) -> None:
+    model = tiny(kind)
+    x = ids()
+    ref, before = logits(model, x), snapshot(model)
+    condify.modify(model, "dynamic-k", expert_size=8)
+    perms = [m.expert_layout.perm for _, m in converted(model)]
+    assert any(not torch.equal(p, torch.arange(p.numel())) for p in perms)  # really permuted in place
+    torch.testing.assert_close(logits(model, x), ref, atol=1e-5, rtol=0)
+    condify.unmodify(model)
+    assert same_state(snapshot(model), before)
+
+
+def test_balanced_clusters_exact_sizes() -> None:
+    feats = torch.randn(96, 10) + torch.randn(3, 10).repeat_interleave(torch.tensor([60, 30, 6]), 0) * 3
+    for k in (2, 4, 12, 96):
+        assert torch.bincount(balanced_kmeans(feats, k), minlength=k).tolist() == [96 // k] * k
+    cost = torch.rand(50, 5)
+    assert torch.bincount(balanced_assign(cost, 10)).tolist() == [10] * 5
+
+
+def test_permutation_preserves_function_and_is_recorded() -> None:
+    model = tiny("gpt2")
+    x = ids()
+    ref, before = logits(model, x), snapshot(model)
+    condify.modify(model, "dynamic-k", expert_size=16, clustering="coactivation")
+    for _, m in converted(model):
+        relayout_(m, m._condify_patch.info["adapter"], torch.randperm(64))
+    torch.testing.assert_close(logits(model, x), ref, atol=1e-5, rtol=0)
+    condify.calibrate(model, data(), router_steps=0, progress=False)  # co-activation clustering on data
+    torch.testing.assert_close(logits(model, x), ref, atol=1e-5, rtol=0)
+    condify.unmodify(model)
+    assert same_state(snapshot(model), before)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_selection_rule_matches_naive_loop(kind: str) -> None:
+    model = tiny(kind)
+    condify.modify(model, "dynamic-k", expert_size=8, tau=0.6)
+    path, mlp = converted(model)[0]
+    a = mlp._condify_patch.info["adapter"]
+    x = torch.randn(7, 32)
+    with torch.no_grad():
+        out = mlp(x)
+        w = a.mlp_weights(mlp)
+        act = torch.nn.functional.gelu if kind == "gpt2" else torch.nn.functional.silu
+        for t in range(7):
+            s = mlp.router(x[t])
+            chosen = {e for e in range(8) if s[e] >= 0.6 * s.max()} | {int(s.argmax())}
+            y = w["b_down"].clone() if w["b_down"] is not None else torch.zeros(32)
+            for e in chosen:
+                blk = slice(8 * e, 8 * e + 8)
+                g = x[t] @ (w["gate"] if w["gate"] is not None else w["up"])[blk].t()
+                if kind == "gpt2":
+                    h = torch.nn.functional.gelu(g + w["b_up"][blk], approximate="tanh")
+                else:
+                    h = act(g) * (x[t] @ w["up"][blk].t())
+                y = y + h @ w["down"][:, blk].t()
+            torch.testing.assert_close(out[t], y, atol=1e-5, rtol=1e-5)
+        assert select(torch.tensor([[0.0, 0.0]]), 0.5).tolist() == [[True, True]]  # ties at max run
+
+
+def test_router_regression_target_sparsity_and_oracle() -> None:
+    model = tiny("llama", inter=128)
+    condify.modify(model, "dynamic-k", expert_size=8)
+    batches = data(8)
+    res = condify.calibrate(model, batches, router_steps=300, target_sparsity=0.5, progress=False)
+    assert res["router_mse_after"] < 0.5 * res["router_mse_before"]
+    assert abs(res["executed"] - 0.5) < 0.1  # held-out batch, sparse run
+    with torch.no_grad(), track_executed(model) as stats:
+        for b in batches[:-1]:
+            model(b, use_cache=False)
+    assert abs(executed_fraction(stats) - 0.5) < 0.05  # calibration data
+    with torch.no_grad(), mode(model, "oracle"), track_executed(model) as stats:
+        model(batches[0], use_cache=False)
+    assert 0 < executed_fraction(stats) < 1
+    assert condify.applied_configs(model)[0].target_sparsity == 0.5
+
+
+def test_sparsify_step_relu_and_hoyer() -> None:
+    model = tiny("qwen2")
+    condify.modify(model, "dynamic-k", expert_size=8)
+    res = condify.calibrate(
+        model, data(), sparsify=True, sparsify_steps=30, sparsify_lr=3e-3, penalty_weight=1e-2,
+        router_steps=0, progress=False,
+    )  # fmt: skip
+    assert condify.applied_configs(model)[0].activation == "relu"
+    assert res["activation_sparsity_after"] > 0.5 > res["activation_sparsity_before"]
+    assert res["ppl_after_sparsify"] > 0
+
+
+def test_save_load_exact(tmp_path) -> None:
+    model = tiny("llama")
+    condify.modify(model, "dynamic-k", expert_size=16, clustering="coactivation")
+    condify.calibrate(model, data(), sparsify=True, sparsify_steps=2, router_steps=20, target_sparsity=0.4, progress=False)
+    x = ids()
+    ref = logits(model, x)
+    condify.save_pretrained(model, tmp_path)
+    loaded = condify.from_pretrained(tmp_path).eval()
+    assert same_state(snapshot(loaded), snapshot(model))
+    torch.testing.assert_close(logits(loaded, x), ref, atol=0, rtol=0)
+    assert condify.applied_configs(loaded)[0] == condify.applied_configs(model)[0]
+
+
+def test_bad_inputs_leave_model_unchanged() -> None:
+    model = tiny("llama", inter=96)
+    before = snapshot(model)
+    with pytest.raises(condify.ConfigError, match=r"sizes that divide it: \[1, 2, 3, 4, 6, 8, 12"):
+        condify.modify(model, "dynamic-k", expert_size=10)
+    with pytest.raises(condify.ConfigError, match="tau"):
+        condify.modify(model, "dynamic-k", tau=-0.1)
+    with pytest.raises(condify.ConfigError, match="target_sparsity"):
+        condify.modify(model, "dynamic-k", target_sparsity=1.0)
+    with pytest.raises(condify.ConfigError, match="not implemented"):
+        condify.modify(model, "dynamic-k", attention=True)
+    with pytest.raises(condify.ModifyError, match="modify"):
+        condify.calibrate(model, data())
+    assert same_state(snapshot(model), before) and condify.applied_configs(model) == []
+    condify.modify(model, "dynamic-k", expert_size=8)
+    after_modify = snapshot(model)
+    with pytest.raises(condify.ConfigError, match="at least"):
+        condify.calibrate(model, [ids(1, 8)] * 3, progress=False)
+    with pytest.raises(condify.ConfigError, match="target_sparsity"):
+        condify.calibrate(model, data(), target_sparsity=-0.5, progress=False)
+    with pytest.raises(condify.ModifyError, match="already"):
+        condify.modify(model, "dynamic-k", expert_size=8)
+    assert same_state(snapshot(model), after_modify)
+    assert isinstance(condify.applied_configs(model)[0], DynamicKConfig)
+
+
+@pytest.mark.slow
+def test_embedded_model_tau0_dense() -> None:
+    from condify.data import load_model
+
+    model, _ = load_model()
+    x = ids(1, 24) * 300
+    ref, before = logits(model, x), snapshot(model)
+    condify.modify(model, "dynamic-k", expert_size=32, layers=[0, 14, 29])
+    torch.testing.assert_close(logits(model, x), ref, atol=1e-5, rtol=0)
+    condify.unmodify(model)
+    assert same_state(snapshot(model), before)
