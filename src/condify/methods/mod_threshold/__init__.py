@@ -17,9 +17,33 @@ registry.register(
         remove=remove,
         calibrate=calibrate,
         recipes={
-            "quick": ({"capacity": 0.75}, {"steps": 4, "router_steps": 2}),
-            "cpu": ({"capacity": 0.5}, {"steps": 120, "router_steps": 20}),
-            "long": ({"capacity": 0.5}, {"steps": 2000, "router_steps": 100}),
+            # calibrate options; batch_size / seq_len / num_train_batches shape the training text
+            "quick": (
+                {"capacity": 0.75},
+                {
+                    "steps": 2,
+                    "router_steps": 1,
+                    "fit_batches": 2,
+                    "batch_size": 1,
+                    "seq_len": 64,
+                    "num_train_batches": 2,
+                },
+            ),
+            "cpu": (
+                {"capacity": 0.5},
+                {"steps": 16, "router_steps": 4, "batch_size": 2, "seq_len": 256, "num_train_batches": 16},
+            ),
+            "long": (
+                {"capacity": 0.5},
+                {
+                    "steps": 2000,
+                    "router_steps": 200,
+                    "lr": 3e-5,
+                    "batch_size": 8,
+                    "seq_len": 512,
+                    "num_train_batches": 2000,
+                },
+            ),
         },
     )
 )
