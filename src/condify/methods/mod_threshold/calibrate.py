@@ -315,4 +315,7 @@ def calibrate(
     if holdout is not None:
         result["keep_rates_holdout"] = keep_rates(model, holdout)
         result["holdout_ppl"] = math.exp(mean_nll(model, holdout))
+    measured = result.get("keep_rates_holdout", result["keep_rates"])
+    for i, layer in gated.items():  # shown by condify.describe
+        layer._condify_patch.info["keep_rate"] = round(measured[i], 3)
     return result

@@ -109,10 +109,6 @@ def _mask(
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
-def _sub(layer: nn.Module, name: str | None) -> nn.Module | None:
-    return None if name is None else layer.get_submodule(name)
-
-
 def _updates(
     layer: nn.Module,
     a: Adapter,
