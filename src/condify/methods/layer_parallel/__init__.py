@@ -16,9 +16,38 @@ registry.register(
         apply=apply,
         calibrate=calibrate,
         recipes={
-            "quick": ({"pairs": 1}, {"starts": [20, 24], "sweep_batches": 1}),
-            "cpu": ({"pairs": 2}, {"starts": list(range(12, 26, 2)), "finetune_steps": 60, "lr": 1e-4}),
-            "long": ({"pairs": 4}, {"finetune_steps": 1000, "lr": 1e-4}),
+            "quick": (
+                {"pairs": 1},
+                {
+                    "sweep_batches": 1,
+                    "finetune_steps": 2,
+                    "num_train_batches": 2,
+                    "batch_size": 2,
+                    "seq_len": 128,
+                },
+            ),
+            "cpu": (
+                {"pairs": 2},
+                {
+                    "sweep_batches": 1,
+                    "finetune_steps": 60,
+                    "lr": 1e-4,
+                    "num_train_batches": 60,
+                    "batch_size": 2,
+                    "seq_len": 256,
+                },
+            ),
+            "long": (
+                {"pairs": 4},
+                {
+                    "sweep_batches": 4,
+                    "finetune_steps": 2000,
+                    "lr": 1e-4,
+                    "num_train_batches": 2000,
+                    "batch_size": 8,
+                    "seq_len": 512,
+                },
+            ),
         },
     )
 )
