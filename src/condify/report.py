@@ -155,8 +155,8 @@ class Report:
         parts = [f"# {self.title}", "## Environment", "| | |\n|---|---|\n" + env, *self._blocks]
         return "\n\n".join(parts) + "\n"
 
-    def write(self, directory: str | Path) -> Path:
-        """Write ``report.md`` and one PNG per plot into ``directory``; return the markdown path."""
+    def write(self, directory: str | Path, filename: str = "report.md") -> Path:
+        """Write ``filename`` and one PNG per plot into ``directory``; return the markdown path."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         if self._plots:
@@ -171,6 +171,6 @@ class Report:
                 fn(ax)
                 fig.tight_layout()
                 fig.savefig(out / f"{name}.png")
-        path = out / "report.md"
+        path = out / filename
         path.write_text(self.to_markdown(), encoding="utf-8")
         return path
