@@ -13,6 +13,31 @@ from .config import DynamicKConfig
 from .modules import executed_fraction, mode, set_mode, set_tau, track_executed
 from .transform import apply, plan, remove
 
+# Budgets (modify options, calibrate options). "quick": CI smoke; "cpu": the README main job on a 2-core
+# CPU (a few minutes on a quiet machine); "long": GPU-sized. See benchmarks/results/dynamic_k.md for what
+# each stage buys at these budgets.
+RECIPES = {
+    "quick": (
+        {"expert_size": 64, "clustering": "gate"},
+        {"router_steps": 50, "router_tokens": 1024, "target_sparsity": 0.5, "num_train_batches": 3, "batch_size": 2, "seq_len": 128},
+    ),
+    "cpu": (
+        {"expert_size": 32, "clustering": "coactivation"},
+        {
+            "router_steps": 300, "router_tokens": 4096, "target_sparsity": 0.5,
+            "num_train_batches": 8, "batch_size": 2, "seq_len": 256,
+        },
+    ),
+    "long": (
+        {"expert_size": 32, "clustering": "coactivation"},
+        {
+            "sparsify": True, "sparsify_steps": 2000, "sparsify_params": "all", "penalty_weight": 3e-5,
+            "router_steps": 3000, "router_tokens": 65536, "coactivation_tokens": 8192, "target_sparsity": 0.5,
+            "num_train_batches": 2000, "batch_size": 8, "seq_len": 512,
+        },
+    ),
+}  # fmt: skip
+
 registry.register(
     registry.Method(
         name="dynamic-k",
@@ -22,7 +47,7 @@ registry.register(
         apply=apply,
         remove=remove,
         calibrate=calibrate,
-        recipes={},
+        recipes=RECIPES,
     )
 )
 
