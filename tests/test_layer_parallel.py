@@ -168,3 +168,23 @@ def test_gemma3_mixed_attention_pair_refused():
     with pytest.raises(condify.ConfigError, match="different attention types"):
         condify.modify(model, "layer-parallel", pairs=1, start=0)
     assert not hasattr(model.config, "condify")
+
+
+@pytest.mark.slow
+def test_smollm2_generate_cache_equals_recompute():
+    from condify import data
+
+    model, tok = data.load_model()
+    tok.padding_side = "left"
+    prompts = [
+        "To be, or not to be, that is",
+        "Friends, Romans,",
+        "Now is the winter of our discontent made glorious",
+    ]
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    assert (enc.attention_mask == 0).any()  # really left-padded
+    condify.modify(model, "layer-parallel", pairs=2, start=20)
+    kw = dict(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    with_cache = model.generate(**kw)
+    without = model.generate(use_cache=False, **kw)
+    assert torch.equal(with_cache, without)
