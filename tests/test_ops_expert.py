@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from condify.ops import ACTIVATIONS, expert_mlp, expert_mlp_reference, expert_mlp_triton
+from condify.ops import reference as reference_module
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -104,23 +105,37 @@ def assert_close(out, ref, dtype):
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("strategy", ["auto", "dense", "runs", "grouped"])
+def strategy_kw(strategy, monkeypatch):
+    """ "spans-exact": one span per run of selected experts, no gap bridged (at d=72 the default cost model
+    bridges every gap, so plain "spans" computes one masked span)."""
+    if strategy == "spans-exact":
+        monkeypatch.setattr(reference_module, "_CALL_COST", 0)
+        return {"strategy": "spans"}
+    return {"strategy": strategy}
+
+
+STRATEGIES = ["auto", "dense", "spans", "spans-exact", "grouped"]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("T", [1, 3, 37])
 @pytest.mark.parametrize(
     ("glu", "bias", "activation"),
     [(True, True, "silu"), (True, False, "gelu"), (False, True, "gelu_tanh"), (False, False, "relu")],
 )
-def test_reference_matches_loop(strategy, T, glu, bias, activation):
+def test_reference_matches_loop(strategy, T, glu, bias, activation, monkeypatch):
     a = make(T=T, glu=glu, bias=bias)
     ref = loop_oracle(**f64(a), activation=activation)
-    assert_close(call(expert_mlp_reference, a, activation, strategy=strategy), ref, torch.float32)
+    assert_close(
+        call(expert_mlp_reference, a, activation, **strategy_kw(strategy, monkeypatch)), ref, torch.float32
+    )
 
 
-@pytest.mark.parametrize("strategy", ["dense", "runs", "grouped"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("p", [0.0, 1.0])
-def test_reference_zero_and_all_experts(strategy, p):
+def test_reference_zero_and_all_experts(strategy, p, monkeypatch):
     a = make(T=5, p=p, bias=True)
-    out = call(expert_mlp_reference, a, "silu", strategy=strategy)
+    out = call(expert_mlp_reference, a, "silu", **strategy_kw(strategy, monkeypatch))
     if p == 0.0:
         assert torch.equal(out, torch.zeros_like(out))
     else:  # all experts = the dense MLP
@@ -130,30 +145,52 @@ def test_reference_zero_and_all_experts(strategy, p):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("strategy", ["dense", "runs", "grouped"])
-def test_reference_low_precision(dtype, strategy):
+@pytest.mark.parametrize("strategy", STRATEGIES[1:])
+def test_reference_low_precision(dtype, strategy, monkeypatch):
     a = make(T=4, dtype=dtype, bias=True)
     ref = loop_oracle(**f64(a), activation="silu")
-    assert_close(call(expert_mlp_reference, a, "silu", strategy=strategy), ref, dtype)
+    assert_close(call(expert_mlp_reference, a, "silu", **strategy_kw(strategy, monkeypatch)), ref, dtype)
 
 
-@pytest.mark.parametrize("strategy", ["dense", "runs", "grouped"])
+@pytest.mark.parametrize("strategy", STRATEGIES[1:])
 @pytest.mark.parametrize(("glu", "activation"), [(True, "silu"), (False, "gelu")])
-def test_reference_gradients_match_loop(strategy, glu, activation):
+def test_reference_gradients_match_loop(strategy, glu, activation, monkeypatch):
     a = make(T=3, d=16, inter=48, glu=glu, bias=True, dtype=torch.float64, requires_grad=True)
     a["mask"][0, :2] = True  # a run of two experts
     leaves = [v for v in a.values() if isinstance(v, torch.Tensor) and v.requires_grad]
     g = torch.randn(3, 16, dtype=torch.float64)
     want = torch.autograd.grad((loop_oracle(**a, activation=activation) * g).sum(), leaves)
     got = torch.autograd.grad(
-        (call(expert_mlp_reference, a, activation, strategy=strategy) * g).sum(), leaves
+        (call(expert_mlp_reference, a, activation, **strategy_kw(strategy, monkeypatch)) * g).sum(), leaves
     )
     for w, o in zip(want, got, strict=True):
         torch.testing.assert_close(o, w, rtol=1e-9, atol=1e-9)
 
 
+def test_spans_plan(monkeypatch):
+    monkeypatch.setattr(reference_module, "_CALL_COST", 32 * 3 * 576)  # one call ~ 32 neurons at d=576
+    mask = torch.tensor([[1, 1, 0, 1, 0, 0, 0, 0, 0, 1]], dtype=torch.bool)
+    # d=576, one token, 64-neuron experts: gaps cost more than a call -> one span per run
+    assert reference_module._spans(mask, 64, 576) == [(0, 2, False), (3, 4, False), (9, 10, False)]
+    # 8-neuron experts: gaps of <= 4 experts are cheaper to compute than one more call -> bridged, masked
+    assert reference_module._spans(mask, 8, 576) == [(0, 4, True), (9, 10, False)]
+    two = torch.cat([mask, torch.zeros_like(mask)])  # a second token selecting nothing: every span masked
+    assert reference_module._spans(two, 64, 576) == [(0, 2, True), (3, 4, True), (9, 10, True)]
+    assert reference_module._choose_strategy(mask, 64, 576)[0] == "spans"
+    # all selected: one unmasked span over the whole layer (the dense MLP without masking)
+    assert reference_module._choose_strategy(torch.ones(1, 10, dtype=torch.bool), 64, 576) == (
+        "spans",
+        [(0, 10, False)],
+    )
+    # prefill, random half of 128-neuron experts per token: the union is everything -> grouped saves FLOPs
+    prefill = torch.rand(512, 12).argsort(1) < 6
+    assert reference_module._choose_strategy(prefill, 128, 576)[0] == "grouped"
+    assert reference_module._choose_strategy(torch.rand(512, 192).argsort(1) < 96, 8, 576)[0] != "grouped"
+
+
 def test_reference_reads_slices_not_copies(monkeypatch):
     """The CPU path must not gather weights with index_select / fancy indexing."""
+    monkeypatch.setattr(reference_module, "_CALL_COST", 0)
     a = make(T=1, p=0.5)
 
     def banned(*args, **kwargs):
@@ -161,7 +198,7 @@ def test_reference_reads_slices_not_copies(monkeypatch):
 
     monkeypatch.setattr(torch, "index_select", banned)
     monkeypatch.setattr(torch.Tensor, "index_select", banned)
-    call(expert_mlp_reference, a, "silu", strategy="runs")
+    call(expert_mlp_reference, a, "silu", strategy="spans")
 
 
 def test_dispatch_on_cpu_is_reference():
@@ -266,7 +303,9 @@ def test_custom_op_backward_matches_reference(glu, activation, dtype):
     g = torch.randn(5, 24, dtype=dtype)
     out = call(torch.ops.condify.expert_mlp, a, activation)
     got = torch.autograd.grad((out * g).sum(), leaves)
-    want = torch.autograd.grad((call(expert_mlp_reference, a, activation, strategy="runs") * g).sum(), leaves)
+    want = torch.autograd.grad(
+        (call(expert_mlp_reference, a, activation, strategy="spans") * g).sum(), leaves
+    )
     for w, o in zip(want, got, strict=True):
         assert_close(o, w, dtype)
 
@@ -282,6 +321,60 @@ def test_custom_op_opcheck_and_compile():
 
     out = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
     torch.testing.assert_close(out, 2 * expert_mlp_reference(*args), rtol=1e-5, atol=1e-5)
+
+
+def test_autotune_prune():
+    import triton
+
+    from condify.ops.triton.expert_mlp import _prune
+
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}) for m in (16, 64) for n in (16, 64, 128)]
+    kept = _prune(configs, {"T": 1, "S": 32}, GROUPED=False)
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept} == {(16, 16)}
+    kept = _prune(configs, {"T": 512}, S=64, GROUPED=True)
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept} == {
+        (m, n) for m in (16, 64) for n in (16, 64)
+    }
+
+
+COMPILE_SCRIPT = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from condify.ops.triton import expert_mlp as em, tokens as tk
+
+target = GPUTarget("cuda", 90, 32)
+W = ("x_ptr", "w_up_ptr", "w_gate_ptr", "b_up_ptr", "b_gate_ptr", "w_down_ptr")
+fn = em._expert_mlp_kernel.fn
+for dt, grouped, act, gate, bn in [("bf16", False, 1, True, 16), ("bf16", True, 2, True, 128), ("fp32", True, 0, False, 64)]:
+    ptr = lambda n: "*" + dt if n in W else "*fp32" if n == "out_ptr" else "*i32" if grouped and n != "mask_ptr" else "*u8"
+    sig = {n: ptr(n) if n.endswith("_ptr") else "i32" if n in ("T", "D", "I", "E", "T_BUCKET") else "constexpr" for n in fn.arg_names}
+    c = dict(S=64, ACT=act, HAS_GATE=gate, HAS_B_UP=True, HAS_B_GATE=gate, GROUPED=grouped, UPCAST=dt == "fp32",
+             PRECISION="tf32" if dt == "fp32" else "ieee", BLOCK_M=64 if grouped else 16, BLOCK_N=bn, BLOCK_K=64, BLOCK_D=128)
+    triton.compile(ASTSource(fn, sig, c), target=target, options=dict(num_warps=4, num_stages=3))
+fn = tk._compact_tokens_kernel
+triton.compile(ASTSource(fn, {"keep_ptr": "*u8", "index_ptr": "*i64", "count_ptr": "*i64", "T": "i32", "BLOCK_T": "constexpr"}, {"BLOCK_T": 1024}), target=target)
+fn = tk._scatter_tokens_kernel
+sig = {n: "*bf16" if n.endswith("_ptr") else "i32" for n in fn.arg_names[:9]}
+sig.update(index_ptr="*i64", count_ptr="*i64", HAS_SCALE="constexpr", BLOCK_K="constexpr", BLOCK_D="constexpr")
+triton.compile(ASTSource(fn, sig, {"HAS_SCALE": True, "BLOCK_K": 16, "BLOCK_D": 256}), target=target)
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_hopper():
+    """Lower every kernel to a Hopper (sm_90) binary without a GPU: catches what the interpreter cannot
+    (dot shapes, dtype rules, layouts). Needs Triton's bundled ptxas; skipped without it."""
+    from pathlib import Path
+
+    import triton
+
+    if not list(Path(triton.__file__).parent.glob("backends/nvidia/bin/ptxas*")):
+        pytest.skip("triton's ptxas not available")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    res = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True)
+    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------------------

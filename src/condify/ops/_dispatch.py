@@ -61,6 +61,7 @@ def _expert_mlp_op(
     b_up: Tensor | None,
     b_gate: Tensor | None,
 ) -> Tensor:
+    check_expert_mlp_args(x, w_up, w_down, mask, expert_size, activation, w_gate, b_up, b_gate)
     _require_kernel_device(x, "expert_mlp")
     from .triton.expert_mlp import expert_mlp_launch
 
@@ -183,8 +184,14 @@ def expert_mlp(
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _check_keep(keep: Tensor) -> None:
+    if keep.dim() != 2 or keep.dtype != torch.bool:
+        raise ValueError(f"keep must be a (batch, tokens) bool tensor, got {keep.dtype} {tuple(keep.shape)}")
+
+
 @torch.library.custom_op("condify::compact_tokens", mutates_args=())
 def _compact_tokens_op(keep: Tensor) -> tuple[Tensor, Tensor]:
+    _check_keep(keep)
     _require_kernel_device(keep, "compact_tokens")
     from .triton.tokens import compact_tokens_launch
 
@@ -194,11 +201,6 @@ def _compact_tokens_op(keep: Tensor) -> tuple[Tensor, Tensor]:
 @_compact_tokens_op.register_fake
 def _(keep):
     return keep.new_empty(keep.shape, dtype=torch.int64), keep.new_empty(keep.shape[0], dtype=torch.int64)
-
-
-def _check_keep(keep: Tensor) -> None:
-    if keep.dim() != 2 or keep.dtype != torch.bool:
-        raise ValueError(f"keep must be a (batch, tokens) bool tensor, got {keep.dtype} {tuple(keep.shape)}")
 
 
 def compact_tokens_triton(keep: Tensor) -> tuple[Tensor, Tensor]:
@@ -223,6 +225,7 @@ def compact_tokens(keep: Tensor) -> tuple[Tensor, Tensor]:
 def _scatter_tokens_op(
     base: Tensor, update: Tensor, index: Tensor, count: Tensor, scale: Tensor | None
 ) -> Tensor:
+    check_scatter_tokens_args(base, update, index, count, scale)
     _require_kernel_device(base, "scatter_tokens")
     from .triton.tokens import scatter_tokens_launch
 

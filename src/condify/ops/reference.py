@@ -1,22 +1,28 @@
 """Plain-torch reference of every condify kernel: the CPU execution path and the test oracle.
 
-Nothing here imports Triton. All functions support autograd (they are made of differentiable torch ops).
+Nothing here imports Triton. Every function is made of differentiable torch ops (autograd works).
 
-``expert_mlp_reference`` picks one of three strategies (``strategy="auto"``), measured on a 2-core
-AMD EPYC, fp32, SmolLM2 MLP shape (d=576, I=1536, SiLU-GLU); see ``benchmarks/results/expert_kernels_cpu.md``:
+``expert_mlp_reference`` has three strategies; ``strategy="auto"`` picks one per call with a small cost
+model (``_choose_strategy``) fitted on a 2-core AMD EPYC, fp32, SmolLM2 MLP (d=576, I=1536, SiLU-GLU);
+numbers in ``benchmarks/results/expert_kernels_cpu.md``:
 
-- ``"runs"``: per token, merge runs of consecutive selected experts into one contiguous slice of the
-  weights and do one ``F.linear`` per run. Reads only the selected bytes, so it is what makes decode
-  fast, but it pays a fixed cost per run (~15 us for the ~6 small torch calls), so it wins only while
-  the number of runs is small relative to the bytes saved.
-- ``"grouped"``: tokens grouped by expert (one sort of the mask), one matmul per run of experts over
-  its tokens (ScatterMoE-style). Saves FLOPs at large T when experts are large enough for the small
-  GEMMs to be efficient; loses to dense at fine granularity.
-- ``"dense"``: every expert for every token, hidden activations of unselected experts zeroed. No data
-  dependent control flow, so it is also the branch taken under ``torch.compile`` (fullgraph).
+- ``"spans"``: the union of the experts selected by the tokens, as runs of consecutive experts, each run
+  one contiguous slice of the weights (views, never copies) and one chain of ``F.linear`` calls. A gap of
+  unselected experts between two runs is bridged (computed, then masked) when streaming it costs less than
+  one more call chain (~45 us of torch overhead here, i.e. ~64 neurons of weights at d=576). This is what
+  saves time in decode (few tokens, memory-bound): only the selected blocks are read. With one token and
+  the whole layer selected it is exactly the dense MLP.
+- ``"grouped"``: tokens grouped by expert (ScatterMoE-style: one sort of the mask), one matmul chain per
+  expert over its tokens (activations are gathered, weights are sliced). Saves FLOPs in prefill when
+  experts are wide enough for small GEMMs to run near peak (measured 1.6x at 50 % and 2.5x at 25 % for
+  128-neuron experts, 512 tokens, 1 thread); loses to dense for narrow experts or few tokens.
+- ``"dense"``: every expert for every token, the hidden activations of unselected experts zeroed. No data
+  dependent control flow, so it is also the branch taken under ``torch.compile`` (fullgraph=True).
 
-The ``"auto"`` rule is a cost model in units of "one expert's weights read for one token" with the
-per-call overhead measured here; see ``_choose_strategy``.
+Measured limits of the CPU path, not fixable in plain torch: per-token random selections of narrow
+experts (8-32 neurons) fragment into many short runs, and ~10 torch calls per run cost more than the bytes
+saved, so "auto" falls back to (nearly) dense there; and ``w_down`` in nn.Linear layout (d, I) makes an
+expert's down-projection block a column slice (strided rows), which streams at ~1.35x for half the bytes.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 Activation = Literal["silu", "gelu", "gelu_tanh", "relu"]
-Strategy = Literal["auto", "dense", "runs", "grouped"]
+Strategy = Literal["auto", "spans", "grouped", "dense"]
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": F.silu,
@@ -81,6 +87,11 @@ def check_expert_mlp_args(
             f"got {mask.dtype} {tuple(mask.shape)}"
         )
     named = {"w_up": w_up, "w_down": w_down, "w_gate": w_gate, "b_up": b_up, "b_gate": b_gate}
+    dt, dev = x.dtype, x.device
+    if mask.device == dev and all(
+        w is None or (w.dtype == dt and w.device == dev and w.is_contiguous()) for w in named.values()
+    ):
+        named = {}  # fast path: nothing to report
     for name, w in named.items():
         if w is None:
             continue
@@ -125,6 +136,25 @@ def _sl(t: Tensor | None, lo: int, hi: int) -> Tensor | None:
     return None if t is None else t[lo:hi]
 
 
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+# Cost model of "auto", in units of weight elements streamed for one token. Measured on the 2-core EPYC
+# (fp32, 1 thread, CPU time, weights cold in DRAM): one neuron of the SmolLM2 MLP (3 x 576 weights) costs
+# ~0.66 us, and one more span (~10 torch calls: slices, up, gate, act, mul, down, add) ~45 us, i.e. as much
+# as streaming ~64 neurons x 3 x 576 weights. Past ~16 tokens the MLP is compute-bound, so the per-neuron
+# cost grows with T and the fixed cost of a call matters less.
+_CALL_COST = 64 * 3 * 576
+_MEMORY_BOUND_TOKENS = 16
+_GROUPED_MIN_TOKENS = 32
+_GROUPED_MIN_SPEEDUP = 1.1
+
+
+def _neuron_cost(d: int, T: int) -> float:
+    return 3 * d * max(1.0, T / _MEMORY_BOUND_TOKENS)
+
+
 def _runs(row: list[bool]) -> list[tuple[int, int]]:
     """Maximal runs [a, b) of consecutive True entries."""
     runs, start = [], -1
@@ -139,83 +169,99 @@ def _runs(row: list[bool]) -> list[tuple[int, int]]:
     return runs
 
 
+def _spans(mask: Tensor, s: int, d: int) -> list[tuple[int, int, bool]]:
+    """Spans [a, b) of experts covering every expert some token selected, with a flag "needs masking".
+
+    Runs of the union of the tokens' selections; a gap of unselected experts between two runs is bridged
+    (computed, then masked out) when streaming it is cheaper than one more call. A span needs masking when
+    it bridged a gap or when some token did not select all of its experts.
+    """
+    T = mask.shape[0]
+    used = mask[0].tolist() if T == 1 else mask.any(0).tolist()
+    full = used if T == 1 else mask.all(0).tolist()
+    gap_max = int(_CALL_COST // (s * _neuron_cost(d, T)))
+    spans: list[tuple[int, int]] = []
+    for a, b in _runs(used):
+        if spans and a - spans[-1][1] <= gap_max:
+            spans[-1] = (spans[-1][0], b)
+        else:
+            spans.append((a, b))
+    return [(a, b, not all(full[a:b])) for a, b in spans]
+
+
 def _expert_mlp_dense(x, w_up, w_down, mask, s, act, w_gate, b_up, b_gate) -> Tensor:
     h = _hidden(x, w_up, w_gate, b_up, b_gate, act)
-    keep = mask.repeat_interleave(s, dim=1)
-    return F.linear(h.masked_fill(~keep, 0), w_down)
+    h = torch.where(mask[:, :, None], h.unflatten(1, (-1, s)), 0).flatten(1)
+    return F.linear(h, w_down)
 
 
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
-
-
-def _expert_mlp_runs(x, w_up, w_down, mask, s, act, w_gate, b_up, b_gate, runs) -> Tensor:
-    rows, acc_dtype = [], _acc_dtype(x)
-    for t, token_runs in enumerate(runs):
-        xt, acc = x[t : t + 1], None
-        for a, b in token_runs:
+def _expert_mlp_spans(x, w_up, w_down, mask, s, act, w_gate, b_up, b_gate, spans) -> Tensor:
+    """One contiguous slice of the weights per span (views, no copies): up/gate rows, down columns."""
+    drop = mask.logical_not().repeat_interleave(s, dim=1) if any(m for _, _, m in spans) else None
+    acc_dtype, E = _acc_dtype(x), mask.shape[1]
+    out = None
+    for a, b, needs_mask in spans:
+        if (a, b) == (0, E):  # the whole layer: no slicing
+            h = _hidden(x, w_up, w_gate, b_up, b_gate, act)
+            wd = w_down
+        else:
             lo, hi = a * s, b * s
-            h = _hidden(xt, w_up[lo:hi], _sl(w_gate, lo, hi), _sl(b_up, lo, hi), _sl(b_gate, lo, hi), act)
-            y = F.linear(h, w_down[:, lo:hi]).to(acc_dtype)
-            acc = y if acc is None else acc + y
-        rows.append(acc if acc is not None else x.new_zeros(1, x.shape[1], dtype=acc_dtype))
-    return torch.cat(rows).to(x.dtype)
+            h = _hidden(x, w_up[lo:hi], _sl(w_gate, lo, hi), _sl(b_up, lo, hi), _sl(b_gate, lo, hi), act)
+            wd = w_down[:, lo:hi]
+        if needs_mask:
+            h = h.masked_fill(drop[:, a * s : b * s], 0)
+        y = F.linear(h, wd)
+        if y.dtype != acc_dtype:
+            y = y.to(acc_dtype)
+        out = y if out is None else out + y
+    if out is None:
+        return x.new_zeros(x.shape)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def _expert_mlp_grouped(x, w_up, w_down, mask, s, act, w_gate, b_up, b_gate) -> Tensor:
+    """ScatterMoE-style: tokens grouped by expert (one sort of the mask), one matmul chain per expert."""
     counts = mask.sum(0).tolist()
     tokens = mask.t().nonzero()[:, 1]  # expert-major order: the tokens of expert 0, then of expert 1, ...
     out = x.new_zeros(x.shape, dtype=_acc_dtype(x))
-    # runs of consecutive experts selected by exactly the same tokens share one matmul
-    start = 0
-    groups: list[tuple[int, int, int, int]] = []  # (first expert, end expert, token offset, count)
+    T, start = x.shape[0], 0
     for e, c in enumerate(counts):
-        if c == 0:
-            start += c
-            continue
-        if groups and groups[-1][1] == e and groups[-1][3] == c and torch.equal(mask[:, e], mask[:, e - 1]):
-            a, _, off, _ = groups[-1]
-            groups[-1] = (a, e + 1, off, c)
-        else:
-            groups.append((e, e + 1, start, c))
+        if c:
+            lo, hi, idx = e * s, (e + 1) * s, tokens[start : start + c]
+            xs = x if c == T else x.index_select(0, idx)  # gathers activations, never weights
+            h = _hidden(xs, w_up[lo:hi], _sl(w_gate, lo, hi), _sl(b_up, lo, hi), _sl(b_gate, lo, hi), act)
+            y = F.linear(h, w_down[:, lo:hi]).to(out.dtype)
+            out = out + y if c == T else out.index_add(0, idx, y)
         start += c
-    T = x.shape[0]
-    for a, b, off, c in groups:
-        lo, hi = a * s, b * s
-        idx = tokens[off : off + c]
-        xs = x if c == T else x.index_select(0, idx)
-        h = _hidden(xs, w_up[lo:hi], _sl(w_gate, lo, hi), _sl(b_up, lo, hi), _sl(b_gate, lo, hi), act)
-        y = F.linear(h, w_down[:, lo:hi]).to(out.dtype)
-        out = out + y if c == T else out.index_add(0, idx, y)
     return out.to(x.dtype)
 
 
-# Cost model for "auto", in units of one expert-token (s neurons x d x 3 matrices of weights), with the
-# per-call overhead expressed in the same unit. Measured on the 2-core EPYC (fp32): one run costs ~15 us
-# of fixed overhead; reading/computing 1 neuron x d=576 x 3 matrices for one token costs ~0.1 us.
-_CALL_OVERHEAD_NEURON_D = 150 * 576  # overhead of one run ~ 150 neurons x 576 inputs of weights
-_RUNS_MAX_TOKENS = 8
-
-
-def _choose_strategy(mask: Tensor, s: int, d: int, runs: list[list[tuple[int, int]]] | None) -> str:
+def _grouped_speedup(mask: Tensor, s: int) -> float:
+    """Predicted dense/grouped time ratio: small GEMMs (narrow experts, few tokens each) run below peak,
+    and gathering/scattering the activations costs ~40 % on top (fitted on the EPYC, 1-2 threads)."""
     T, E = mask.shape
-    work = int(mask.sum())
-    if work >= T * E:
-        return "dense"
-    dense_cost = T * E * s * d
-    overhead = _CALL_OVERHEAD_NEURON_D
-    if runs is not None:
-        n_runs = sum(len(r) for r in runs)
-        if work * s * d + n_runs * overhead < dense_cost:
-            return "runs"
-        return "dense"
-    # grouped: one call per selected expert; each pays the overhead plus small-GEMM inefficiency when
-    # the expert is narrow (s < 64 does not fill the CPU GEMM micro-kernel well).
-    n_groups = int((mask.sum(0) > 0).sum())
-    eff = min(1.0, s / 64)
-    if work * s * d / eff + n_groups * overhead < dense_cost:
-        return "grouped"
-    return "dense"
+    counts = mask.sum(0)
+    work = int(counts.sum())
+    if work == 0:
+        return float("inf")
+    t_e = work / max(1, int((counts > 0).sum()))
+    eff = min(1.0, s / 128) ** 0.5 * min(1.0, t_e / 128) ** 0.25
+    return T * E / (1.4 * work / eff)
+
+
+def _choose_strategy(mask: Tensor, s: int, d: int) -> tuple[str, list[tuple[int, int, bool]]]:
+    T, E = mask.shape
+    spans = _spans(mask, s, d)
+    per_neuron = _neuron_cost(d, T)
+    spans_cost = sum(_CALL_COST + (b - a) * s * per_neuron for a, b, _ in spans)
+    dense_cost = _CALL_COST + E * s * per_neuron
+    if spans_cost < dense_cost:
+        return "spans", spans
+    if T >= _GROUPED_MIN_TOKENS and _grouped_speedup(mask, s) > _GROUPED_MIN_SPEEDUP:
+        return "grouped", spans
+    if spans == [(0, E, False)]:  # every token took every expert: the dense MLP, without masking
+        return "spans", spans
+    return "dense", spans
 
 
 def expert_mlp_reference(
@@ -233,25 +279,25 @@ def expert_mlp_reference(
 ) -> Tensor:
     """Dynamic expert FFN in plain torch: ``out[t] = sum over selected e of W_down[:, blk_e] h_e(x[t])``.
 
-    Reads only the selected experts' contiguous weight blocks (slicing views, never a gathered copy).
-    Under ``torch.compile`` the data-independent ``"dense"`` strategy is used so the graph has no breaks.
+    Reads only the needed experts' contiguous weight blocks (slicing views, never a gathered copy of
+    weights). ``strategy``: "auto" (cost model, see the module docstring), "spans", "grouped" or "dense".
+    Under ``torch.compile`` the data-independent "dense" strategy is used so the graph has no breaks.
     """
     check_expert_mlp_args(x, w_up, w_down, mask, expert_size, activation, w_gate, b_up, b_gate)
-    act = ACTIVATIONS[activation]
-    args = (x, w_up, w_down, mask, expert_size, act, w_gate, b_up, b_gate)
+    args = (x, w_up, w_down, mask, expert_size, ACTIVATIONS[activation], w_gate, b_up, b_gate)
     if torch.compiler.is_compiling() or strategy == "dense":
         return _expert_mlp_dense(*args)
+    if strategy not in ("auto", "spans", "grouped"):
+        raise ValueError(f"unknown strategy {strategy!r}; expected auto, spans, grouped or dense")
     if x.shape[0] == 0:
         return x.new_zeros(x.shape)
-    runs = None
-    if strategy == "runs" or (strategy == "auto" and x.shape[0] <= _RUNS_MAX_TOKENS):
-        runs = [_runs(row) for row in mask.tolist()]
+    spans = None
     if strategy == "auto":
-        strategy = _choose_strategy(mask, expert_size, x.shape[1], runs)  # type: ignore[assignment]
-    if strategy == "runs":
-        return _expert_mlp_runs(*args, runs)
+        strategy, spans = _choose_strategy(mask, expert_size, x.shape[1])
     if strategy == "grouped":
         return _expert_mlp_grouped(*args)
+    if strategy == "spans":
+        return _expert_mlp_spans(*args, spans if spans is not None else _spans(mask, expert_size, x.shape[1]))
     return _expert_mlp_dense(*args)
 
 
@@ -292,6 +338,9 @@ def check_scatter_tokens_args(
         raise ValueError(f"scale must have shape ({B}, {K}), got {tuple(scale.shape)}")
     if update.dtype != base.dtype or (scale is not None and scale.dtype != base.dtype):
         raise TypeError("base, update and scale must share one dtype")
+    for name, t in (("update", update), ("index", index), ("count", count), ("scale", scale)):
+        if t is not None and t.device != base.device:
+            raise ValueError(f"{name} is on {t.device} but base is on {base.device}")
 
 
 def scatter_tokens_reference(

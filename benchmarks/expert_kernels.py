@@ -1,0 +1,208 @@
+"""expert_mlp vs the dense MLP (three F.linear), at executed fractions 100/75/50/25 %.
+
+Batches 1, 8, 64 (decode) and a 512-token prefill; SmolLM2-135M's MLP (d=576, I=1536, SiLU-GLU) and a
+Llama-3-8B-like MLP (4096/14336). On CUDA: the Triton path, timed with CUDA events. On CPU: the reference
+path (``expert_mlp_reference``, strategy "auto" unless told) with a fixed thread count.
+
+Every timing rotates through ``--layers`` copies of the weights (like the layers of a model), so the
+weights come from memory rather than a warm cache; dense and expert timings are interleaved repeat by
+repeat and the speedup is the median of the per-repeat ratios (robust to other processes on the machine).
+Masks select exactly round(f*E) experts per token, at random per token (``--pattern random``), or the
+first ones (``--pattern contiguous``: one run per token, the best case for the CPU path).
+
+    python benchmarks/expert_kernels.py --shape smollm2 --threads 2 --out benchmarks/results/expert_kernels_cpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from condify.ops import expert_mlp, expert_mlp_reference
+from condify.ops import reference as ref_mod
+
+SHAPES = {"smollm2": (576, 1536), "llama8b": (4096, 14336)}
+
+
+def make_mask(T: int, E: int, frac: float, pattern: str, g: torch.Generator) -> torch.Tensor:
+    k = max(0, min(E, round(frac * E)))
+    if pattern == "contiguous":
+        mask = torch.zeros(T, E, dtype=torch.bool)
+        mask[:, :k] = True
+        return mask
+    order = torch.rand(T, E, generator=g).argsort(dim=1)
+    return order < k
+
+
+def timer(device: torch.device, clock: str = "wall") -> Callable[[Callable[[], object]], float]:
+    """Seconds of one call of fn (CPU: wall clock, or this thread's CPU time, which leaves out the time
+    other processes hold the cores; meaningful with one thread)."""
+    if device.type == "cuda":
+
+        def run(fn):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+
+        return run
+
+    now = time.thread_time if clock == "cpu" else time.perf_counter
+
+    def run(fn):
+        t0 = now()
+        fn()
+        return now() - t0
+
+    return run
+
+
+def strategy_of(mask: torch.Tensor, s: int, d: int) -> str:
+    strategy, spans = ref_mod._choose_strategy(mask, s, d)
+    return f"spans ({len(spans)})" if strategy == "spans" else strategy
+
+
+def bench_one(layers, x, mask, s, strategy, repeats, device, clock) -> tuple[float, float, float]:
+    """(dense seconds, expert seconds, median speedup) per layer."""
+    tm, L = timer(device, clock), len(layers)
+
+    def dense():
+        for wg, wu, wd in layers:
+            F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
+
+    def expert():
+        for wg, wu, wd in layers:
+            if device.type == "cuda":
+                expert_mlp(x, wu, wd, mask, s, "silu", wg)
+            else:
+                expert_mlp_reference(x, wu, wd, mask, s, "silu", wg, strategy=strategy)
+
+    for _ in range(2):
+        dense(), expert()
+    td, te = [], []
+    for _ in range(repeats):
+        td.append(tm(dense) / L)
+        te.append(tm(expert) / L)
+    ratio = statistics.median(a / b for a, b in zip(td, te, strict=True))
+    return statistics.median(td), statistics.median(te), ratio
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or platform.machine()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        cpu = next(
+            line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} logical cores"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=[*SHAPES, "all"], default="smollm2")
+    p.add_argument("--expert-sizes", default="8,16,32,64,128")
+    p.add_argument("--fractions", default="1,0.75,0.5,0.25")
+    p.add_argument("--batches", default="1,8,64,512")
+    p.add_argument("--pattern", choices=["random", "contiguous"], default="random")
+    p.add_argument("--strategy", default="auto", help="CPU reference strategy: auto, runs, grouped, dense")
+    p.add_argument(
+        "--dtype", default=None, help="float32 / bfloat16 / float16 (default: fp32 CPU, bf16 CUDA)"
+    )
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=2, help="CPU intra-op threads")
+    p.add_argument("--layers", type=int, default=0, help="weight copies to rotate (0: enough for 128 MiB)")
+    p.add_argument("--repeats", type=int, default=0, help="0: 25 for T<=8, 9 for T=64, 5 for prefill")
+    p.add_argument(
+        "--clock", choices=["wall", "cpu"], default="wall", help="CPU: wall clock or thread CPU time"
+    )
+    p.add_argument("--out", default=None, help="also write the markdown table to this file")
+    p.add_argument("--append", action="store_true", help="append to --out instead of overwriting it")
+    a = p.parse_args()
+
+    device = torch.device(a.device)
+    dtype = (
+        getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    )
+    if device.type == "cpu":
+        torch.set_num_threads(a.threads)
+    shapes = list(SHAPES) if a.shape == "all" else [a.shape]
+    sizes = [int(v) for v in a.expert_sizes.split(",")]
+    fracs = [float(v) for v in a.fractions.split(",")]
+    batches = [int(v) for v in a.batches.split(",")]
+    g = torch.Generator().manual_seed(0)
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    head = [
+        f"# expert_mlp vs dense MLP ({device.type})",
+        "",
+        f"- machine: {machine(device)}; torch {torch.__version__}; {dtype}; "
+        + (
+            f"{a.threads} threads; load average at start {load:.1f}"
+            if device.type == "cpu"
+            else "CUDA events"
+        ),
+        f"- path: {'Triton kernels' if device.type == 'cuda' else f'expert_mlp_reference, strategy={a.strategy}'}; "
+        f"masks: {a.pattern}, exactly round(f*E) experts per token; SiLU-GLU, no biases",
+        "- times are per MLP, median over repeats, weights rotated over several copies (cold caches); "
+        "speedup = median of per-repeat dense/expert ratios",
+        "",
+        "| shape | expert size | tokens | executed | dense (us) | expert_mlp (us) | speedup | strategy |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(head), flush=True)
+    rows = []
+    for shape in shapes:
+        d, inter = SHAPES[shape]
+        bytes_per_copy = 3 * d * inter * torch.finfo(dtype).bits // 8
+        L = a.layers or max(1, min(16, (128 << 20) // bytes_per_copy))
+        layers = [
+            tuple(
+                (torch.randn(*shp, generator=g) * shp[1] ** -0.5).to(device=device, dtype=dtype)
+                for shp in ((inter, d), (inter, d), (d, inter))
+            )
+            for _ in range(L)
+        ]
+        for s in sizes:
+            E = inter // s
+            for T in batches:
+                x = torch.randn(T, d, generator=g).to(device=device, dtype=dtype)
+                reps = a.repeats or (25 if T <= 8 else 9 if T <= 64 else 5)
+                for f in fracs:
+                    mask = make_mask(T, E, f, a.pattern, g).to(device)
+                    with torch.no_grad():
+                        lay = layers if T <= 8 else layers[:2]  # compute-bound: no need to rotate
+                        td, te, ratio = bench_one(lay, x, mask, s, a.strategy, reps, device, a.clock)
+                    executed = mask.float().mean().item()
+                    if device.type == "cuda":
+                        strat = "triton " + ("grouped" if T > 32 else "decode")
+                    else:
+                        strat = strategy_of(mask.cpu(), s, d) if a.strategy == "auto" else a.strategy
+                    row = (
+                        f"| {shape} {d}/{inter} | {s} | {T} | {executed:.0%} | {td * 1e6:.0f} | "
+                        f"{te * 1e6:.0f} | {ratio:.2f}x | {strat} |"
+                    )
+                    rows.append(row)
+                    print(row, flush=True)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(a.out, "a" if a.append else "w") as f:
+            f.write(("\n" if a.append else "") + "\n".join(head + rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()
