@@ -161,3 +161,32 @@ def test_import_is_light():
         "assert not torch.cuda.is_initialized(), 'CUDA initialised'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_methods_compose_on_disjoint_layers_and_refuse_overlap(tmp_path):
+    model = tiny("llama", num_hidden_layers=8)
+    ids = torch.randint(0, 128, (2, 9))
+    dense = model(ids).logits
+    snap = snapshot(model)
+    condify.modify(model, "layer-parallel", pairs=1, start=5)
+    condify.modify(model, "mod-threshold", layers=[1, 3])
+    before = repr(model), {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(condify.ModifyError, match="overlaps"):
+        condify.modify(model, "dynamic-k", layers=[5], expert_size=8)  # MLP inside a paired layer
+    assert repr(model) == before[0]
+    assert all(torch.equal(v, before[1][k]) for k, v in model.state_dict().items())
+    condify.modify(model, "dynamic-k", layers=[2], expert_size=8)
+    assert [c.method for c in condify.applied_configs(model)] == [
+        "layer-parallel",
+        "mod-threshold",
+        "dynamic-k",
+    ]
+    out = model(ids).logits
+    condify.save_pretrained(model, tmp_path)
+    loaded = condify.from_pretrained(tmp_path).eval()
+    assert torch.equal(loaded(ids).logits, out)
+    condify.unmodify(model, "mod-threshold")
+    assert [c.method for c in condify.applied_configs(model)] == ["layer-parallel", "dynamic-k"]
+    condify.unmodify(model)
+    assert torch.equal(model(ids).logits, dense)
+    assert_unchanged(model, snap)
