@@ -6,13 +6,15 @@
    where ``a`` are the MLP hidden activations and ``penalty`` the per-token square Hoyer
    ``||a||_1^2/||a||_2^2`` (or ``"l1"``). The loss is KL to the original dense model (``distill``,
    so the held-out ratio measures what the step costs, not domain adaptation) or the LM loss.
-2. **Cluster** (``cluster=True``): balanced k-means of the neurons (``cfg.clustering``: gate rows, or
+2. **Cluster** (``cluster``; default: when co-activation clustering is configured or the weights were
+   just sparsified, since gate-row clusters from ``modify`` are still valid otherwise): balanced k-means of the neurons (``cfg.clustering``: gate rows, or
    co-activation profiles |a| over ``coactivation_tokens`` calibration tokens), permuted in place.
 3. **Routers** (``router_steps > 0``): the model frozen, each router regresses its experts' true output
    L2 norms (MSE, Adam) on up to ``router_tokens`` dense-model MLP inputs.
 4. **Thresholds** (``target_sparsity``, or the config's): per layer (``per_layer=True``) or one global
    ``tau`` chosen by bisection so that a fraction ``1 - target_sparsity`` of expert compute runs on the
-   calibration tokens (router scores, or true norms with ``oracle=True``).
+   calibration tokens (router scores, or true norms with ``oracle=True``: then the reported ``ppl`` and
+   ``executed`` are for oracle selection too; evaluate that way later with ``mode(model, "oracle")``).
 
 The last ``holdout`` batches are never trained on; they give the reported perplexities, activation
 sparsity and executed fraction. Budgets: see the ``recipes`` in ``__init__`` ("cpu": a few minutes on
@@ -132,12 +134,16 @@ def train_routers(
     before, after, r2 = [], [], []
     gen = torch.Generator().manual_seed(0)
     for p, m in tqdm(converted(model), desc="routers", disable=not progress, leave=False):
-        x, y = data[p]
+        x, y = data[p][0].detach(), data[p][1].detach()
         n_val = max(1, x.shape[0] // 10)
         xt, yt, xv, yv = x[:-n_val], y[:-n_val], x[-n_val:], y[-n_val:]
         router = m.router
         with torch.no_grad():
             before.append(float(((router(xv) - yv) ** 2).mean()))
+            # train in units of this layer's mean norm (Adam steps are scale-free), starting at the mean
+            scale = float(yt.mean().clamp(min=1e-12))
+            router.fc2.weight.mul_(0.1 / scale)
+            router.fc2.bias.copy_(yt.mean(0) / scale)
         params = list(router.parameters())
         saved = [q.requires_grad for q in params]
         for q in params:
@@ -147,7 +153,7 @@ def train_routers(
         with torch.enable_grad():
             for _ in range(steps):
                 idx = torch.randint(0, xt.shape[0], (min(batch_size, xt.shape[0]),), generator=gen)
-                loss = ((router(xt[idx]) - yt[idx]) ** 2).mean()
+                loss = ((router(xt[idx]) - yt[idx] / scale) ** 2).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -155,9 +161,11 @@ def train_routers(
         for q, r in zip(params, saved, strict=True):
             q.requires_grad_(r)
         with torch.no_grad():
+            router.fc2.weight.mul_(scale)  # abs(scale * z) = scale * abs(z): back to norm units
+            router.fc2.bias.mul_(scale)
             mse = float(((router(xv) - yv) ** 2).mean())
         after.append(mse)
-        r2.append(1 - mse / max(float(yv.var()), 1e-12))
+        r2.append(1 - mse / max(float(((yv - yt.mean(0)) ** 2).mean()), 1e-12))
     k = max(1, len(after))
     return {
         "router_mse_before": sum(before) / k,
@@ -324,7 +332,7 @@ def calibrate(
     sparsify_lr: float = 1e-4,
     sparsify_params: str = "mlp",
     distill: bool = True,
-    cluster: bool = True,
+    cluster: bool | None = None,
     coactivation_tokens: int = 2048,
     router_steps: int = 500,
     router_lr: float = 1e-3,
@@ -387,7 +395,7 @@ def calibrate(
             with mode(model, "dense"):
                 res["ppl_after_sparsify"] = _ppl(model, held)
                 res["activation_sparsity_after"] = activation_sparsity(model, held)
-    if cluster:
+    if cluster or (cluster is None and (sparsify or cfg.clustering == "coactivation")):
         cluster_(model, cfg, fit, coactivation_tokens)
     data = None
     if router_steps:
