@@ -219,3 +219,17 @@ def test_embedded_model_tau0_dense() -> None:
     assert diff <= 1e-5 * ref.abs().max(), float(diff)
     condify.unmodify(model)
     assert same_state(snapshot(model), before)
+
+
+def test_recipes_are_valid_options() -> None:
+    import inspect
+
+    from condify import registry
+    from condify.methods.dynamic_k.calibrate import calibrate
+
+    spec = registry.get("dynamic-k")
+    accepted = set(inspect.signature(calibrate).parameters) | {"num_train_batches", "batch_size", "seq_len"}
+    assert {"quick", "cpu", "long"} <= set(spec.recipes)
+    for modify_opts, cal_opts in spec.recipes.values():
+        DynamicKConfig.from_options(**modify_opts)
+        assert set(cal_opts) <= accepted
