@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import shutil
 import statistics
 import tempfile
@@ -118,7 +119,15 @@ def main() -> None:
     ap.add_argument("--sparsify-lr", type=float, default=3e-4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--activation", default="relu", choices=["relu", "keep"], help="stage-1 activation")
+    ap.add_argument(
+        "--sparsified-only", action="store_true", help="only stage 1 + routers (no SiLU rows, no speed)"
+    )
+    ap.add_argument("--render", help="only re-render the markdown from a saved dynamic_k.json")
     args = ap.parse_args()
+    if args.render:
+        write(json.loads(Path(args.render).read_text()), Path(args.out))
+        return
     set_threads(args.threads)
     t0 = time.time()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -130,13 +139,14 @@ def main() -> None:
     ppl_dense = perplexity(dense, evals, progress=False)
     print(f"dense ppl {ppl_dense:.3f}", flush=True)
 
-    quality: dict[int, dict] = {}
+    quality: dict[int, dict] = {s: {} for s in sizes}
+    act = {"activation": "relu"} if args.activation == "relu" else {}
     fits: dict = {}
     cache = mlp_cache(dense, calib, sizes[0])
     print(f"cache {time.time() - t0:.0f}s", flush=True)
-    for s in sizes:
+    for s in sizes if not args.sparsified_only else []:
         model, data, fit = routed(dense, s, cache, args)
-        quality[s] = {"orig": sweep(model, data, evals, fractions, ppl_dense, True)}
+        quality[s]["orig"] = sweep(model, data, evals, fractions, ppl_dense, True)
         fits[(s, "orig")] = fit
         print(s, "orig", quality[s]["orig"], fit, f"{time.time() - t0:.0f}s", flush=True)
         del model, data
@@ -149,25 +159,41 @@ def main() -> None:
     sres = condify.calibrate(
         sp, [*sp_batches, {"input_ids": evals[0]["input_ids"][:1]}], sparsify=True, sparsify_steps=args.sparsify_steps,
         penalty_weight=args.penalty_weight, sparsify_lr=args.sparsify_lr, cluster=False, router_steps=0,
+        activation=act.get("activation"),
     )  # fmt: skip
     sparsify_s = time.time() - t1
     condify.unmodify(sp)
     relu_dense = condify.modify(
-        copy.deepcopy(sp), "dynamic-k", expert_size=sizes[0], activation="relu", clustering="coactivation"
+        copy.deepcopy(sp), "dynamic-k", expert_size=sizes[0], clustering="coactivation", **act
     )
     sp_ppl = perplexity(relu_dense, evals, progress=False)  # tau = 0: every expert runs
     del relu_dense
     print("sparsify", sres, sp_ppl / ppl_dense, f"{sparsify_s:.0f}s", flush=True)
 
     speed_models = {}
-    cache = mlp_cache(sp, calib, sizes[0], activation="relu")
+    cache = mlp_cache(sp, calib, sizes[0], **act)
     for s in sizes:
-        model, data, fit = routed(sp, s, cache, args, activation="relu")
+        model, data, fit = routed(sp, s, cache, args, **act)
         quality[s]["sparse"] = sweep(model, data, evals, fractions, ppl_dense, False)
         fits[(s, "sparse")] = fit
         print(s, "sparse", quality[s]["sparse"], fit, f"{time.time() - t0:.0f}s", flush=True)
         fit_tau(model, data, 0.5)
         speed_models[s] = model
+    if args.sparsified_only:
+        extra = {
+            "args": vars(args),
+            "sparsify": {
+                **{k: v for k, v in sres.items() if k != "tau"},
+                "ppl_ratio_tau0": sp_ppl / ppl_dense,
+            },
+            "sparsify_s": sparsify_s,
+            "quality": {
+                str(sz): {str(f): quality[sz]["sparse"][(f, False)] for f in fractions} for sz in sizes
+            },
+            "fits": {f"{sz} {k}": v for (sz, k), v in fits.items()},
+        }
+        Path(args.out, f"dynamic_k_{args.activation}.json").write_text(json.dumps(extra, indent=1))
+        return
 
     # speed, one run: FFN decode on real layer inputs, whole-model decode b=1 and b=8
     layer = 15
@@ -195,116 +221,150 @@ def main() -> None:
         flops,
         flush=True,
     )
-    write(
-        args,
-        ppl_dense,
-        quality,
-        fits,
-        sres,
-        sp_ppl / ppl_dense,
-        sparsify_s,
-        ffn,
-        spd1,
-        spd8,
-        flops,
-        time.time() - t0,
-    )
+    res = {
+        "args": vars(args),
+        "ppl_dense": ppl_dense,
+        "quality": {
+            str(sz): {
+                "oracle": {str(f): q["orig"][(f, True)] for f in fractions},
+                "routers": {str(f): q["orig"][(f, False)] for f in fractions},
+                "routers_sparsified": {str(f): q["sparse"][(f, False)] for f in fractions},
+            }
+            for sz, q in quality.items()
+        },
+        "fits": {f"{sz} {k}": v for (sz, k), v in fits.items()},
+        "sparsify": {**{k: v for k, v in sres.items() if k != "tau"}, "ppl_ratio_tau0": sp_ppl / ppl_dense},
+        "sparsify_s": sparsify_s,
+        "speed": {
+            str(sz): {
+                "layer_executed": ffn[sz][1],
+                "mlp_flops_ratio": flops[sz],
+                "ffn_decode_speedup": ffn[sz][0],
+                "model_decode_speedup_b1": spd1[f"s{sz}"]["decode_speedup"],
+                "model_decode_speedup_b8": spd8[f"s{sz}"]["decode_speedup"],
+            }
+            for sz in speed_models
+        },
+        "total_s": time.time() - t0,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "dynamic_k.json").write_text(json.dumps(res, indent=1))
+    write(res, out)
 
 
-def write(
-    args, ppl_dense, quality, fits, sres, sp_ratio, sparsify_s, ffn, spd1, spd8, flops, total_s
-) -> None:
+def write(res: dict, out: Path) -> None:
+    """Render ``res`` (as saved in ``dynamic_k.json``) to ``out/dynamic_k.md`` and the frontier plot."""
+    a, sp = res["args"], res["sparsify"]
     rep = Report("dynamic-k (D2DMoE) on SmolLM2-135M, CPU")
-    tokens_sp = args.sparsify_steps * args.sparsify_batch * args.seq_len
+    tokens_sp = a["sparsify_steps"] * a["sparsify_batch"] * a["seq_len"]
     rep.add_text(
-        f"Machine: 2-core CPU, `{args.threads}` torch threads, **shared with 3 other engineers' jobs during this "
-        f"run (load average 8-12 on 2 cores)**: absolute times are noisy; every speed number is a ratio to dense "
-        f"measured in the same process, interleaved. Total benchmark time {total_s / 60:.1f} min.\n\n"
-        f"Held-out: {args.eval_seqs} x {args.seq_len} tokens of the test plays (`eval_batches(split='test')`) (dense ppl {ppl_dense:.3f}). "
-        f"Calibration: {args.calib_batches} x 2 x {args.seq_len} train tokens (co-activation balanced k-means, "
-        f"routers: {args.router_steps} Adam steps on {args.calib_batches * 2 * args.seq_len} tokens per layer (last 10 % held out for the R^2)). Thresholds: per-layer "
-        f"tau bisected on calibration data to the target executed fraction (oracle rows: tau fitted on the true "
-        f"norms). Executed = measured fraction of expert compute on the held-out text.\n\n"
-        f"Sparsification step: ReLU swap + square Hoyer (weight {args.penalty_weight}) fine-tune of the MLP weights, "
-        f"KL to the dense model, {args.sparsify_steps} steps x {args.sparsify_batch} x {args.seq_len} = "
-        f"{tokens_sp} tokens, lr {args.sparsify_lr}, {sparsify_s / 60:.1f} min. Activation sparsity "
-        f"{sres.get('activation_sparsity_before', float('nan')):.3f} (|a|<=1e-3, SiLU) -> "
-        f"{sres.get('activation_sparsity_after', float('nan')):.3f} (exact zeros, ReLU); cost of the step itself "
-        f"(all experts run): ppl ratio {sp_ratio:.3f}."
+        f"Machine: 2-core AMD EPYC CPU, {a['threads']} torch thread(s), **shared with 3 other engineers' jobs "
+        f"during this run (load average 8-17 on 2 cores; a 512-token forward took ~15 s instead of ~1 s)**. "
+        f"Every speed number is a ratio to dense measured in the same process, interleaved; absolute times are "
+        f"not meaningful. Total benchmark time {res['total_s'] / 60:.1f} min.\n\n"
+        f"Held-out: {a['eval_seqs']} x {a['seq_len']} tokens of the test plays (`eval_batches(split='test')`, "
+        f"dense ppl {res['ppl_dense']:.3f}). Calibration: {a['calib_batches']} x 2 x {a['seq_len']} train tokens "
+        f"= {a['calib_batches'] * 2 * a['seq_len']} tokens per layer for co-activation balanced k-means and the "
+        f"routers ({a['router_steps']} Adam steps, batch 128; last 10 % held out for MSE/R^2). Thresholds: "
+        f"per-layer tau bisected on the calibration tokens to the target executed fraction (oracle: on the true "
+        f"norms, router rows: on the router scores). Cells are `ppl ratio @ executed fraction`, both measured on "
+        f"the held-out text.\n\n"
+        f"Sparsification step: ReLU swap + square Hoyer (weight {a['penalty_weight']}) fine-tune of the MLP "
+        f"weights, KL to the dense model, {a['sparsify_steps']} steps x {a['sparsify_batch']} x {a['seq_len']} = "
+        f"{tokens_sp} tokens, lr {a['sparsify_lr']}, {res['sparsify_s'] / 60:.1f} min. Activation sparsity "
+        f"{sp.get('activation_sparsity_before', float('nan')):.3f} (|a| <= 1e-3, SiLU) -> "
+        f"{sp.get('activation_sparsity_after', float('nan')):.3f} (|a| <= 1e-3, ReLU); cost of the step itself "
+        f"(tau = 0, every expert runs): ppl ratio {sp['ppl_ratio_tau0']:.3f}."
     )
-    headers = [
-        "expert size",
-        "target executed",
-        "oracle (SiLU)",
-        "routers (SiLU)",
-        "executed (routers, SiLU)",
-        "routers (sparsified)",
-        "executed (routers, sparsified)",
-    ]
+
+    def cell(v: list[float]) -> str:
+        return f"{v[0]:.3g} @ {v[1]:.2f}"
+
     rows = []
-    for s, q in quality.items():
-        for f in sorted({k[0] for k in q["orig"]}, reverse=True):
+    for size, q in res["quality"].items():
+        for f in sorted(q["oracle"], key=float, reverse=True):
             rows.append(
-                [
-                    s,
-                    f,
-                    q["orig"][(f, True)][0],
-                    q["orig"][(f, False)][0],
-                    q["orig"][(f, False)][1],
-                    q["sparse"][(f, False)][0],
-                    q["sparse"][(f, False)][1],
-                ]
+                [size, f, cell(q["oracle"][f]), cell(q["routers"][f]), cell(q["routers_sparsified"][f])]
             )
-    rep.add_heading("Held-out perplexity ratio vs dense")
-    rep.add_table(headers, rows)
-    rep.add_table(
-        ["expert size", "model", "router MSE before", "after", "R^2"],
-        [[s, k, v["router_mse_before"], v["router_mse_after"], v["router_r2"]] for (s, k), v in fits.items()],
-        caption="router regression on held-out calibration tokens (mean over layers)",
-    )
-    rep.add_heading("Speed at 50 % executed (sparsified model, trained routers)")
-    rows = []
-    for s in ffn:
-        rows.append(
-            [
-                s,
-                ffn[s][1],
-                flops[s],
-                ffn[s][0],
-                spd1[f"s{s}"]["decode_speedup"],
-                spd8[f"s{s}"]["decode_speedup"],
-            ]
-        )
+    rep.add_heading("Held-out perplexity ratio vs dense @ executed expert compute")
     rep.add_table(
         [
             "expert size",
-            "layer-15 executed (decode)",
-            "MLP FLOPs vs dense (128-token forward, router incl.)",
-            "FFN decode speedup",
-            "model decode speedup b=1",
-            "b=8",
+            "target executed",
+            "oracle (SiLU)",
+            "routers (SiLU)",
+            "routers (after sparsification)",
         ],
         rows,
     )
-    sizes = list(quality)
-    fr = sorted({k[0] for k in quality[sizes[0]]["orig"]})
-    series = {}
-    for s in sizes:
-        series[f"oracle SiLU s={s}"] = [quality[s]["orig"][(f, True)][0] for f in fr]
-        series[f"routers sparsified s={s}"] = [quality[s]["sparse"][(f, False)][0] for f in fr]
-    rep.plot_lines(
-        "dynamic_k_frontier",
-        [f * 100 for f in fr],
-        series,
-        xlabel="target executed expert compute (%)",
-        ylabel="ppl ratio vs dense",
-        title="dynamic-k quality frontier",
-        logy=True,
+    rep.add_table(
+        ["expert size / model", "router MSE before", "after", "R^2 vs per-expert mean"],
+        [[k, v["router_mse_before"], v["router_mse_after"], v["router_r2"]] for k, v in res["fits"].items()],
+        caption="router regression on held-out calibration tokens (mean over layers)",
     )
+    extra = out / "dynamic_k_keep.json"
+    if extra.exists():
+        e = json.loads(extra.read_text())
+        ea, es = e["args"], e["sparsify"]
+        rep.add_heading("Variant: keep SiLU, square-Hoyer fine-tune only")
+        rep.add_text(
+            f"Same pipeline, stage 1 without the ReLU swap: {ea['sparsify_steps']} steps x {ea['sparsify_batch']} x "
+            f"{ea['seq_len']} tokens, Hoyer weight {ea['penalty_weight']}, lr {ea['sparsify_lr']} "
+            f"({e['sparsify_s'] / 60:.1f} min). Activation sparsity (|a| <= 1e-3) "
+            f"{es.get('activation_sparsity_before', float('nan')):.3f} -> "
+            f"{es.get('activation_sparsity_after', float('nan')):.3f}; cost of the step (tau = 0): ppl ratio "
+            f"{es['ppl_ratio_tau0']:.3f}."
+        )
+        rep.add_table(
+            ["expert size", "target executed", "routers (SiLU + Hoyer)"],
+            [[sz, f, cell(v)] for sz, q in e["quality"].items() for f, v in q.items()],
+        )
+    rep.add_heading("Speed at 50 % target (sparsified model, trained routers)")
+    rep.add_table(
+        [
+            "expert size",
+            "layer-15 executed (decode tokens)",
+            "MLP FLOPs vs dense (FlopCounterMode, 128 tokens, router incl.)",
+            "FFN decode speedup (layer 15, 32 tokens)",
+            "model decode speedup b=1",
+            "b=8",
+        ],
+        [
+            [
+                size,
+                v["layer_executed"],
+                v["mlp_flops_ratio"],
+                v["ffn_decode_speedup"],
+                v["model_decode_speedup_b1"],
+                v["model_decode_speedup_b8"],
+            ]
+            for size, v in res["speed"].items()
+        ],
+    )
+    series = {}
+    for size, q in res["quality"].items():
+        for name in ("oracle", "routers", "routers_sparsified"):
+            pts = sorted(q[name].values(), key=lambda v: v[1])
+            series[f"{name} s={size}"] = (
+                [100 * v[1] for v in pts],
+                [v[0] for v in pts],
+            )
+
+    def draw(ax: object) -> None:
+        for label, (x, y) in series.items():
+            ax.plot(x, y, marker="o", label=label)
+        ax.set_yscale("log")
+        ax.set_xlabel("executed expert compute on held-out text (%)")
+        ax.set_ylabel("perplexity ratio vs dense")
+        ax.axhline(1.11, color="gray", linestyle="--", linewidth=1)
+        ax.set_title("dynamic-k quality frontier (dashed: neuron-level oracle at 50 %)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+
+    rep.add_plot("dynamic_k_frontier", draw, caption="quality frontier")
     tmp = Path(tempfile.mkdtemp())
     rep.write(tmp)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     shutil.copy(tmp / "report.md", out / "dynamic_k.md")
     shutil.copy(tmp / "dynamic_k_frontier.png", out / "dynamic_k_frontier.png")
     print(f"wrote {out / 'dynamic_k.md'}")

@@ -23,7 +23,8 @@ def main() -> None:
     test = data.eval_batches(tok, "test", num_sequences=4, seq_len=256, batch_size=4)
     dense_ppl = evaluate.perplexity(model, test, progress=False)
 
-    modify_opts, calibrate_opts = condify.registry.get(args.method).recipes["quick"]
+    modify_opts, recipe = condify.registry.get(args.method).recipes["quick"]
+    calibrate_opts = dict(recipe)
     condify.modify(model, args.method, **modify_opts)
     shape = {
         k: calibrate_opts.pop(k)
