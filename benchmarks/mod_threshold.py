@@ -58,39 +58,25 @@ def _prefill_times(models: dict[str, torch.nn.Module], ids: torch.Tensor, repeat
     return {n: statistics.median(v) for n, v in times.items()}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--capacities", type=float, nargs="+", default=[0.5, 0.75, 0.9])
-    p.add_argument("--router-steps", type=int, default=12)
-    p.add_argument("--steps", type=int, default=24)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--eval-sequences", type=int, default=8)
-    p.add_argument("--eval-len", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=OUT / "mod_threshold.md")
-    args = p.parse_args()
-
+def _setup(args: argparse.Namespace):
     torch.manual_seed(0)
     evaluate.set_threads(args.threads)
-    env = evaluate.environment()
     dense, tok = data.load_model()
     test = data.eval_batches(tok, "test", args.eval_sequences, args.eval_len, batch_size=4)
+    return dense, tok, test
+
+
+def quality(args: argparse.Namespace) -> None:
+    """Router-only, then full calibration per capacity; held-out ppl, keep-rates, KV bytes."""
+    dense, tok, test = _setup(args)
     n_batches = max(args.router_steps, args.steps, 1)
     train = data.train_batches(tok, n_batches, batch_size=args.batch, seq_len=args.seq_len)
-    test_ids = torch.cat(test)
-    ids512 = test_ids.flatten()[:512][None]
-    ids2048 = (
-        test_ids.flatten()[:2048][None]
-        if test_ids.numel() >= 2048
-        else torch.cat(test * 2).flatten()[:2048][None]
-    )
+    ids512 = torch.cat(test).flatten()[:512][None]
     t0 = time.time()
     dense_ppl = _ppl(dense, test)
     dense_kv, _ = _kv(dense, ids512)
     print(f"dense ppl {dense_ppl:.3f}, kv {dense_kv}", flush=True)
-    rows, models, rates = [], {"dense": dense}, {}
+    rows, rates = [], {}
     for c in args.capacities:
         model = copy.deepcopy(dense)
         condify.modify(model, method="mod-threshold", capacity=c)
@@ -120,44 +106,91 @@ def main() -> None:
                 "losses_full": r2["losses"],
             }
         )
-        models[f"c={c}"] = model
         print(json.dumps({k: v for k, v in rows[-1].items() if not k.startswith("losses")}), flush=True)
-        partial = {"rows": rows, "rates": {str(k): v for k, v in rates.items()}, "dense_ppl": dense_ppl}
+        partial = {
+            "rows": rows,
+            "rates": {str(k): v for k, v in rates.items()},
+            "dense_ppl": dense_ppl,
+            "seconds": time.time() - t0,
+        }
         args.out.with_suffix(".json").write_text(json.dumps(partial, indent=1))
-    quality_s = time.time() - t0
 
+
+def speed(args: argparse.Namespace) -> None:
+    """Prefill/decode timings vs dense, interleaved; routers from the training-free init + bias fit."""
+    dense, tok, test = _setup(args)
+    fit = data.train_batches(tok, 2, batch_size=1, seq_len=256)
+    flat = torch.cat(data.eval_batches(tok, "test", 4, 512, batch_size=4)).flatten()
+    ids512, ids2048 = flat[:512][None], flat[:2048][None]
+    models, kept = {"dense": dense}, {}
+    for c in args.capacities:
+        model = copy.deepcopy(dense)
+        condify.modify(model, method="mod-threshold", capacity=c)
+        condify.calibrate(model, fit, capacity=c, steps=0, progress=False)
+        kept[c] = statistics.mean(keep_rates(model, ids2048).values())
+        models[f"c={c}"] = model
     t0 = time.time()
     p512 = _prefill_times(models, ids512, args.repeats)
     p2048 = _prefill_times(models, ids2048, max(1, args.repeats - 1))
-    decode_ids = ids512[:, :64]
     dec = {
-        n: evaluate.time_decode(m, decode_ids, new_tokens=24, repeats=args.repeats) for n, m in models.items()
+        n: evaluate.time_decode(m, ids512[:, :64], new_tokens=16, repeats=args.repeats)
+        for n, m in models.items()
     }
-    speed_s = time.time() - t0
-    for row in rows:
-        n = f"c={row['capacity']}"
-        row["prefill512"] = p512["dense"] / p512[n]
-        row["prefill2048"] = p2048["dense"] / p2048[n]
-        row["decode"] = dec[n] / dec["dense"]
-    _write(args, env, rows, rates, dense_ppl, p512, p2048, dec, quality_s, speed_s)
+    out = {
+        "prefill512_s": p512,
+        "prefill2048_s": p2048,
+        "decode_tok_s": dec,
+        "keep_on_prompt": {str(k): v for k, v in kept.items()},
+        "seconds": time.time() - t0,
+        "environment": evaluate.environment(),
+    }
+    args.out.with_name(args.out.stem + "_speed.json").write_text(json.dumps(out, indent=1))
+    print(json.dumps(out), flush=True)
 
 
-def _write(args, env, rows, rates, dense_ppl, p512, p2048, dec, quality_s, speed_s) -> None:
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("part", choices=["quality", "speed", "report", "all"], nargs="?", default="all")
+    p.add_argument("--capacities", type=float, nargs="+", default=[0.5, 0.75, 0.9])
+    p.add_argument("--router-steps", type=int, default=4)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--eval-sequences", type=int, default=4)
+    p.add_argument("--eval-len", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=OUT / "mod_threshold.md")
+    args = p.parse_args()
+    if args.part in ("quality", "all"):
+        quality(args)
+    if args.part in ("speed", "all"):
+        speed(args)
+    if args.part in ("report", "all"):
+        _write(args)
+
+
+def _write(args: argparse.Namespace) -> None:
+    """Render ``mod_threshold.md`` and the plot from the quality and speed JSON files."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out: Path = args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    q = json.loads(out.with_suffix(".json").read_text())
+    speed_file = out.with_name(out.stem + "_speed.json")
+    sp = json.loads(speed_file.read_text()) if speed_file.exists() else None
+    rows, rates = q["rows"], {float(k): {int(i): v for i, v in r.items()} for k, r in q["rates"].items()}
     fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
-    for c, r in rates.items():
+    for c, r in sorted(rates.items()):
         ax[0].plot(list(r), list(r.values()), "o-", label=f"target {c}")
         ax[0].axhline(c, color="gray", lw=0.5, ls=":")
     ax[0].set(
         xlabel="gated layer", ylabel="keep-rate (held-out)", title="keep-rate per gated layer", ylim=(0, 1)
     )
     ax[0].legend()
+    rows = sorted(rows, key=lambda r: r["capacity"])
     caps = [r["capacity"] for r in rows]
     ax[1].plot(caps, [r["ppl_router"] for r in rows], "o-", label="router-only")
     ax[1].plot(caps, [r["ppl_full"] for r in rows], "o-", label="+ continued training")
@@ -167,51 +200,70 @@ def _write(args, env, rows, rates, dense_ppl, p512, p2048, dec, quality_s, speed
     png = out.with_suffix(".png")
     fig.savefig(png, dpi=110)
 
-    tokens = f"{args.batch}×{args.seq_len}"
+    nan: dict[str, float] = {}
+    p512, p2048, dec = (sp[k] if sp else nan for k in ("prefill512_s", "prefill2048_s", "decode_tok_s"))
+    env = sp["environment"] if sp else {"device": "2-core CPU"}
     lines = [
         "# mod-threshold on SmolLM2-135M (embedded), CPU",
         "",
-        f"Machine: {env.get('device', env)}; {args.threads} threads, **shared with other processes during this "
-        "session** (load average 8–12 on 2 cores), so timings are noisy; ratios are interleaved in one process.",
+        f"Machine: {env.get('device', env)}, torch {env.get('torch', '?')}, {args.threads} threads, **shared "
+        "with other engineers' jobs during this session** (load average 7–12 on 2 cores): this process got "
+        "roughly a third of one core, so timings are noisy; every ratio is measured in one process with "
+        "the models interleaved.",
         "",
-        f"Command: `.venv/bin/python benchmarks/mod_threshold.py --router-steps {args.router_steps} --steps "
+        "Commands (quality, speed, then this file):",
+        "",
+        "```",
+        f".venv/bin/python benchmarks/mod_threshold.py quality --router-steps {args.router_steps} --steps "
         f"{args.steps} --batch {args.batch} --seq-len {args.seq_len} --eval-sequences {args.eval_sequences} "
-        f"--eval-len {args.eval_len} --repeats {args.repeats}`",
+        f"--eval-len {args.eval_len}",
+        f".venv/bin/python benchmarks/mod_threshold.py speed --repeats {args.repeats}",
+        ".venv/bin/python benchmarks/mod_threshold.py report",
+        "```",
         "",
-        f"Gated layers: 1, 3, ..., 27 (14 of 30). Held-out: {args.eval_sequences} × {args.eval_len} tokens of the "
-        f"test plays; dense perplexity {dense_ppl:.2f}. Calibration text: train plays, batches of {tokens} tokens. "
-        "Router-only = routers trained with the model frozen (KL to dense); full = then all decoder layers and "
-        "routers trained together (KL to dense), capacity walked 1.0 → target over half the steps, router biases "
-        "fitted to the target on the calibration text at the end. Keep-rates measured on the held-out text "
-        "(hard threshold).",
+        f"Gated layers: 1, 3, ..., 27 (14 of 30), threshold 0.5. Held-out: {args.eval_sequences} × "
+        f"{args.eval_len} tokens of the test plays, dense perplexity {q['dense_ppl']:.2f}. Calibration text: "
+        f"train plays, batches of {args.batch} × {args.seq_len} tokens. **Router-only**: training-free router "
+        f"init (ridge regression of each token's relative layer update), then {args.router_steps} steps "
+        "training the routers with the model frozen (KL to dense). **+ training**: from there, "
+        f"{args.steps} steps training all decoder layers and routers (KL to dense, lr 5e-5, routers 1e-3), "
+        "capacity walked 1.0 → target over half the steps; router biases fitted to the target on the "
+        "calibration text at the end of each stage. Keep-rates: hard threshold on the held-out text.",
         "",
-        "| capacity | ppl ×, router-only | ppl ×, + training | tokens (router / total) | keep-rate held-out "
-        "(min–max) | KV bytes × (all / gated layers) | prefill 512 × | prefill 2048 × | decode × |",
+        "| capacity | ppl ×, router-only | ppl ×, + training | training tokens (router / total) | "
+        "keep-rate held-out, min–max over layers | KV bytes × (all layers / gated layers) | prefill 512 × "
+        "| prefill 2048 × | decode × |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        n = f"c={r['capacity']}"
+
+        def ratio(num: dict, den: dict, n: str = n) -> str:
+            return f"{num['dense'] / den[n]:.2f}" if n in den and "dense" in num else "n/a"
+
         lines.append(
             f"| {r['capacity']} | {r['ppl_router']:.2f} | {r['ppl_full']:.2f} | {r['tokens_router']:,} / "
             f"{r['tokens_full']:,} | {r['keep_min']:.3f}–{r['keep_max']:.3f} | {r['kv_ratio']:.3f} / "
-            f"{r['kv_gated_ratio']:.3f} | {r['prefill512']:.2f} | {r['prefill2048']:.2f} | {r['decode']:.2f} |"
+            f"{r['kv_gated_ratio']:.3f} | {ratio(p512, p512)} | {ratio(p2048, p2048)} | "
+            f"{(dec[n] / dec['dense']) if n in dec else float('nan'):.2f} |"
         )
     lines += [
         "",
-        "Speed (× = dense time / model time, > 1 is faster): prefill medians (s) 512: "
-        + ", ".join(f"{k} {v:.3f}" for k, v in p512.items())
-        + "; 2048: "
-        + ", ".join(f"{k} {v:.3f}" for k, v in p2048.items())
-        + "; decode tok/s (batch 1, 64-token prompt, 24 new): "
+        "Speed: × = dense time / model time (> 1 is faster), batch 1; prefill medians (s) at 512 tokens: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in p512.items())
+        + "; at 2048: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in p2048.items())
+        + "; decode tok/s (64-token prompt, 16 new): "
         + ", ".join(f"{k} {v:.1f}" for k, v in dec.items())
-        + f". Wall time: quality {quality_s / 60:.1f} min, speed {speed_s / 60:.1f} min.",
+        + ". The speed models use the training-free routers fitted to each capacity (speed depends on the "
+        "keep-rate, not on training); mean keep-rate on the 2048-token prompt: "
+        + ", ".join(f"{k}: {v:.2f}" for k, v in (sp["keep_on_prompt"] if sp else {}).items())
+        + ".",
         "",
         f"![keep-rates and perplexity]({png.name})",
         "",
     ]
     out.write_text("\n".join(lines) + "\n")
-    (out.with_suffix(".json")).write_text(
-        json.dumps({"rows": rows, "rates": {str(k): v for k, v in rates.items()}}, indent=1)
-    )
     print("\n".join(lines))
 
 
