@@ -306,21 +306,27 @@ def write(res: dict, out: Path) -> None:
         [[k, v["router_mse_before"], v["router_mse_after"], v["router_r2"]] for k, v in res["fits"].items()],
         caption="router regression on held-out calibration tokens (mean over layers)",
     )
-    extra = out / "dynamic_k_keep.json"
-    if extra.exists():
+    titles = {
+        "keep": "Variant: keep SiLU, square-Hoyer fine-tune only",
+        "relu": "Variant: ReLU + square Hoyer with a longer stage 1",
+    }
+    for name, title in titles.items():
+        extra = out / f"dynamic_k_{name}.json"
+        if not extra.exists():
+            continue
         e = json.loads(extra.read_text())
         ea, es = e["args"], e["sparsify"]
-        rep.add_heading("Variant: keep SiLU, square-Hoyer fine-tune only")
+        rep.add_heading(title)
         rep.add_text(
-            f"Same pipeline, stage 1 without the ReLU swap: {ea['sparsify_steps']} steps x {ea['sparsify_batch']} x "
-            f"{ea['seq_len']} tokens, Hoyer weight {ea['penalty_weight']}, lr {ea['sparsify_lr']} "
-            f"({e['sparsify_s'] / 60:.1f} min). Activation sparsity (|a| <= 1e-3) "
-            f"{es.get('activation_sparsity_before', float('nan')):.3f} -> "
+            f"Same pipeline, stage 1 = {'ReLU swap + ' if name == 'relu' else ''}square Hoyer: "
+            f"{ea['sparsify_steps']} steps x {ea['sparsify_batch']} x {ea['seq_len']} tokens, Hoyer weight "
+            f"{ea['penalty_weight']}, lr {ea['sparsify_lr']} ({e['sparsify_s'] / 60:.1f} min). Activation sparsity "
+            f"(|a| <= 1e-3) {es.get('activation_sparsity_before', float('nan')):.3f} -> "
             f"{es.get('activation_sparsity_after', float('nan')):.3f}; cost of the step (tau = 0): ppl ratio "
             f"{es['ppl_ratio_tau0']:.3f}."
         )
         rep.add_table(
-            ["expert size", "target executed", "routers (SiLU + Hoyer)"],
+            ["expert size", "target executed", "routers after this stage 1"],
             [[sz, f, cell(v)] for sz, q in e["quality"].items() for f, v in q.items()],
         )
     rep.add_heading("Speed at 50 % target (sparsified model, trained routers)")
@@ -371,6 +377,7 @@ def write(res: dict, out: Path) -> None:
         rep.add_text(res["findings"])
     tmp = Path(tempfile.mkdtemp())
     rep.write(tmp)
+    out.mkdir(parents=True, exist_ok=True)
     shutil.copy(tmp / "report.md", out / "dynamic_k.md")
     shutil.copy(tmp / "dynamic_k_frontier.png", out / "dynamic_k_frontier.png")
     print(f"wrote {out / 'dynamic_k.md'}")
