@@ -280,6 +280,19 @@ def test_kernel_zero_and_all_experts(grouped):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("glu", [True, False])
+def test_custom_op_flops_counted_from_mask(glu):
+    """FlopCounterMode sees the opaque custom op through its registered formula, from the real mask."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    a = make(T=5, glu=glu, p=0.4)
+    with FlopCounterMode(display=False) as counter:
+        call(torch.ops.condify.expert_mlp, a, "silu")
+    neurons = int(a["mask"].sum()) * a["expert_size"]
+    assert counter.get_total_flops() == 2 * neurons * 72 * (3 if glu else 2)
+
+
+@needs_interpreter
 def test_group_tokens():
     from condify.ops.triton.expert_mlp import group_tokens
 

@@ -14,6 +14,7 @@ import os
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from .reference import (
     check_expert_mlp_args,
@@ -71,6 +72,18 @@ def _expert_mlp_op(
 @_expert_mlp_op.register_fake
 def _(x, w_up, w_down, mask, expert_size, activation, w_gate, b_up, b_gate):
     return torch.empty_like(x)
+
+
+@register_flop_formula(torch.ops.condify.expert_mlp, get_raw=True)
+def _expert_mlp_flops(
+    x, w_up, w_down, mask, expert_size, activation, w_gate, *args, out_val=None, **kwargs
+) -> int:
+    """FLOPs the kernel executes: 2·d per neuron and matrix, over the selected (token, expert) pairs.
+
+    Without this, ``FlopCounterMode`` would count the opaque custom op as 0 FLOPs.
+    """
+    neurons = int(mask.sum()) * expert_size
+    return 2 * neurons * x.shape[-1] * (3 if w_gate is not None else 2)
 
 
 def _act_and_grad(z: Tensor, activation: str) -> tuple[Tensor, Tensor]:
