@@ -44,16 +44,19 @@ def _kv(model: torch.nn.Module, ids: torch.Tensor, gated: list[int] | None = Non
     return total, part
 
 
-def _prefill_times(models: dict[str, torch.nn.Module], ids: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Median prefill seconds per model, interleaved (rotating order), one warm-up round."""
+def _prefill_times(
+    models: dict[str, torch.nn.Module], ids: torch.Tensor, repeats: int, warmup: bool = True
+) -> dict[str, float]:
+    """Median prefill seconds per model, interleaved (rotating order), after one warm-up round."""
     times: dict[str, list[float]] = {n: [] for n in models}
     names = list(models)
+    w = int(warmup)
     with torch.inference_mode():
-        for r in range(repeats + 1):
+        for r in range(repeats + w):
             for n in names[r % len(names) :] + names[: r % len(names)]:
                 t0 = time.perf_counter()
                 models[n](input_ids=ids, use_cache=True, logits_to_keep=1)
-                if r:
+                if r >= w:
                     times[n].append(time.perf_counter() - t0)
     return {n: statistics.median(v) for n, v in times.items()}
 
@@ -127,11 +130,11 @@ def speed(args: argparse.Namespace) -> None:
         model = copy.deepcopy(dense)
         condify.modify(model, method="mod-threshold", capacity=c)
         condify.calibrate(model, fit, capacity=c, steps=0, progress=False)
-        kept[c] = statistics.mean(keep_rates(model, ids2048).values())
+        kept[c] = statistics.mean(keep_rates(model, ids512).values())
         models[f"c={c}"] = model
     t0 = time.time()
     p512 = _prefill_times(models, ids512, args.repeats)
-    p2048 = _prefill_times(models, ids2048, max(1, args.repeats - 1))
+    p2048 = _prefill_times(models, ids2048, args.repeats, warmup=False)  # warmed up at 512 tokens
     dec = {
         n: evaluate.time_decode(m, ids512[:, :64], new_tokens=16, repeats=args.repeats)
         for n, m in models.items()
@@ -217,7 +220,8 @@ def _write(args: argparse.Namespace) -> None:
         f".venv/bin/python benchmarks/mod_threshold.py quality --router-steps {args.router_steps} --steps "
         f"{args.steps} --batch {args.batch} --seq-len {args.seq_len} --eval-sequences {args.eval_sequences} "
         f"--eval-len {args.eval_len}",
-        f".venv/bin/python benchmarks/mod_threshold.py speed --repeats {args.repeats}",
+        f".venv/bin/python benchmarks/mod_threshold.py speed --capacities "
+        f"{' '.join(sp['keep_on_prompt']) if sp else '0.5'} --repeats {args.repeats}",
         ".venv/bin/python benchmarks/mod_threshold.py report",
         "```",
         "",
@@ -256,7 +260,7 @@ def _write(args: argparse.Namespace) -> None:
         + "; decode tok/s (64-token prompt, 16 new): "
         + ", ".join(f"{k} {v:.1f}" for k, v in dec.items())
         + ". The speed models use the training-free routers fitted to each capacity (speed depends on the "
-        "keep-rate, not on training); mean keep-rate on the 2048-token prompt: "
+        "keep-rate, not on training); mean keep-rate on the 512-token prompt: "
         + ", ".join(f"{k}: {v:.2f}" for k, v in (sp["keep_on_prompt"] if sp else {}).items())
         + ".",
         "",
