@@ -119,14 +119,15 @@ def run(
             f"x{ev['ppl_ratio']:.3f}",
         ]
     ]
-    for k in ("attention", "mlp", "lm_head", "total"):
-        if fd.get(k):
+    for k in ("attention", "mlp", "lm_head", "other", "total"):
+        if fd.get(k) or f.get(k):  # "other": work outside attention/MLP modules, e.g. fused pairs
+            ratio = f"x{f.get(k, 0) / fd[k]:.3f}" if fd.get(k) else "-"
             rows.append(
                 [
                     f"executed GFLOPs: {k} (1x512 tokens)",
-                    f"{fd[k] / 1e9:.2f}",
+                    f"{fd.get(k, 0) / 1e9:.2f}",
                     f"{f.get(k, 0) / 1e9:.2f}",
-                    f"x{f.get(k, 0) / fd[k]:.3f}",
+                    ratio,
                 ]
             )
     rep.add_table(["metric", "dense", "condify", "ratio"], rows)
