@@ -26,6 +26,33 @@ from condify.methods.mod_threshold import keep_rates
 
 OUT = Path(__file__).parent / "results"
 
+NOTES = """## Notes on this run (targets, and why they are missed)
+
+- **KV bytes ≤ 0.6× of the gated layers at capacity 0.5: met** (0.49× on the gated layers; 0.76× for the
+  whole cache, since 16 of the 30 layers are not gated). Measured after a 512-token prefill of held-out
+  text with the calibrated routers; the bytes include the int64 slot index (0.5 % of a layer's K/V).
+- **Prefill ≥ 1.25× at capacity 0.5: 1.34× at 512 tokens, 1.14× at 2048**, one timed run each, on a CPU
+  shared with other jobs (dense took 34 s for 512 tokens but only 73 s for 2048, so the load changed
+  between runs: the numbers are noisy at the ±20 % level). The ceiling with 14 of 30 layers gated at keep
+  0.5 is 1 / (1 − 14/30 · 0.5) = 1.30×, so 1.25× leaves ≤ 4 % for the router, the compaction, gather /
+  scatter and the sdpa call on the compacted rows (at prefill there is no cache yet, so the compacted rows
+  run with sdpa's causal kernel and no mask). Gating more layers (`layers=`) raises the ceiling.
+  The decode ratio of this run (2.9×, above the 1.30× ceiling) is load noise, not a result.
+- **Perplexity ≤ 1.10× at capacity 0.75 after calibration: missed (×5.0).** The budget was 14 steps of
+  256 tokens (3.6k tokens) because this process got 0.2–0.4 of one core (four engineers on 2 cores); the
+  KL loss was still falling. Continued training halves the gap to dense at both capacities
+  (router-only ×8.7 → ×5.0 at 0.75, ×42 → ×24 at 0.5). The `long` recipe (2,000 steps of 8 × 512 tokens)
+  is the intended budget; no GPU was lent to this task.
+- **Keep-rate within ±0.05 of the target on held-out text**: at 0.75 every gated layer (0.705–0.788); at
+  0.5, 12 of 14 layers, while the last two gated layers (25, 27) keep 0.40 / 0.38. The biases are fitted
+  on 8 × 256 tokens of the training plays; the held-out set is only 4 sequences (rates of one sequence are
+  strongly correlated), and the deepest routers see inputs shaped by every earlier routing decision.
+  Fitting on more text (`fit_batches`, more/longer batches) is the knob.
+- Router-only is better than the first measurement in the issue (×42 vs ×81 at 0.5) thanks to the
+  training-free router init. Always-keeping the first tokens (`sink_tokens`) was not measured in this
+  run (CPU time).
+"""
+
 
 def _ppl(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
     return evaluate.perplexity(model, batches, progress=False)
@@ -267,6 +294,7 @@ def _write(args: argparse.Namespace) -> None:
         f"![keep-rates and perplexity]({png.name})",
         "",
     ]
+    lines += [NOTES]
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
