@@ -38,6 +38,12 @@ NOTES = """## Notes on this run (targets, and why they are missed)
   scatter and the sdpa call on the compacted rows (at prefill there is no cache yet, so the compacted rows
   run with sdpa's causal kernel and no mask). Gating more layers (`layers=`) raises the ceiling.
   The decode ratio of this run (2.9×, above the 1.30× ceiling) is load noise, not a result.
+  A second run (`speed --capacities 0.5 --repeats 2`, `mod_threshold_speed_run2.json`) gave the opposite:
+  prefill 0.80× at 512 and 0.96× at 2048, decode 1.74×. A per-layer profile (layer 13, 512 tokens, keep
+  0.5, gather path vs the original forward, interleaved) measured 686 ms vs 708 ms, with every op's time
+  quantised to ~16 ms scheduler slices (even the matmuls: 255 ms for half the rows vs 282 ms dense): the
+  process was time-sliced with other jobs, so **the prefill target could not be verified on this machine**;
+  it needs a quiet CPU or a GPU.
 - **Perplexity ≤ 1.10× at capacity 0.75 after calibration: missed (×5.0).** The budget was 14 steps of
   256 tokens (3.6k tokens) because this process got 0.2–0.4 of one core (four engineers on 2 cores); the
   KL loss was still falling. Continued training halves the gap to dense at both capacities
