@@ -16,7 +16,9 @@ Two execution paths with the same values:
   kept tokens, updates of skipped tokens are multiplied by 0;
 - gathered (inference, ``mode="gather"``): kept tokens are compacted per sequence
   (:func:`condify.ops.compact_tokens`), run through the layer with their own rotary embeddings,
-  and their updates added back (:func:`condify.ops.scatter_tokens`).
+  and their updates added back (:func:`condify.ops.scatter_tokens`). Both ops run Triton kernels on
+  CUDA without host sync; the layer itself syncs once (``count.max()``) to size the compacted batch.
+  With no cached keys yet (prefill) and sdpa, the compacted rows use sdpa's causal kernel, no mask.
 """
 
 from __future__ import annotations
