@@ -233,3 +233,18 @@ def test_recipes_are_valid_options() -> None:
     for modify_opts, cal_opts in spec.recipes.values():
         DynamicKConfig.from_options(**modify_opts)
         assert set(cal_opts) <= accepted
+
+
+def test_torch_compile_fullgraph_converted_mlp():
+    """A converted tiny model's expert layer traces with fullgraph=True on the CPU reference path."""
+    from tiny import tiny
+
+    model = tiny("llama")
+    condify.modify(model, "dynamic-k", expert_size=8, tau=0.5)
+    mlp = model.model.layers[1].mlp
+    x = torch.randn(2, 5, 64)
+    eager = mlp(x)
+    compiled = torch.compile(mlp, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), eager, rtol=1e-5, atol=1e-6)
+    compiled(x).sum().backward()
+    assert mlp.up_proj.weight.grad is not None

@@ -137,14 +137,15 @@ def moe_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
             rec.append(h)
         return _down(F.linear(h, w["down"]), w["b_down"]).reshape(shape)
 
-    tau = float(self.expert_layout.tau)
+    # a Python float outside torch.compile (fast tau == 0 path); the buffer itself while tracing (no sync)
+    tau = self.expert_layout.tau if torch.compiler.is_compiling() else float(self.expert_layout.tau)
     if mode == "oracle":
         h = hidden(xf, w, act)
         mask = select(expert_norms(h, w["down"], s), tau)
         out = F.linear(h * mask.repeat_interleave(s, dim=1), w["down"])
     else:
         E = w["up"].shape[0] // s
-        if tau == 0.0:
+        if isinstance(tau, float) and tau == 0.0:
             mask = torch.ones(xf.shape[0], E, dtype=torch.bool, device=x.device)
         else:
             mask = select(self.router(xf), tau)
