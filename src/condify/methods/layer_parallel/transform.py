@@ -14,12 +14,12 @@ from .modules import pair_forward, passthrough_forward
 def plan(model: nn.Module, adapter: Adapter, cfg: LayerParallelConfig) -> list[str]:
     layers = adapter.layer_list(model)
     idx = cfg.resolve(len(layers))
+    types = getattr(model.config.get_text_config(decoder=True), "layer_types", None) or [None] * len(layers)
     for i in idx[::2]:
-        kinds = {getattr(layers[j], "attention_type", None) for j in (i, i + 1)}
-        if len(kinds) > 1:
+        if types[i] != types[i + 1]:
             raise ConfigError(
-                f"layer-parallel: layers {i} and {i + 1} use different attention types {sorted(map(str, kinds))} "
-                f"(e.g. sliding vs full); choose a range whose pairs share one type"
+                f"layer-parallel: layers {i} and {i + 1} use different attention types ({types[i]}, {types[i + 1]}; "
+                f"e.g. sliding vs full); choose a range whose pairs share one type"
             )
     cfg.start = idx[0]  # record the resolved placement in the saved config
     return [f"{adapter.layers}.{i}" for i in idx]
