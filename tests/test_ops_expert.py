@@ -285,6 +285,9 @@ def test_custom_op_flops_counted_from_mask(glu):
     """FlopCounterMode sees the opaque custom op through its registered formula, from the real mask."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from condify.ops._dispatch import register_flop_formulas
+
+    register_flop_formulas()
     a = make(T=5, glu=glu, p=0.4)
     with FlopCounterMode(display=False) as counter:
         call(torch.ops.condify.expert_mlp, a, "silu")

@@ -199,6 +199,9 @@ def executed_flops(
     """
     from torch.utils.flop_counter import FlopCounterMode
 
+    from .ops._dispatch import register_flop_formulas
+
+    register_flop_formulas()  # condify's custom ops (the Triton kernels) would otherwise count as 0
     input_ids = _as_ids(input_ids, model)
     kwargs: dict[str, Any] = {"use_cache": False}
     if attention_mask is not None:

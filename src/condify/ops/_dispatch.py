@@ -14,7 +14,6 @@ import os
 
 import torch
 from torch import Tensor
-from torch.utils.flop_counter import register_flop_formula
 
 from .reference import (
     check_expert_mlp_args,
@@ -74,16 +73,21 @@ def _(x, w_up, w_down, mask, expert_size, activation, w_gate, b_up, b_gate):
     return torch.empty_like(x)
 
 
-@register_flop_formula(torch.ops.condify.expert_mlp, get_raw=True)
 def _expert_mlp_flops(
     x, w_up, w_down, mask, expert_size, activation, w_gate, *args, out_val=None, **kwargs
 ) -> int:
-    """FLOPs the kernel executes: 2·d per neuron and matrix, over the selected (token, expert) pairs.
-
-    Without this, ``FlopCounterMode`` would count the opaque custom op as 0 FLOPs.
-    """
+    """FLOPs the kernel executes: 2·d per neuron and matrix, over the selected (token, expert) pairs."""
     neurons = int(mask.sum()) * expert_size
     return 2 * neurons * x.shape[-1] * (3 if w_gate is not None else 2)
+
+
+def register_flop_formulas() -> None:
+    """Teach ``FlopCounterMode`` the custom ops (else it counts them as 0). Idempotent; called by
+    :func:`condify.evaluate.executed_flops`. Not done at import: ``torch.utils.flop_counter`` imports triton."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    if torch.ops.condify.expert_mlp not in flop_registry:
+        register_flop_formula(torch.ops.condify.expert_mlp, get_raw=True)(_expert_mlp_flops)
 
 
 def _act_and_grad(z: Tensor, activation: str) -> tuple[Tensor, Tensor]:
