@@ -31,9 +31,9 @@ registry.register(
                 {
                     "starts": list(range(1, 64, 2)),  # every other start; those that do not fit are skipped
                     "sweep_batches": 1,
-                    "finetune_steps": 60,
+                    "finetune_steps": 30,
                     "lr": 1e-4,
-                    "num_train_batches": 60,
+                    "num_train_batches": 30,
                     "batch_size": 2,
                     "seq_len": 256,
                 },
