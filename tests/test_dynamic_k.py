@@ -183,8 +183,10 @@ def test_bad_inputs_leave_model_unchanged() -> None:
         condify.modify(model, "dynamic-k", tau=-0.1)
     with pytest.raises(condify.ConfigError, match="target_sparsity"):
         condify.modify(model, "dynamic-k", target_sparsity=1.0)
-    with pytest.raises(condify.ConfigError, match="not implemented"):
-        condify.modify(model, "dynamic-k", attention=True)
+    with pytest.raises(condify.ConfigError, match="attention_width"):
+        condify.modify(model, "dynamic-k", attention=True, attention_width=0)
+    with pytest.raises(condify.ConfigError, match="attention_expert_size"):
+        condify.modify(model, "dynamic-k", attention=True, attention_expert_size=0)
     with pytest.raises(condify.ModifyError, match="modify"):
         condify.calibrate(model, data())
     assert same_state(snapshot(model), before) and condify.applied_configs(model) == []

@@ -38,7 +38,7 @@ def loop_oracle(x, w_up, w_down, mask, expert_size, activation, w_gate=None, b_u
     act = ACTIVATIONS[activation]
     rows = []
     for t in range(x.shape[0]):
-        acc = torch.zeros(x.shape[1], dtype=x.dtype)
+        acc = torch.zeros(w_down.shape[0], dtype=x.dtype)
         for e in range(mask.shape[1]):
             if not mask[t, e]:
                 continue
@@ -53,7 +53,18 @@ def loop_oracle(x, w_up, w_down, mask, expert_size, activation, w_gate=None, b_u
     return torch.stack(rows)
 
 
-def make(T=3, d=72, inter=200, s=8, glu=True, bias=False, dtype=torch.float32, p=0.4, requires_grad=False):
+def make(
+    T=3,
+    d=72,
+    inter=200,
+    s=8,
+    glu=True,
+    bias=False,
+    dtype=torch.float32,
+    p=0.4,
+    requires_grad=False,
+    d_out=None,
+):
     E = inter // s
     g = torch.Generator().manual_seed(T * 1000 + inter)
 
@@ -62,7 +73,7 @@ def make(T=3, d=72, inter=200, s=8, glu=True, bias=False, dtype=torch.float32, p
         return t.requires_grad_(requires_grad)
 
     x = r(T, d)
-    w_up, w_down = r(inter, d, scale=d**-0.5), r(d, inter, scale=(inter * max(p, 0.1)) ** -0.5)
+    w_up, w_down = r(inter, d, scale=d**-0.5), r(d_out or d, inter, scale=(inter * max(p, 0.1)) ** -0.5)
     w_gate = r(inter, d, scale=d**-0.5) if glu else None
     b_up = r(inter, scale=0.5) if bias else None
     b_gate = r(inter, scale=0.5) if bias and glu else None
@@ -128,6 +139,18 @@ def test_reference_matches_loop(strategy, T, glu, bias, activation, monkeypatch)
     ref = loop_oracle(**f64(a), activation=activation)
     assert_close(
         call(expert_mlp_reference, a, activation, **strategy_kw(strategy, monkeypatch)), ref, torch.float32
+    )
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("T", [1, 37])
+@pytest.mark.parametrize("d_out", [40, 100])
+def test_reference_output_width_differs(strategy, T, d_out, monkeypatch):
+    """w_down (d_out, I) with d_out != d: an MLP replacing an attention projection (dynamic-k)."""
+    a = make(T=T, glu=False, bias=True, d_out=d_out)
+    ref = loop_oracle(**f64(a), activation="relu")
+    assert_close(
+        call(expert_mlp_reference, a, "relu", **strategy_kw(strategy, monkeypatch)), ref, torch.float32
     )
 
 
@@ -266,6 +289,18 @@ def test_kernel_matches_reference(T, inter, s, glu, bias, activation, dtype, gro
 
 
 @needs_interpreter
+@pytest.mark.parametrize(("T", "grouped"), [(1, False), (37, True)])
+def test_kernel_output_width_differs(T, grouped):
+    from condify.ops.triton.expert_mlp import expert_mlp_launch
+
+    a = make(T=T, glu=False, bias=True, d_out=100)  # BLOCK_D=64: two output blocks, the last partial
+    ref = loop_oracle(**f64(a), activation="relu")
+    assert_close(call(expert_mlp_launch, a, "relu", grouped=grouped), ref, torch.float32)
+    out = call(torch.ops.condify.expert_mlp, a, "relu")
+    assert out.shape == (T, 100)
+
+
+@needs_interpreter
 @pytest.mark.parametrize("grouped", [False, True])
 def test_kernel_zero_and_all_experts(grouped):
     from condify.ops.triton.expert_mlp import expert_mlp_launch
@@ -288,11 +323,11 @@ def test_custom_op_flops_counted_from_mask(glu):
     from condify.ops._dispatch import register_flop_formulas
 
     register_flop_formulas()
-    a = make(T=5, glu=glu, p=0.4)
+    a = make(T=5, glu=glu, p=0.4, d_out=40)
     with FlopCounterMode(display=False) as counter:
         call(torch.ops.condify.expert_mlp, a, "silu")
     neurons = int(a["mask"].sum()) * a["expert_size"]
-    assert counter.get_total_flops() == 2 * neurons * 72 * (3 if glu else 2)
+    assert counter.get_total_flops() == 2 * neurons * (72 * (2 if glu else 1) + 40)
 
 
 @needs_interpreter
@@ -364,7 +399,7 @@ W = ("x_ptr", "w_up_ptr", "w_gate_ptr", "b_up_ptr", "b_gate_ptr", "w_down_ptr")
 fn = em._expert_mlp_kernel.fn
 for dt, grouped, act, gate, bn in [("bf16", False, 1, True, 16), ("bf16", True, 2, True, 128), ("fp32", True, 0, False, 64)]:
     ptr = lambda n: "*" + dt if n in W else "*fp32" if n == "out_ptr" else "*i32" if grouped and n != "mask_ptr" else "*u8"
-    sig = {n: ptr(n) if n.endswith("_ptr") else "i32" if n in ("T", "D", "I", "E", "T_BUCKET") else "constexpr" for n in fn.arg_names}
+    sig = {n: ptr(n) if n.endswith("_ptr") else "i32" if n in ("T", "D", "D_OUT", "I", "E", "T_BUCKET") else "constexpr" for n in fn.arg_names}
     c = dict(S=64, ACT=act, HAS_GATE=gate, HAS_B_UP=True, HAS_B_GATE=gate, GROUPED=grouped, UPCAST=dt == "fp32",
              PRECISION="tf32" if dt == "fp32" else "ieee", BLOCK_M=64 if grouped else 16, BLOCK_N=bn, BLOCK_K=64, BLOCK_D=128)
     triton.compile(ASTSource(fn, sig, c), target=target, options=dict(num_warps=4, num_stages=3))

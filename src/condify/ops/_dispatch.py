@@ -70,15 +70,15 @@ def _expert_mlp_op(
 
 @_expert_mlp_op.register_fake
 def _(x, w_up, w_down, mask, expert_size, activation, w_gate, b_up, b_gate):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape[0], w_down.shape[0])
 
 
 def _expert_mlp_flops(
     x, w_up, w_down, mask, expert_size, activation, w_gate, *args, out_val=None, **kwargs
 ) -> int:
-    """FLOPs the kernel executes: 2·d per neuron and matrix, over the selected (token, expert) pairs."""
+    """FLOPs the kernel executes: 2·(d_in per up/gate row + d_out per down column) per selected neuron."""
     neurons = int(mask.sum()) * expert_size
-    return 2 * neurons * x.shape[-1] * (3 if w_gate is not None else 2)
+    return 2 * neurons * (x.shape[-1] * (2 if w_gate is not None else 1) + w_down.shape[0])
 
 
 def register_flop_formulas() -> None:
@@ -185,7 +185,7 @@ def expert_mlp(
 ) -> Tensor:
     """Dynamic expert FFN: ``out[t] = sum_{e: mask[t, e]} W_down[:, blk_e] h_e(x[t])``.
 
-    ``x`` (T, d); ``w_up``/``w_gate`` (I, d) and ``w_down`` (d, I) in nn.Linear layout with expert e owning
+    ``x`` (T, d); ``w_up``/``w_gate`` (I, d) and ``w_down`` (d_out, I) in nn.Linear layout with expert e owning
     neurons [e*s, (e+1)*s); ``mask`` (T, I/s) bool; ``h_e = act(W_gate x + b_gate) * (W_up x + b_up)`` with a
     gate (GLU), else ``act(W_up x + b_up)``; activation in {"silu", "gelu", "gelu_tanh", "relu"}. The down
     projection's bias is not included. fp32 accumulation, output in x's dtype; a token with no expert gets 0.

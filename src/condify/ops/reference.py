@@ -74,8 +74,8 @@ def check_expert_mlp_args(
     if w_up.dim() != 2 or w_up.shape[1] != d:
         raise ValueError(f"w_up must be (intermediate, {d}) in nn.Linear layout, got {tuple(w_up.shape)}")
     inter = w_up.shape[0]
-    if tuple(w_down.shape) != (d, inter):
-        raise ValueError(f"w_down must be ({d}, {inter}) in nn.Linear layout, got {tuple(w_down.shape)}")
+    if w_down.dim() != 2 or w_down.shape[1] != inter:
+        raise ValueError(f"w_down must be (d_out, {inter}) in nn.Linear layout, got {tuple(w_down.shape)}")
     if w_gate is not None and w_gate.shape != w_up.shape:
         raise ValueError(f"w_gate must have the shape of w_up {tuple(w_up.shape)}, got {tuple(w_gate.shape)}")
     if expert_size <= 0 or inter % expert_size != 0:
@@ -225,7 +225,7 @@ def _expert_mlp_spans(x, w_up, w_down, mask, s, act, w_gate, b_up, b_gate, spans
             y = y.to(acc_dtype)
         out = y if out is None else out + y
     if out is None:
-        return x.new_zeros(x.shape)
+        return x.new_zeros(x.shape[0], w_down.shape[0])
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
@@ -233,7 +233,7 @@ def _expert_mlp_grouped(x, w_up, w_down, mask, s, act, w_gate, b_up, b_gate) -> 
     """ScatterMoE-style: tokens grouped by expert (one sort of the mask), one matmul chain per expert."""
     counts = mask.sum(0).tolist()
     tokens = mask.t().nonzero()[:, 1]  # expert-major order: the tokens of expert 0, then of expert 1, ...
-    out = x.new_zeros(x.shape, dtype=_acc_dtype(x))
+    out = x.new_zeros(x.shape[0], w_down.shape[0], dtype=_acc_dtype(x))
     T, start = x.shape[0], 0
     for e, c in enumerate(counts):
         if c:
@@ -287,7 +287,8 @@ def expert_mlp_reference(
     *,
     strategy: Strategy = "auto",
 ) -> Tensor:
-    """Dynamic expert FFN in plain torch: ``out[t] = sum over selected e of W_down[:, blk_e] h_e(x[t])``.
+    """Dynamic expert FFN in plain torch: ``out[t] = sum over selected e of W_down[:, blk_e] h_e(x[t])``
+    (``w_down`` is (d_out, I); d_out may differ from x's width, e.g. an MLP replacing a projection).
 
     Reads only the needed experts' contiguous weight blocks (slicing views, never a gathered copy of
     weights). ``strategy``: "auto" (cost model, see the module docstring), "spans", "grouped" or "dense".
@@ -300,7 +301,7 @@ def expert_mlp_reference(
     if strategy not in ("auto", "spans", "grouped"):
         raise ValueError(f"unknown strategy {strategy!r}; expected auto, spans, grouped or dense")
     if x.shape[0] == 0:
-        return x.new_zeros(x.shape)
+        return x.new_zeros(0, w_down.shape[0])
     spans = None
     if strategy == "auto":
         strategy, spans = _choose_strategy(mask, expert_size, x.shape[1])

@@ -1,5 +1,8 @@
-"""Data-dependent step of dynamic-k, in four stages (each optional, in this order):
+"""Data-dependent step of dynamic-k, in five stages (each optional, in this order):
 
+0. **Distil projections** (only with ``attention=True``; ``attention_steps > 0``): each attention
+   projection's ``expert_mlp`` regresses the original linear map's output (MSE, Adam) on that
+   projection's inputs in the original model (up to ``attention_tokens`` tokens).
 1. **Sparsify** (``sparsify=True``): compute the MLPs with ReLU (``activation="relu"``, the default
    when sparsifying; ``None`` keeps the model's activation) and fine-tune the model weights (the MLPs,
    or everything with ``sparsify_params="all"``) on ``loss + penalty_weight * sum_layers penalty(a)``
@@ -23,8 +26,10 @@ sparsity and executed fraction. Budgets: see the ``recipes`` in ``__init__`` ("c
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -38,7 +43,7 @@ from ...training import Batch, kl_loss, lm_loss, mean_nll, train
 from .clustering import balanced_kmeans, permutation
 from .config import DynamicKConfig
 from .losses import PENALTIES
-from .modules import converted, executed_fraction, expert_norms, mode, track_executed
+from .modules import Sites, converted, executed_fraction, expert_norms, mode, track_executed
 from .transform import gate_features, relayout_
 
 MIN_TOKENS = 256  # calibration tokens (outside the hold-out) below which calibrate refuses to run
@@ -56,26 +61,27 @@ def _ppl(model: nn.Module, batches: list[Batch]) -> float:
 
 @torch.no_grad()
 def collect(
-    model: nn.Module, batches: list[Batch], max_tokens: int, what: str
+    model: nn.Module, batches: list[Batch], max_tokens: int, what: str, sites: Sites | None = None
 ) -> dict[str, list[torch.Tensor]]:
-    """Run the dense model and keep, per converted MLP, up to ``max_tokens`` rows of ``what``:
-    ``"inputs"`` -> (x, true expert norms); ``"hidden"`` -> hidden activations."""
-    out: dict[str, list[torch.Tensor]] = {p: [] for p, _ in converted(model)}
+    """Run the model with every site (or ``sites``) dense and keep, per such site, up to ``max_tokens``
+    rows of ``what``: ``"inputs"`` -> true expert norms; ``"hidden"`` -> hidden activations."""
+    sites = converted(model) if sites is None else sites
+    out: dict[str, list[torch.Tensor]] = {p: [] for p, _ in sites}
     seen = 0
-    with mode(model, "dense"):
+    with mode(model, "dense", sites):
         for b in batches:
             if seen >= max_tokens:
                 break
             recs = {p: [] for p in out}
-            for p, m in converted(model):
+            for p, m in sites:
                 m._condify_patch.info["record"] = recs[p]
             try:
                 model(**b, use_cache=False)
             finally:
-                for _, m in converted(model):
+                for _, m in sites:
                     m._condify_patch.info.pop("record", None)
             keep = b["attention_mask"].reshape(-1).bool() if "attention_mask" in b else None
-            for p, m in converted(model):
+            for p, m in sites:
                 h = recs[p][0]
                 if keep is not None:
                     h = h[keep]
@@ -90,33 +96,106 @@ def collect(
     return out
 
 
+@contextlib.contextmanager
+def _recording_inputs(sites: list[tuple[str, nn.Module]]) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Record the (flattened) first positional input of every site while the context is open."""
+    xs: dict[str, list[torch.Tensor]] = {p: [] for p, _ in sites}
+    hooks = [
+        m.register_forward_pre_hook(
+            lambda mod, args, p=p: xs[p].append(args[0].reshape(-1, args[0].shape[-1]))
+        )
+        for p, m in sites
+    ]
+    try:
+        yield xs
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _real(x: torch.Tensor, batches: list[Batch]) -> torch.Tensor:
+    """Drop the rows of padding tokens from inputs recorded over the first batches of ``batches``."""
+    if not batches or "attention_mask" not in batches[0]:
+        return x
+    mask = torch.cat([b["attention_mask"].reshape(-1).bool() for b in batches])
+    return x[mask[: x.shape[0]]]
+
+
 @torch.no_grad()
 def _collect_inputs(
     model: nn.Module, batches: list[Batch], max_tokens: int
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per converted MLP: (inputs x (T, d), true expert norms (T, E)) of the dense model."""
-    xs: dict[str, list[torch.Tensor]] = {p: [] for p, _ in converted(model)}
-    hooks = []
-    for p, m in converted(model):
-        hooks.append(
-            m.register_forward_pre_hook(
-                lambda mod, args, p=p: xs[p].append(args[0].reshape(-1, args[0].shape[-1]))
-            )
-        )
-    try:
+    """Per converted site: (inputs x (T, d), true expert norms (T, E)) of the dense model."""
+    with _recording_inputs(converted(model)) as xs:
         norms = collect(model, batches, max_tokens, "inputs")
-    finally:
-        for h in hooks:
-            h.remove()
     out = {}
     for p in xs:
         n = torch.cat(norms[p])
-        x = torch.cat(xs[p])
-        if batches and "attention_mask" in batches[0]:
-            mask = torch.cat([b["attention_mask"].reshape(-1).bool() for b in batches[: len(xs[p])]])
-            x = x[mask]
-        out[p] = (x[: n.shape[0]], n)
+        out[p] = (_real(torch.cat(xs[p]), batches)[: n.shape[0]], n)
     return out
+
+
+def distill_projections(
+    model: nn.Module,
+    batches: list[Batch],
+    steps: int,
+    lr: float = 1e-3,
+    max_tokens: int = 8192,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Stage 0: fit every projection's ``expert_mlp`` to the original linear map (MSE, Adam).
+
+    Inputs are the projection's inputs in the original model. The last 10 % of tokens score the fit;
+    returns the mean relative error ``||mlp(x) - linear(x)||^2 / ||linear(x)||^2`` before and after.
+    """
+    sites = converted(model, "attention")
+    seen, used = 0, []
+    with torch.no_grad(), mode(model, "original"), _recording_inputs(sites) as xs:
+        for b in batches:
+            if seen >= max_tokens:
+                break
+            model(**b, use_cache=False)
+            used.append(b)
+            seen += _tokens([b])
+    before, after = [], []
+    gen = torch.Generator().manual_seed(0)
+    for p, m in tqdm(sites, desc="distil projections", disable=not progress, leave=False):
+        x = _real(torch.cat(xs.pop(p)), used)[:max_tokens].detach()
+        with torch.no_grad(), mode(model, "original"):
+            y = m(x)
+        n_val = max(1, x.shape[0] // 10)
+        xt, yt, xv, yv = x[:-n_val], y[:-n_val], x[-n_val:], y[-n_val:]
+        mlp = m.expert_mlp
+        scale = float((yt**2).mean().clamp(min=1e-12))
+
+        def rel(
+            xx: torch.Tensor, yy: torch.Tensor, mlp: nn.Module = mlp, scale: float = scale
+        ) -> torch.Tensor:
+            return ((mlp.down(torch.relu(mlp.up(xx))) - yy) ** 2).mean() / scale
+
+        with torch.no_grad():
+            before.append(float(rel(xv, yv)))
+        params = list(mlp.parameters())
+        saved = [q.requires_grad for q in params]
+        for q in params:
+            q.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+        with torch.enable_grad():
+            for _ in range(steps):
+                idx = torch.randint(0, xt.shape[0], (min(batch_size, xt.shape[0]),), generator=gen)
+                loss = rel(xt[idx], yt[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+        for q, r in zip(params, saved, strict=True):
+            q.requires_grad_(r)
+        with torch.no_grad():
+            after.append(float(rel(xv, yv)))
+    k = max(1, len(after))
+    return {"attention_rel_error_before": sum(before) / k, "attention_rel_error_after": sum(after) / k}
 
 
 def train_routers(
@@ -227,16 +306,21 @@ def fit_tau(
 
 @torch.no_grad()
 def measure(model: nn.Module, batches: list[Batch], oracle: bool = False) -> dict[str, float]:
-    """Perplexity and executed fraction of expert compute on ``batches`` (sparse or oracle selection)."""
+    """Perplexity and executed fraction of expert compute on ``batches`` (sparse or oracle selection):
+    ``executed`` for the FFNs, ``executed_attention`` for the projections (when converted)."""
     with mode(model, "oracle" if oracle else "sparse"), track_executed(model) as stats:
         ppl = _ppl(model, batches)
-    return {"ppl": ppl, "executed": executed_fraction(stats)}
+    res = {"ppl": ppl, "executed": executed_fraction(stats, [p for p, _ in converted(model, "mlp")])}
+    attn = [p for p, _ in converted(model, "attention")]
+    if attn:
+        res["executed_attention"] = executed_fraction(stats, attn)
+    return res
 
 
 @torch.no_grad()
 def activation_sparsity(model: nn.Module, batches: list[Batch], eps: float = 1e-3) -> float:
-    """Fraction of MLP hidden activations with ``|a| <= eps`` (exact zeros under ReLU)."""
-    acts = collect(model, batches, 1 << 30, "hidden")
+    """Fraction of FFN hidden activations with ``|a| <= eps`` (exact zeros under ReLU)."""
+    acts = collect(model, batches, 1 << 30, "hidden", converted(model, "mlp"))
     zero = sum(int((h.abs() <= eps).sum()) for hs in acts.values() for h in hs)
     total = sum(h.numel() for hs in acts.values() for h in hs)
     return zero / max(total, 1)
@@ -324,6 +408,9 @@ def calibrate(
     cfg: DynamicKConfig,
     batches: list[Batch],
     *,
+    attention_steps: int = 1000,
+    attention_lr: float = 1e-3,
+    attention_tokens: int = 8192,
     sparsify: bool = False,
     activation: str | None = "relu",
     penalty: str = "hoyer",
@@ -345,7 +432,8 @@ def calibrate(
 ) -> dict[str, Any]:
     """Run the stages described in the module docstring; returns the measurements (held-out batches).
 
-    Keys: ``ppl_dense`` (before anything), ``activation_sparsity_before/after`` and
+    Keys: ``ppl_dense`` (before anything), ``attention_rel_error_before/after`` and
+    ``ppl_after_attention_distill`` (stage 0, tau = 0), ``activation_sparsity_before/after`` (FFNs) and
     ``ppl_after_sparsify`` (tau = 0, i.e. the cost of stage 1), ``router_mse_before/after``,
     ``router_r2``, ``tau`` (per layer), ``ppl`` and ``executed`` (the fraction of expert compute run).
     """
@@ -359,7 +447,10 @@ def calibrate(
         raise ConfigError(
             f"dynamic-k calibrate: `sparsify_params` must be 'mlp' or 'all', got {sparsify_params!r}"
         )
-    for name, v in (("sparsify_steps", sparsify_steps), ("router_steps", router_steps), ("holdout", holdout)):
+    for name, v in (
+        ("attention_steps", attention_steps), ("sparsify_steps", sparsify_steps),
+        ("router_steps", router_steps), ("holdout", holdout),
+    ):  # fmt: skip
         if not isinstance(v, int) or v < 0:
             raise ConfigError(f"dynamic-k calibrate: `{name}` must be an integer >= 0, got {v!r}")
     in_range("penalty_weight", penalty_weight, 0.0, math.inf)
@@ -381,9 +472,18 @@ def calibrate(
     was_training = model.training
     model.eval()
     if held:
-        with mode(model, "dense"):
+        with mode(model, "original"):
             res["ppl_dense"] = _ppl(model, held)
             res["activation_sparsity_before"] = activation_sparsity(model, held)
+    if attention_steps and converted(model, "attention"):
+        res.update(
+            distill_projections(
+                model, fit, attention_steps, attention_lr, attention_tokens, progress=progress
+            )
+        )
+        if held:
+            with mode(model, "dense"):
+                res["ppl_after_attention_distill"] = _ppl(model, held)
     if sparsify:
         losses = sparsify_(
             model, cfg, fit, activation=activation, penalty=penalty, penalty_weight=penalty_weight,

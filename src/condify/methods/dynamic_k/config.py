@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar
 
 from ...config import ConfigError, MethodConfig, in_range
@@ -27,7 +28,13 @@ class DynamicKConfig(MethodConfig):
       (``"coactivation"``, done by ``calibrate``; ``modify`` keeps the original order until then).
     - ``activation``: ``None`` keeps the model's activation; ``"relu"`` computes the MLP with ReLU
       (set by ``calibrate(sparsify=...)`` when the ReLU swap is requested, saved in the config).
-    - ``attention``: MoE-fied attention projections: not implemented yet (raises).
+    - ``attention``: also convert the attention projections (q/k/v/o, or fused qkv/o): each becomes a
+      ``Linear -> ReLU -> Linear`` MLP (initialised as the best rank-``h/2`` approximation of the
+      linear map, then distilled by ``calibrate``) and is MoE-fied like the FFNs.
+    - ``attention_width``: hidden width of those MLPs as a multiple of the parameter-matched width
+      ``d_in * d_out / (d_in + d_out)`` (1.0: as many weights and FLOPs as the linear map; 4.0 on a
+      square projection: exact at init), rounded up to a multiple of ``attention_expert_size``.
+    - ``attention_expert_size``: neurons per attention expert (default: ``expert_size``).
     - ``layers``: decoder layers whose MLP is converted (default: all).
     """
 
@@ -40,6 +47,8 @@ class DynamicKConfig(MethodConfig):
     clustering: str = "gate"
     activation: str | None = None
     attention: bool = False
+    attention_width: float = 1.0
+    attention_expert_size: int | None = None
 
     def validate(self) -> None:
         if (
@@ -63,8 +72,15 @@ class DynamicKConfig(MethodConfig):
             )
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"dynamic-k: `activation` must be None or 'relu', got {self.activation!r}")
-        if self.attention:
+        in_range("attention_width", self.attention_width, 0.0, 16.0, lo_open=True)
+        s = self.attention_expert_size
+        if s is not None and (not isinstance(s, int) or isinstance(s, bool) or s < 1):
             raise ConfigError(
-                "dynamic-k: `attention=True` (MoE-fied attention projections) is not implemented yet; "
-                "use attention=False (FFNs only)"
+                f"dynamic-k: `attention_expert_size` must be a positive integer or None, got {s!r}"
             )
+
+    def projection_width(self, d_in: int, d_out: int) -> tuple[int, int]:
+        """(hidden width, expert size) of the MLP replacing a ``d_in -> d_out`` projection."""
+        s = self.attention_expert_size or self.expert_size
+        h = self.attention_width * d_in * d_out / (d_in + d_out)
+        return max(s, s * math.ceil(h / s - 1e-9)), s

@@ -7,6 +7,11 @@ contiguous expert blocks) and gains two children:
 - ``expert_layout``: persistent buffers ``perm`` (position -> original neuron index, so ``unmodify``
   restores the original order exactly) and ``tau`` (this layer's threshold).
 
+With ``attention=True`` every attention projection (q/k/v/o, or fused qkv) is converted the same way,
+after it gains a third child ``expert_mlp`` (:class:`ProjectionMLP`, ``Linear -> ReLU -> Linear``)
+that replaces the linear map; the projection's own weight stays, untouched, as the distillation
+target and for ``unmodify``. A site's kind is ``info["site"]``: ``"mlp"`` or the projection name.
+
 Selection: expert e runs for a token iff ``score_e >= tau * max_e score`` (and the argmax always runs);
 selected experts' outputs are summed unweighted. ``tau == 0`` runs every expert (dense).
 
@@ -16,7 +21,8 @@ Execution modes (set with :func:`set_mode` / the :func:`mode` context manager, n
   reads only the selected experts' contiguous blocks;
 - ``"oracle"``: select by the true expert output norms (computes the dense hidden layer; for
   measuring layout error apart from router error, not for speed);
-- ``"dense"``: plain differentiable MLP that records hidden activations (sparsification fine-tune).
+- ``"dense"``: plain differentiable MLP that records hidden activations (sparsification fine-tune);
+- ``"original"``: the module's own class forward (for a projection: the original linear map).
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ except ImportError:  # the ops package without its dispatcher: use the plain-tor
     from ...ops.reference import expert_mlp_reference as expert_mlp
 
 METHOD = "dynamic-k"
-MODES = ("sparse", "oracle", "dense")
+MODES = ("sparse", "oracle", "dense", "original")
 
 ACT_NAMES = {
     "silu": "silu",
@@ -75,6 +81,50 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.relu(self.fc1(x))).abs()
+
+
+class ProjectionMLP(nn.Module):
+    """``Linear(d_in, h) -> ReLU -> Linear(h, d_out)``: the MLP that replaces an attention projection."""
+
+    def __init__(self, d_in: int, hidden: int, d_out: int, bias: bool) -> None:
+        super().__init__()
+        self.up = nn.Linear(d_in, hidden)
+        self.down = nn.Linear(hidden, d_out, bias=bias)
+
+    @torch.no_grad()
+    def init_from_linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Exact best rank-``h/2`` approximation of ``x @ weight.T + bias`` (``weight`` is (d_out, d_in)).
+
+        With ``u_i, s_i, v_i`` the top singular triplets, neurons ``2i, 2i+1`` compute ``relu(±v_i x)``
+        and the down projection adds ``±s_i u_i`` times them, since ``relu(z) - relu(-z) = z``. So the
+        MLP equals the linear map when ``h >= 2 * min(d_in, d_out)``, and exactly half of the hidden
+        neurons are zero for every token.
+        """
+        u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
+        k = min(self.up.out_features // 2, s.numel())
+        up = torch.zeros_like(self.up.weight, dtype=torch.float32)
+        down = torch.zeros_like(self.down.weight, dtype=torch.float32)
+        up[0 : 2 * k : 2], up[1 : 2 * k : 2] = vh[:k], -vh[:k]
+        down[:, 0 : 2 * k : 2], down[:, 1 : 2 * k : 2] = u[:, :k] * s[:k], -u[:, :k] * s[:k]
+        self.up.weight.copy_(up)
+        self.up.bias.zero_()
+        self.down.weight.copy_(down)
+        if self.down.bias is not None:
+            self.down.bias.copy_(bias if bias is not None else torch.zeros_like(self.down.bias))
+
+
+class ProjectionWeights:
+    """``mlp_weights`` of a converted projection: its ``expert_mlp`` as a non-GLU MLP (views)."""
+
+    def mlp_weights(self, module: nn.Module) -> dict[str, torch.Tensor | None]:
+        e = module.expert_mlp
+        return {
+            "gate": None, "up": e.up.weight, "down": e.down.weight,
+            "b_gate": None, "b_up": e.up.bias, "b_down": e.down.bias,
+        }  # fmt: skip
+
+
+PROJECTION = ProjectionWeights()
 
 
 class ExpertLayout(nn.Module):
@@ -122,20 +172,22 @@ def _down(out: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
 def moe_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """Forward of a converted MLP (installed as an instance method)."""
     info = self._condify_patch.info
+    mode = info.get("mode", "sparse")
+    if mode == "original":
+        return type(self).forward(self, x, *args, **kwargs)
     a: Adapter = info["adapter"]
     s: int = info["expert_size"]
     act: str = info["activation"]
     w = a.mlp_weights(self)
     shape = x.shape
     xf = x.reshape(-1, shape[-1])
-    mode = info.get("mode", "sparse")
     rec = info.get("record")
 
     if mode == "dense":
         h = hidden(xf, w, act)
         if rec is not None:
             rec.append(h)
-        return _down(F.linear(h, w["down"]), w["b_down"]).reshape(shape)
+        return _down(F.linear(h, w["down"]), w["b_down"]).reshape(*shape[:-1], -1)
 
     # a Python float outside torch.compile (fast tau == 0 path); the buffer itself while tracing (no sync)
     tau = self.expert_layout.tau if torch.compiler.is_compiling() else float(self.expert_layout.tau)
@@ -157,27 +209,38 @@ def moe_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
     if track is not None:
         track[0] += int(mask.sum())
         track[1] += mask.numel()
-    return _down(out, w["b_down"]).reshape(shape)
+    return _down(out, w["b_down"]).reshape(*shape[:-1], -1)
 
 
-def converted(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(path, MLP) of every MLP converted by dynamic-k."""
-    return patched(model, METHOD)
+def converted(model: nn.Module, site: str | None = None) -> list[tuple[str, nn.Module]]:
+    """(path, module) of every site converted by dynamic-k: MLPs and projections, or only ``site``
+    (``"mlp"``, ``"attention"`` for every projection)."""
+    out = patched(model, METHOD)
+    if site is None:
+        return out
+    if site == "attention":
+        return [(p, m) for p, m in out if m._condify_patch.info["site"] != "mlp"]
+    return [(p, m) for p, m in out if m._condify_patch.info["site"] == site]
 
 
-def set_mode(model: nn.Module, mode: str) -> None:
-    """Switch every converted MLP to ``"sparse"``, ``"oracle"`` or ``"dense"`` execution."""
+Sites = list[tuple[str, nn.Module]]
+
+
+def set_mode(model: nn.Module, mode: str, sites: Sites | None = None) -> None:
+    """Switch every converted site (or only ``sites``) to one of :data:`MODES`."""
     if mode not in MODES:
         raise ValueError(f"dynamic-k: mode must be one of {MODES}, got {mode!r}")
-    for _, m in converted(model):
+    for _, m in converted(model) if sites is None else sites:
         m._condify_patch.info["mode"] = mode
 
 
 @contextlib.contextmanager
-def mode(model: nn.Module, name: str) -> Iterator[None]:
-    """Temporarily run the converted MLPs in mode ``name`` (e.g. ``with mode(model, "oracle"): ...``)."""
-    old = [(m, m._condify_patch.info.get("mode", "sparse")) for _, m in converted(model)]
-    set_mode(model, name)
+def mode(model: nn.Module, name: str, sites: Sites | None = None) -> Iterator[None]:
+    """Temporarily run the converted sites (or only ``sites``) in mode ``name``
+    (e.g. ``with mode(model, "oracle"): ...``)."""
+    sites = converted(model) if sites is None else sites
+    old = [(m, m._condify_patch.info.get("mode", "sparse")) for _, m in sites]
+    set_mode(model, name, sites)
     try:
         yield
     finally:
@@ -198,10 +261,11 @@ def track_executed(model: nn.Module) -> Iterator[dict[str, list[int]]]:
             m._condify_patch.info.pop("track", None)
 
 
-def executed_fraction(stats: dict[str, list[int]]) -> float:
-    """Fraction of expert compute executed over all tracked layers."""
-    sel = sum(v[0] for v in stats.values())
-    tot = sum(v[1] for v in stats.values())
+def executed_fraction(stats: dict[str, list[int]], paths: list[str] | None = None) -> float:
+    """Fraction of expert compute executed over the tracked sites (all, or those in ``paths``)."""
+    keys = stats if paths is None else [p for p in paths if p in stats]
+    sel = sum(stats[k][0] for k in keys)
+    tot = sum(stats[k][1] for k in keys)
     return sel / tot if tot else float("nan")
 
 

@@ -1,4 +1,4 @@
-"""Structural part of dynamic-k: check, patch the MLPs, cluster and permute neurons in place."""
+"""Structural part of dynamic-k: check, patch the MLPs (and projections), cluster and permute in place."""
 
 from __future__ import annotations
 
@@ -10,7 +10,16 @@ from ...config import ConfigError
 from ...convert import patch
 from .clustering import balanced_kmeans, permutation
 from .config import DynamicKConfig
-from .modules import METHOD, ExpertLayout, Router, converted, model_activation, moe_forward
+from .modules import (
+    METHOD,
+    PROJECTION,
+    ExpertLayout,
+    ProjectionMLP,
+    Router,
+    converted,
+    model_activation,
+    moe_forward,
+)
 
 
 def _indices(model: nn.Module, adapter: Adapter, cfg: DynamicKConfig) -> list[int]:
@@ -32,11 +41,33 @@ def activation_name(model: nn.Module, cfg: DynamicKConfig) -> str:
     return act
 
 
+def projections(adapter: Adapter) -> list[str]:
+    """Names of the attention projections (relative to the attention module)."""
+    return [n for n in (adapter.q, adapter.k, adapter.v, adapter.qkv, adapter.o) if n is not None]
+
+
+def projection_shape(proj: nn.Module, adapter: Adapter) -> tuple[int, int]:
+    """(d_in, d_out) of a projection (nn.Linear, or GPT-2 Conv1D)."""
+    w = getattr(proj, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        raise ConfigError(
+            f"dynamic-k: attention=True needs linear projections, got {type(proj).__name__}; "
+            "use attention=False"
+        )
+    d_out, d_in = w.t().shape if adapter.conv1d else w.shape
+    return d_in, d_out
+
+
 def plan(model: nn.Module, adapter: Adapter, cfg: DynamicKConfig) -> list[str]:
     activation_name(model, cfg)
     layers = adapter.layer_list(model)
     paths = []
     for i in _indices(model, adapter, cfg):
+        if cfg.attention:
+            attn = layers[i].get_submodule(adapter.attn)
+            for name in projections(adapter):
+                projection_shape(attn.get_submodule(name), adapter)
+                paths.append(f"{adapter.layers}.{i}.{adapter.attn}.{name}")
         mlp = layers[i].get_submodule(adapter.mlp)
         inter = adapter.mlp_weights(mlp)["up"].shape[0]
         if inter % cfg.expert_size:
@@ -73,10 +104,38 @@ def gate_features(mlp: nn.Module, adapter: Adapter) -> torch.Tensor:
     return rows if b is None else torch.cat([rows, b[:, None]], dim=1)
 
 
+def _apply_projection(
+    proj: nn.Module, name: str, i: int, adapter: Adapter, cfg: DynamicKConfig, from_checkpoint: bool
+) -> None:
+    d_in, d_out = projection_shape(proj, adapter)
+    h, s = cfg.projection_width(d_in, d_out)
+    w = proj.weight
+    bias = getattr(proj, "bias", None)
+    mlp = ProjectionMLP(d_in, h, d_out, bias=bias is not None).to(device=w.device, dtype=w.dtype)
+    if not from_checkpoint:
+        mlp.init_from_linear(w.t() if adapter.conv1d else w, bias)
+    children = {
+        "expert_mlp": mlp,
+        "router": Router(d_in, cfg.router_width, h // s).to(device=w.device, dtype=w.dtype),
+        "expert_layout": ExpertLayout(torch.arange(h), cfg.tau).to(w.device),
+    }
+    patch(
+        proj, METHOD, moe_forward, children=children,
+        adapter=PROJECTION, expert_size=s, experts=h // s, activation="relu", layer=i, site=name,
+    )  # fmt: skip
+    if not from_checkpoint and cfg.clustering == "gate" and 1 < h // s < h:
+        labels = balanced_kmeans(gate_features(proj, PROJECTION), h // s, seed=i)
+        relayout_(proj, PROJECTION, permutation(labels))
+
+
 def apply(model: nn.Module, adapter: Adapter, cfg: DynamicKConfig, from_checkpoint: bool) -> None:
     act = activation_name(model, cfg)
     layers = adapter.layer_list(model)
     for i in _indices(model, adapter, cfg):
+        if cfg.attention:
+            attn = layers[i].get_submodule(adapter.attn)
+            for name in projections(adapter):
+                _apply_projection(attn.get_submodule(name), name, i, adapter, cfg, from_checkpoint)
         mlp = layers[i].get_submodule(adapter.mlp)
         up = adapter.mlp_weights(mlp)["up"]
         inter, d = up.shape
@@ -93,6 +152,7 @@ def apply(model: nn.Module, adapter: Adapter, cfg: DynamicKConfig, from_checkpoi
             experts=experts,
             activation=act,
             layer=i,
+            site="mlp",
         )
         if not from_checkpoint and cfg.clustering == "gate" and 1 < experts < inter:
             labels = balanced_kmeans(gate_features(mlp, adapter), experts, seed=i)
@@ -100,6 +160,7 @@ def apply(model: nn.Module, adapter: Adapter, cfg: DynamicKConfig, from_checkpoi
 
 
 def remove(model: nn.Module, adapter: Adapter, cfg: DynamicKConfig) -> None:
-    """Restore the original neuron order exactly (before the children are removed)."""
-    for _, mlp in converted(model):
+    """Restore the original neuron order exactly (before the children are removed); projections keep
+    their original weights throughout, so dropping their children restores them."""
+    for _, mlp in converted(model, "mlp"):
         permute_(mlp, adapter, torch.argsort(mlp.expert_layout.perm))

@@ -77,7 +77,7 @@ def _activation(z, ACT: tl.constexpr):
 
 @triton.autotune(
     configs=_configs(),
-    key=["T_BUCKET", "D", "I", "S", "GROUPED", "HAS_GATE"],
+    key=["T_BUCKET", "D", "D_OUT", "I", "S", "GROUPED", "HAS_GATE"],
     prune_configs_by={"early_config_prune": _prune},
     reset_to_zero=["out_ptr"],
 )
@@ -89,13 +89,14 @@ def _expert_mlp_kernel(
     b_up_ptr,
     b_gate_ptr,
     w_down_ptr,
-    out_ptr,  # (T, D) fp32, zero-initialised
+    out_ptr,  # (T, D_OUT) fp32, zero-initialised
     mask_ptr,  # (T, E) bool, GROUPED=False
     tok_ptr,  # (E*T,) int32 tokens sorted expert-major, GROUPED=True
     off_ptr,  # (E,) int32 start of each expert's tokens in tok_ptr
     cnt_ptr,  # (E,) int32 number of tokens of each expert
     T,
     D,
+    D_OUT,
     I,  # noqa: E741  (intermediate size, as in the papers)
     E,
     T_BUCKET,  # autotune key only
@@ -162,9 +163,9 @@ def _expert_mlp_kernel(
         h = tl.where(valid[:, None] & n_ok[None, :], h, 0.0)
         if not UPCAST:
             h = h.to(w_down_ptr.dtype.element_ty)
-        for d0 in range(0, D, BLOCK_D):
+        for d0 in range(0, D_OUT, BLOCK_D):
             rd = d0 + tl.arange(0, BLOCK_D)
-            d_ok = rd < D
+            d_ok = rd < D_OUT
             wd = tl.load(
                 w_down_ptr + rd[None, :] * I + neuron[:, None], mask=n_ok[:, None] & d_ok[None, :], other=0.0
             )
@@ -172,7 +173,7 @@ def _expert_mlp_kernel(
                 wd = wd.to(tl.float32)
             y = tl.dot(h, wd, input_precision=PRECISION)
             tl.atomic_add(
-                out_ptr + tok64[:, None] * D + rd[None, :],
+                out_ptr + tok64[:, None] * D_OUT + rd[None, :],
                 y,
                 mask=valid[:, None] & d_ok[None, :],
                 sem="relaxed",
@@ -218,7 +219,7 @@ def expert_mlp_launch(
     T, D = x.shape
     inter = w_up.shape[0]
     E = inter // expert_size
-    out = torch.zeros(T, D, device=x.device, dtype=torch.float32)
+    out = torch.zeros(T, w_down.shape[0], device=x.device, dtype=torch.float32)
     if T == 0:
         return out.to(x.dtype)
     grouped = T > GROUPED_MIN_TOKENS if grouped is None else grouped
@@ -246,6 +247,7 @@ def expert_mlp_launch(
         cnt,
         T,
         D,
+        w_down.shape[0],
         inter,
         E,
         triton.next_power_of_2(T),
