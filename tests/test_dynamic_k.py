@@ -147,6 +147,36 @@ def test_router_regression_target_sparsity_and_oracle() -> None:
     assert condify.applied_configs(model)[0].target_sparsity == 0.5
 
 
+def test_order_experts_keeps_function_and_joins_runs() -> None:
+    from condify.methods.dynamic_k.calibrate import _collect_inputs, order_experts_, runs_per_token
+    from condify.training import as_batches
+
+    model = tiny("llama", inter=128)
+    condify.modify(model, "dynamic-k", expert_size=8)
+    batches = data(8)
+    condify.calibrate(model, batches, router_steps=50, target_sparsity=0.5, reorder=False, progress=False)
+    x, before = ids(3, 20), snapshot(model)
+    ref = logits(model, x)
+    cal = _collect_inputs(model, as_batches(batches, torch.device("cpu")), 1024)
+    res = order_experts_(model, cal)
+    torch.testing.assert_close(logits(model, x), ref, atol=1e-5, rtol=0)  # same selections, same function
+    runs = [
+        runs_per_token(select(m.router(cal[p][0]), float(m.expert_layout.tau))) for p, m in converted(model)
+    ]
+    assert sum(runs) / len(runs) == pytest.approx(res["runs_per_token_after"])
+    assert res["runs_per_token_after"] < res["runs_per_token_before"]
+    # a planted structure: experts {0, 5} and {2, 7} always run together -> one run each after ordering
+    from condify.methods.dynamic_k.calibrate import adjacent_order
+
+    planted = torch.zeros(100, 8, dtype=torch.bool)
+    planted[::2, [0, 5]] = True
+    planted[1::2, [2, 7]] = True
+    assert runs_per_token(planted) == 2 and runs_per_token(planted[:, adjacent_order(planted)]) == 1
+    assert runs_per_token(torch.tensor([[1, 1, 0, 1], [0, 0, 0, 0], [1, 0, 1, 0]], dtype=torch.bool)) == 4 / 3
+    condify.unmodify(model)
+    assert snapshot(model).keys() < before.keys()
+
+
 def test_sparsify_step_relu_and_hoyer() -> None:
     model = tiny("qwen2")
     condify.modify(model, "dynamic-k", expert_size=8)
