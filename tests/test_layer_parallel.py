@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from inspect import signature
+
 import pytest
 import torch
 from tiny import tiny
@@ -17,8 +19,11 @@ def manual_forward(model, ids: torch.Tensor, pairs: list[tuple[int, int]]) -> to
     x = inner.embed_tokens(ids)
     pos = torch.arange(ids.shape[1])[None]
     rope = inner.rotary_emb(x, position_ids=pos)
+    no_cache = {
+        k: None for k in ("cache", "past_key_values") if k in signature(create_causal_mask).parameters
+    }
     mask = create_causal_mask(
-        config=model.config, inputs_embeds=x, attention_mask=None, past_key_values=None, position_ids=pos
+        config=model.config, inputs_embeds=x, attention_mask=None, position_ids=pos, **no_cache
     )
     starts = {a: b for a, b in pairs}
 

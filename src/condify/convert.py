@@ -213,13 +213,30 @@ def _signature(cls: type) -> tuple[inspect.Signature, str | None]:
     return sig, next((n for n, p in sig.parameters.items() if p.kind is p.VAR_KEYWORD), None)
 
 
+_CACHE_NAMES = ("cache", "past_key_values")
+
+
+def cache_key(module: nn.Module) -> str:
+    """The keyword under which ``module.forward`` takes the KV cache: ``cache`` since transformers 5.24,
+    ``past_key_values`` before."""
+    return "cache" if "cache" in _signature(type(module))[0].parameters else "past_key_values"
+
+
 def split_layer_args(
     layer: nn.Module, args: tuple, kwargs: dict[str, Any]
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Split a decoder-layer call into ``hidden_states`` and the remaining arguments, by name."""
+    """Split a decoder-layer call into ``hidden_states`` and the remaining arguments, by name.
+
+    The KV cache is returned under the layer's own keyword (:func:`cache_key`), whichever name the
+    caller used."""
     sig, var_kw = _signature(type(layer))
     named = dict(sig.bind(layer, *args, **kwargs).arguments)
     named.pop("self")
     extra = named.pop(var_kw, {}) if var_kw else {}
     hidden = named.pop("hidden_states")
-    return hidden, {**named, **extra}
+    out = {**named, **extra}
+    caches = [out.pop(n) for n in _CACHE_NAMES if n in out]
+    cache = next((c for c in caches if c is not None), None)
+    if caches:
+        out[cache_key(layer)] = cache
+    return hidden, out

@@ -23,7 +23,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
 from ...adapters import Adapter
-from ...convert import split_layer_args
+from ...convert import cache_key, split_layer_args
 
 
 def _attn_update(a: Adapter, layer: nn.Module, x: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
@@ -142,14 +142,14 @@ def _fused(
     v = v.view(b, t, nkv, hd).transpose(1, 2)
     cos, sin = kw["position_embeddings"]
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    cache = kw.get("past_key_values")
+    cache = kw.get(cache_key(attn))
     if cache is not None:
         k, v = cache.update(k, v, attn.layer_idx)
     attention = ALL_ATTENTION_FUNCTIONS.get_interface(cfg._attn_implementation, eager_attention_forward)
     extra = {
         k_: v_
         for k_, v_ in kw.items()
-        if k_ not in ("position_embeddings", "past_key_values", "attention_mask")
+        if k_ not in ("position_embeddings", "past_key_values", "cache", "attention_mask")
     }
     out, _ = attention(
         attn,

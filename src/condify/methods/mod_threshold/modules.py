@@ -34,7 +34,7 @@ from torch import nn
 
 from ...adapters import Adapter
 from ...cache import ragged_layer
-from ...convert import check_finite, split_layer_args
+from ...convert import cache_key, check_finite, split_layer_args
 
 _DROP = ("encoder_hidden_states", "encoder_attention_mask", "output_attentions", "use_cache")
 
@@ -142,7 +142,8 @@ def gated_forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
     if cfg.debug_checks:
         check_finite(f"mod-threshold layer {idx}: hidden states", x)
     b, t, _ = x.shape
-    cache = kw.pop("past_key_values", None)
+    ck = cache_key(attn)
+    cache = kw.pop(ck, None)
     kw.pop("attention_mask", None)
     pos_ids = kw.pop("position_ids", None)
     cos, sin = kw.pop("position_embeddings")
@@ -177,8 +178,8 @@ def gated_forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
         kw.update(
             position_embeddings=(cos, sin),
             attention_mask=_mask(slots, ks, kvalid, window, x.dtype),
-            past_key_values=cache if layer_cache is not None else None,
         )
+        kw[ck] = cache if layer_cache is not None else None
         return _updates(self, a, x, gate[..., None], kw)
 
     compact_tokens, scatter_tokens = _ops()
@@ -208,7 +209,7 @@ def gated_forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
     kw.update(
         position_embeddings=(rows(cos), rows(sin)),
         attention_mask=None if fast else _mask(qs, ks, kvalid, window, x.dtype),
-        past_key_values=cache if layer_cache is not None else None,
     )
+    kw[ck] = cache if layer_cache is not None else None
     out = _updates(self, a, xg, None, kw)
     return scatter_tokens(x, out - xg, index, count)
