@@ -107,7 +107,7 @@ def _setup(args: argparse.Namespace):
 def quality(args: argparse.Namespace) -> None:
     """Router-only, then full calibration per capacity; held-out ppl, keep-rates, KV bytes."""
     dense, tok, test = _setup(args)
-    n_batches = max(args.router_steps, args.steps, 1)
+    n_batches = max(args.router_steps, args.steps, args.fit_batches, 1)
     train = data.train_batches(tok, n_batches, batch_size=args.batch, seq_len=args.seq_len)
     ids512 = torch.cat(test).flatten()[:512][None]
     t0 = time.time()
@@ -117,13 +117,17 @@ def quality(args: argparse.Namespace) -> None:
     rows, rates = [], {}
     for c in args.capacities:
         model = copy.deepcopy(dense)
-        condify.modify(model, method="mod-threshold", capacity=c)
+        condify.modify(model, method="mod-threshold", capacity=c, sink_tokens=args.sink_tokens)
         gated = condify.applied_configs(model)[0].resolve(len(model.model.layers))
         r1 = condify.calibrate(
-            model, train, capacity=c, train="routers", steps=args.router_steps, progress=False
-        )
+            model, train, capacity=c, train="routers", steps=args.router_steps,
+            fit_batches=args.fit_batches, progress=False,
+        )  # fmt: skip
         ppl_router = _ppl(model, test)
-        r2 = condify.calibrate(model, train, capacity=c, train="all", steps=args.steps, progress=False)
+        r2 = condify.calibrate(
+            model, train, capacity=c, train="all", steps=args.steps, lr=args.lr,
+            fit_batches=args.fit_batches, progress=False,
+        )  # fmt: skip
         ppl_full = _ppl(model, test)
         held = keep_rates(model, test)
         kv, kv_gated = _kv(model, ids512, gated)
@@ -186,14 +190,85 @@ def speed(args: argparse.Namespace) -> None:
     print(json.dumps(out), flush=True)
 
 
+def profile(args: argparse.Namespace) -> None:
+    """Where prefill time goes: whole-model prefill of 512 tokens with ``torch.profiler``, dense vs capacity
+    0.5 (training-free routers), the top ops by self CPU time, and the per-layer time of gated vs plain
+    layers (forward hooks, median over repeats). Writes ``<out>_profile.md``."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    dense, tok, _ = _setup(args)
+    fit = data.train_batches(tok, 2, batch_size=1, seq_len=256)
+    ids512 = torch.cat(data.eval_batches(tok, "test", 1, 512, batch_size=1)).flatten()[:512][None]
+    model = copy.deepcopy(dense)
+    condify.modify(model, method="mod-threshold", capacity=0.5)
+    condify.calibrate(model, fit, capacity=0.5, steps=0, progress=False)
+    keep = keep_rates(model, ids512)
+    layer_t: dict[str, dict[int, list[float]]] = {"dense": {}, "c=0.5": {}}
+    lines = [f"# mod-threshold prefill profile, 512 tokens, capacity 0.5 (mean keep on the prompt "
+             f"{statistics.mean(keep.values()):.2f}), {args.threads} thread(s)", ""]  # fmt: skip
+    for name, m in (("dense", dense), ("c=0.5", model)):
+        hooks = []
+        for i, layer in enumerate(m.model.layers):
+            t0: dict[str, float] = {}
+            hooks.append(
+                layer.register_forward_pre_hook(lambda mod, a, t0=t0: t0.update(t=time.perf_counter()))
+            )
+            hooks.append(
+                layer.register_forward_hook(
+                    lambda mod, a, o, t0=t0, i=i, name=name: (
+                        layer_t[name].setdefault(i, []).append(time.perf_counter() - t0["t"])
+                    )
+                )
+            )
+        with torch.inference_mode():
+            for _ in range(args.repeats + 1):
+                m(input_ids=ids512, use_cache=True, logits_to_keep=1)
+        for h in hooks:
+            h.remove()
+        with torch.inference_mode(), torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            m(input_ids=ids512, use_cache=True, logits_to_keep=1)
+        lines += [f"## {name}: top ops by self CPU time", "", "```",
+                  prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), "```", ""]  # fmt: skip
+    gated = set(keep)
+    med = {n: {i: statistics.median(v[1:]) for i, v in t.items()} for n, t in layer_t.items()}
+    g = [med["c=0.5"][i] / med["dense"][i] for i in gated]
+    u = [med["c=0.5"][i] / med["dense"][i] for i in med["dense"] if i not in gated]
+    lines += [
+        "## per-layer time, converted / dense (median over repeats)",
+        "",
+        f"- gated layers (keep ~{statistics.mean(keep.values()):.2f}): mean ratio {statistics.mean(g):.3f} "
+        f"(ideal at this keep-rate: {statistics.mean(keep.values()):.3f} plus the router)",
+        f"- ungated layers: mean ratio {statistics.mean(u):.3f} (ideal 1.0)",
+        f"- dense layer time: {1e3 * statistics.mean(med['dense'].values()):.1f} ms; "
+        f"sum over layers dense {1e3 * sum(med['dense'].values()):.0f} ms, converted "
+        f"{1e3 * sum(med['c=0.5'].values()):.0f} ms",
+        "",
+        "| layer | keep | dense ms | converted ms | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for i in sorted(med["dense"]):
+        k = f"{keep[i]:.2f}" if i in keep else "-"
+        lines.append(
+            f"| {i} | {k} | {1e3 * med['dense'][i]:.1f} | {1e3 * med['c=0.5'][i]:.1f} | "
+            f"{med['c=0.5'][i] / med['dense'][i]:.3f} |"
+        )
+    out = args.out.with_name(args.out.stem + "_profile.md")
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[-40:]))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("part", choices=["quality", "speed", "report", "all"], nargs="?", default="all")
+    p.add_argument("part", choices=["quality", "speed", "profile", "report", "all"], nargs="?", default="all")
     p.add_argument("--capacities", type=float, nargs="+", default=[0.5, 0.75, 0.9])
     p.add_argument("--router-steps", type=int, default=4)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--lr", type=float, default=5e-5, help="learning rate of the decoder layers")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--sink-tokens", type=int, default=0, help="first tokens that take every layer")
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--fit-batches", type=int, default=8, help="batches the router biases are fitted on")
     p.add_argument("--eval-sequences", type=int, default=4)
     p.add_argument("--eval-len", type=int, default=256)
     p.add_argument("--repeats", type=int, default=2)
@@ -204,6 +279,8 @@ def main() -> None:
         quality(args)
     if args.part in ("speed", "all"):
         speed(args)
+    if args.part == "profile":
+        profile(args)
     if args.part in ("report", "all"):
         _write(args)
 

@@ -1,8 +1,10 @@
 """dynamic-k: dense FFNs -> dynamic-k mixtures of experts (D2DMoE, arXiv 2310.04361).
 
 ``modify`` groups MLP neurons into equal-size experts (contiguous blocks, permuted in place) and
-adds a norm-regressing ``router`` per MLP; ``calibrate`` sparsifies activations, clusters, trains the
-routers and sets thresholds (see :mod:`.calibrate`). Runtime helpers: ``mode(model, "oracle")``
+adds a norm-regressing ``router`` per MLP; with ``attention=True`` every attention projection gets a
+``Linear -> ReLU -> Linear`` replacement that is MoE-fied the same way. ``calibrate`` distils the
+projections, sparsifies activations, clusters, trains the routers, sets thresholds and orders the
+experts (see :mod:`.calibrate`). Runtime helpers: ``mode(model, "oracle")``
 selects by true expert norms (router error vs layout error), ``set_tau`` changes thresholds,
 ``track_executed`` counts the executed expert compute.
 
