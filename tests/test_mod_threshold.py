@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Mi
 import condify
 from condify.cache import RaggedCache, RaggedLayer
 from condify.convert import patched
+from condify.methods import mod_threshold
 from condify.methods.mod_threshold import ModThresholdConfig, keep_rates
 
 COMMON = dict(
@@ -164,7 +165,7 @@ def test_kv_bytes_lower_and_ragged() -> None:
 
 def test_all_skipped_layer_and_nan_handling() -> None:
     model = tiny("llama")
-    condify.modify(model, method="mod-threshold", debug_checks=True)
+    condify.modify(model, method="mod-threshold", debug_checks=True, sink_tokens=0)
     with torch.no_grad():
         for _, layer in patched(model, "mod-threshold"):
             layer.router.bias.fill_(-50.0)  # nobody takes the gated layers
@@ -294,3 +295,52 @@ def test_smollm2_dense_at_init_and_cached_generate() -> None:
     torch.testing.assert_close(out[mask.bool()], ref[mask.bool()], atol=1e-4, rtol=0)
     randomize_routers(model)
     _generate_equal(model, ids, mask, new=8)
+
+
+def test_default_layers_and_version1_checkpoint_config() -> None:
+    assert ModThresholdConfig().resolve(30) == list(range(3, 28, 2))  # not 0-2, not the last two
+    assert ModThresholdConfig().resolve(8) == [3, 5]
+    assert ModThresholdConfig().resolve(6) == [1, 3]  # small models: every other layer from 1
+    old = ModThresholdConfig.from_dict({"method": "mod-threshold", "version": 1, "layers": None})
+    assert old.resolve(30) == list(range(1, 29, 2)) and old.sink_tokens == 0
+    model = tiny("llama")
+    condify.modify(model, method="mod-threshold")
+    assert condify.applied_configs(model)[0].to_dict()["layers"] == [1, 3]  # saved explicitly
+
+
+def test_sink_tokens_are_the_first_real_tokens_under_left_padding() -> None:
+    model = tiny("llama")
+    condify.modify(model, method="mod-threshold", sink_tokens=2)
+    with torch.no_grad():
+        for _, layer in patched(model, "mod-threshold"):
+            layer.router.bias.fill_(-50.0)  # only the sinks take the gated layers
+    ids, mask = left_padded(4, 12)
+    rates = keep_rates(model, [{"input_ids": ids, "attention_mask": mask}])
+    assert all(r == pytest.approx(2 * 4 / int(mask.sum())) for r in rates.values())
+    state = next(iter(patched(model, "mod-threshold")))[1]._condify_patch.info["state"]
+    state.record = {}
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    _, keep, _, _ = state.record[1]
+    first = mask.argmax(1)  # index of the first real token
+    for b in range(4):
+        assert keep[b].nonzero().flatten().tolist() == [first[b].item(), first[b].item() + 1]
+    state.record = None
+
+
+def test_layer_sensitivity_finds_an_inert_layer_and_leaves_the_model_unchanged() -> None:
+    model = tiny("llama")
+    with torch.no_grad():  # layer 2 adds nothing to the residual stream: skipping it is free
+        model.model.layers[2].self_attn.o_proj.weight.zero_()
+        model.model.layers[2].mlp.down_proj.weight.zero_()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    data = [torch.randint(3, 128, (2, 24)) for _ in range(2)]
+    sens = mod_threshold.layer_sensitivity(model, data, capacity=0.5, progress=False)
+    assert sorted(sens) == [1, 2, 3, 4]
+    assert sens[2] == pytest.approx(0.0, abs=1e-7) and all(sens[i] > 1e-5 for i in (1, 3, 4)), sens
+    assert mod_threshold.least_sensitive_layers(model, data, 1, progress=False) == [2]
+    assert condify.applied_configs(model) == [] and not patched(model)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    condify.modify(model, method="mod-threshold")
+    with pytest.raises(condify.ConfigError, match="before modify"):
+        mod_threshold.layer_sensitivity(model, data, progress=False)

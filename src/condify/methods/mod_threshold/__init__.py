@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ... import registry
-from .calibrate import calibrate, keep_rates
+from .calibrate import calibrate, keep_rates, layer_sensitivity, least_sensitive_layers
 from .config import ModThresholdConfig
 from .transform import apply, plan, remove
 
@@ -48,4 +48,4 @@ registry.register(
     )
 )
 
-__all__ = ["ModThresholdConfig", "keep_rates"]
+__all__ = ["ModThresholdConfig", "keep_rates", "layer_sensitivity", "least_sensitive_layers"]

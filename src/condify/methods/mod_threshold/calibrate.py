@@ -25,9 +25,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...adapters import Adapter
+from ...adapters import Adapter, get_adapter
 from ...config import ConfigError, in_range
-from ...convert import patched, unmodify
+from ...convert import applied_configs, modify, patched, unmodify
 from ...training import Batch, kl_loss, lm_loss, mean_nll
 from .config import ModThresholdConfig
 from .modules import RouterState, quantile_shift
@@ -68,7 +68,7 @@ def keep_rates(model: nn.Module, batches: list[Batch] | Any) -> dict[int, float]
     try:
         for b in batches:
             _forward_routes(model, b)
-            for i, (_, keep, real) in state.record.items():
+            for i, (_, keep, real, _) in state.record.items():
                 n = keep.numel() if real is None else real.sum()
                 kept[i] = kept.get(i, 0.0) + float(keep.sum())
                 total[i] = total.get(i, 0.0) + float(n)
@@ -289,8 +289,8 @@ def calibrate(
                 sched.step()
                 rates = []
                 with torch.no_grad():
-                    for i, (g, keep, real) in rec.items():
-                        shift = quantile_shift(g.detach(), real, c_t, cfg.threshold)
+                    for i, (g, keep, real, forced) in rec.items():
+                        shift = quantile_shift(g.detach(), real, c_t, cfg.threshold, forced)
                         gated[i].router.bias += (1 - bias_momentum) * shift
                         rates.append(
                             float(keep.float().mean() if real is None else keep[real].float().mean())
@@ -319,3 +319,68 @@ def calibrate(
     for i, layer in gated.items():  # shown by condify.describe
         layer._condify_patch.info["keep_rate"] = round(measured[i], 3)
     return result
+
+
+@torch.no_grad()
+def layer_sensitivity(
+    model: nn.Module,
+    batches: list[Batch] | Any,
+    *,
+    capacity: float = 0.5,
+    candidates: list[int] | None = None,
+    holdout: list[Batch] | Any | None = None,
+    progress: bool = True,
+    **options: Any,
+) -> dict[int, float]:
+    """Mean per-token KL(model || gated) in nats when one layer alone is gated at ``capacity``, per candidate.
+
+    Training-free: each candidate is converted alone (``modify(..., layers=[i], **options)``), its router
+    initialised and its bias fitted on ``batches`` (:func:`init_routers`, :func:`fit_biases`), compared
+    with the model as it came on ``holdout`` (default: ``batches``), then converted back (``unmodify``:
+    the model is left as it came). ``candidates`` default to every layer but the first and the last.
+    Cost: four forwards of the data per candidate.
+    """
+    from ...training import as_batches
+
+    if any(c.method == "mod-threshold" for c in applied_configs(model)):
+        raise ConfigError(
+            "layer_sensitivity: the model already has mod-threshold; pass the model before modify"
+        )
+    device = next(model.parameters()).device
+    batches = as_batches(batches, device)
+    holdout = batches if holdout is None else as_batches(holdout, device)
+    n = len(get_adapter(model).layer_list(model))
+    candidates = list(range(1, n - 1)) if candidates is None else list(candidates)
+    was_training = model.training
+    model.eval()
+    out: dict[int, float] = {}
+    try:
+        for i in tqdm(candidates, desc="mod-threshold: layer sensitivity", disable=not progress, leave=False):
+            modify(model, "mod-threshold", **{**options, "layers": [i], "capacity": capacity})
+            try:
+                init_routers(model, batches)
+                fit_biases(model, batches, capacity)
+                state, total = _state(model), 0.0
+                for b in holdout:
+                    state.keep_all = True
+                    try:
+                        ref = model(**b, use_cache=False).logits
+                    finally:
+                        state.keep_all = False
+                    total += float(kl_loss(model(**b, use_cache=False).logits, ref, b))
+                out[i] = total / len(holdout)
+            finally:
+                unmodify(model, "mod-threshold")
+    finally:
+        model.train(was_training)
+    return out
+
+
+def least_sensitive_layers(
+    model: nn.Module, batches: list[Batch] | Any, num: int, **kwargs: Any
+) -> list[int]:
+    """The ``num`` layers whose gating costs least by :func:`layer_sensitivity` (same arguments), sorted."""
+    sens = layer_sensitivity(model, batches, **kwargs)
+    if not 1 <= num <= len(sens):
+        raise ConfigError(f"least_sensitive_layers: `num` must be in [1, {len(sens)}], got {num}")
+    return sorted(sorted(sens, key=sens.__getitem__)[:num])

@@ -43,13 +43,14 @@ class RouterState:
     """Runtime state shared by the gated layers of one model (never saved).
 
     ``mask2d``: the 2-D padding mask of the current forward, captured by a pre-hook on the decoder
-    stack. ``record``: when a dict, each gated layer stores ``(logits, keep, real)`` of its last call.
+    stack. ``record``: when a dict, each gated layer stores ``(logits, keep, real, forced)`` of its last call
+    (``forced``: the sink tokens, or None).
     ``fit`` and ``keep_all`` serve calibration (see :mod:`.calibrate`).
     """
 
     def __init__(self) -> None:
         self.mask2d: torch.Tensor | None = None
-        self.record: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None
+        self.record: dict[int, tuple[torch.Tensor, ...]] | None = None
         self.fit: float | None = None  # capacity to fit router biases to, during one forward
         self.keep_all = False  # route every token (dense), e.g. to collect activations
 
@@ -66,6 +67,13 @@ class RouterState:
         if m is None or m.shape[0] != b or m.shape[1] < t:
             return None
         return m[:, -t:].to(device) != 0
+
+    def rank(self, slots: torch.Tensor) -> torch.Tensor:
+        """(B, T) index of each token among the real tokens of its sequence (``slots`` if unknown)."""
+        m, (b, t) = self.mask2d, slots.shape
+        if m is None or m.shape[0] != b or m.shape[1] < t:
+            return slots
+        return (m.to(slots.device).ne(0).long().cumsum(1) - 1)[:, -t:]
 
 
 @functools.cache
@@ -86,15 +94,27 @@ def _ops() -> tuple[Callable[..., Any], Callable[..., Any]]:
 
 
 def quantile_shift(
-    logits: torch.Tensor, real: torch.Tensor | None, capacity: float, threshold: float
+    logits: torch.Tensor,
+    real: torch.Tensor | None,
+    capacity: float,
+    threshold: float,
+    forced: torch.Tensor | None = None,
 ) -> float:
-    """Logit shift after which a fraction ``capacity`` of the (real) tokens has ``sigmoid >= threshold``."""
-    z = logits[real] if real is not None else logits.flatten()
+    """Logit shift after which a fraction ``capacity`` of the (real) tokens is kept, i.e. has
+    ``sigmoid >= threshold`` or is ``forced`` (sink tokens, kept whatever their gate)."""
     target = math.log(threshold / (1 - threshold))
+    if forced is not None:
+        n = logits.numel() if real is None else int(real.sum())
+        fixed = int(forced.sum() if real is None else (forced & real).sum())
+        capacity = (capacity * n - fixed) / max(n - fixed, 1)
+        real = ~forced if real is None else real & ~forced
+    z = logits[real] if real is not None else logits.flatten()
     if z.numel() == 0:
         return 0.0
     if capacity >= 1.0:
         return max(0.0, target - float(z.min()) + 1e-3)
+    if capacity <= 0.0:
+        return target - float(z.max()) - 1e-3
     return target - float(torch.quantile(z.double(), 1 - capacity))
 
 
@@ -145,30 +165,31 @@ def gated_forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
     ck = cache_key(attn)
     cache = kw.pop(ck, None)
     kw.pop("attention_mask", None)
-    pos_ids = kw.pop("position_ids", None)
+    kw.pop("position_ids", None)  # rotary comes in position_embeddings
     cos, sin = kw.pop("position_embeddings")
     layer_cache = ragged_layer(cache, idx, window) if cache is not None else None
     past = layer_cache.seen if layer_cache is not None else 0
     slots = (torch.arange(t, device=x.device) + past).expand(b, t)
 
     real = state.real_tokens(b, t, x.device)
+    # sink tokens: the first real tokens of each sequence, wherever padding puts them
+    forced = state.rank(slots) < cfg.sink_tokens if cfg.sink_tokens else None
     logits = self.router(x).squeeze(-1).float()
     if state.fit is not None:  # calibration: move the bias so a fraction `fit` of the tokens is kept
-        shift = quantile_shift(logits.detach(), real, state.fit, cfg.threshold)
+        shift = quantile_shift(logits.detach(), real, state.fit, cfg.threshold, forced)
         with torch.no_grad():
             self.router.bias += shift
         logits = logits + shift
     g = torch.sigmoid(logits)
     keep = ~(g < cfg.threshold)
-    if cfg.sink_tokens:
-        pos = pos_ids.expand(b, t) if pos_ids is not None else slots
-        keep = keep | (pos < cfg.sink_tokens)
+    if forced is not None:
+        keep = keep | forced
     if state.keep_all:
         keep = torch.ones_like(keep)
     if real is not None:
         keep = keep & real
     if state.record is not None:
-        state.record[idx] = (logits, keep, real)
+        state.record[idx] = (logits, keep, real, forced)
 
     if cfg.mode == "mask" or (self.training and torch.is_grad_enabled()):
         gate = keep.to(x.dtype)

@@ -76,6 +76,7 @@ def apply(model: nn.Module, adapter: Adapter, cfg: ModThresholdConfig, from_chec
             sliding_window=windows[i],
         )
     _owner(model, adapter).register_forward_pre_hook(state.capture, with_kwargs=True)
+    cfg.layers = cfg.resolve(len(layers))  # saved explicitly, whatever the default of this version
 
 
 def remove(model: nn.Module, adapter: Adapter, cfg: ModThresholdConfig) -> None:
