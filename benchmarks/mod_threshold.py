@@ -69,7 +69,7 @@ def _ppl(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
 def _kv(model: torch.nn.Module, ids: torch.Tensor, gated: list[int] | None = None) -> tuple[int, int]:
     """(all layers, gated layers only) KV bytes after a prefill of ``ids``."""
     with torch.inference_mode():
-        cache = model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+        cache = evaluate.output_cache(model(input_ids=ids, use_cache=True, logits_to_keep=1))
     total = evaluate.kv_cache_bytes(cache)
     idx = gated or []
     part = 0
@@ -104,18 +104,24 @@ def _setup(args: argparse.Namespace):
     return dense, tok, test
 
 
+def _quality_file(args: argparse.Namespace, c: float) -> Path:
+    return args.out.with_name(f"{args.out.stem}_quality_c{c}.json")
+
+
 def quality(args: argparse.Namespace) -> None:
-    """Router-only, then full calibration per capacity; held-out ppl, keep-rates, KV bytes."""
+    """Router-only, then full calibration per capacity; held-out ppl, keep-rates, KV bytes.
+
+    One JSON file per capacity (``<out>_quality_c<c>.json``), so capacities can run in parallel processes.
+    """
     dense, tok, test = _setup(args)
-    n_batches = max(args.router_steps, args.steps, args.fit_batches, 1)
+    n_batches = max(args.router_steps + args.steps, args.fit_batches, 1)
     train = data.train_batches(tok, n_batches, batch_size=args.batch, seq_len=args.seq_len)
     ids512 = torch.cat(test).flatten()[:512][None]
-    t0 = time.time()
     dense_ppl = _ppl(dense, test)
     dense_kv, _ = _kv(dense, ids512)
     print(f"dense ppl {dense_ppl:.3f}, kv {dense_kv}", flush=True)
-    rows, rates = [], {}
     for c in args.capacities:
+        t0 = time.time()
         model = copy.deepcopy(dense)
         condify.modify(model, method="mod-threshold", capacity=c, sink_tokens=args.sink_tokens)
         gated = condify.applied_configs(model)[0].resolve(len(model.model.layers))
@@ -124,38 +130,39 @@ def quality(args: argparse.Namespace) -> None:
             fit_batches=args.fit_batches, progress=False,
         )  # fmt: skip
         ppl_router = _ppl(model, test)
+        held_router = keep_rates(model, test)
         r2 = condify.calibrate(
-            model, train, capacity=c, train="all", steps=args.steps, lr=args.lr,
+            model, train[args.router_steps :], capacity=c, train="all", steps=args.steps, lr=args.lr,
             fit_batches=args.fit_batches, progress=False,
         )  # fmt: skip
         ppl_full = _ppl(model, test)
         held = keep_rates(model, test)
         kv, kv_gated = _kv(model, ids512, gated)
         dense_gated = dense_kv * len(gated) / dense.config.num_hidden_layers
-        rates[c] = held
-        rows.append(
-            {
-                "capacity": c,
-                "ppl_router": ppl_router / dense_ppl,
-                "ppl_full": ppl_full / dense_ppl,
-                "tokens_router": r1["tokens"],
-                "tokens_full": r1["tokens"] + r2["tokens"],
-                "keep_min": min(held.values()),
-                "keep_max": max(held.values()),
-                "kv_ratio": kv / dense_kv,
-                "kv_gated_ratio": kv_gated / dense_gated,
-                "losses_router": r1["losses"],
-                "losses_full": r2["losses"],
-            }
-        )
-        print(json.dumps({k: v for k, v in rows[-1].items() if not k.startswith("losses")}), flush=True)
-        partial = {
-            "rows": rows,
-            "rates": {str(k): v for k, v in rates.items()},
+        row = {
+            "capacity": c,
+            "gated_layers": gated,
+            "sink_tokens": args.sink_tokens,
+            "lr": args.lr,
+            "ppl_router": ppl_router / dense_ppl,
+            "ppl_full": ppl_full / dense_ppl,
+            "tokens_router": r1["tokens"],
+            "tokens_full": r1["tokens"] + r2["tokens"],
+            "keep_router": held_router,
+            "keep_min": min(held.values()),
+            "keep_max": max(held.values()),
+            "keep": held,
+            "keep_fit": r2["keep_rates"],
+            "kv_ratio": kv / dense_kv,
+            "kv_gated_ratio": kv_gated / dense_gated,
             "dense_ppl": dense_ppl,
             "seconds": time.time() - t0,
+            "losses_router": r1["losses"],
+            "losses_full": r2["losses"],
+            "environment": evaluate.environment(),
         }
-        args.out.with_suffix(".json").write_text(json.dumps(partial, indent=1))
+        print(json.dumps({k: v for k, v in row.items() if not k.startswith("losses")}), flush=True)
+        _quality_file(args, c).write_text(json.dumps(row, indent=1))
 
 
 def speed(args: argparse.Namespace) -> None:
@@ -264,9 +271,9 @@ def main() -> None:
     p.add_argument("--capacities", type=float, nargs="+", default=[0.5, 0.75, 0.9])
     p.add_argument("--router-steps", type=int, default=4)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--lr", type=float, default=5e-5, help="learning rate of the decoder layers")
+    p.add_argument("--lr", type=float, default=3e-4, help="learning rate of the decoder layers")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--sink-tokens", type=int, default=0, help="first tokens that take every layer")
+    p.add_argument("--sink-tokens", type=int, default=4, help="first tokens that take every layer")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--fit-batches", type=int, default=8, help="batches the router biases are fitted on")
     p.add_argument("--eval-sequences", type=int, default=4)
@@ -286,26 +293,25 @@ def main() -> None:
 
 
 def _write(args: argparse.Namespace) -> None:
-    """Render ``mod_threshold.md`` and the plot from the quality and speed JSON files."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out: Path = args.out
-    q = json.loads(out.with_suffix(".json").read_text())
+    rows = [json.loads(f.read_text()) for f in out.parent.glob(f"{out.stem}_quality_c*.json")]
+    rows.sort(key=lambda r: r["capacity"])
     speed_file = out.with_name(out.stem + "_speed.json")
     sp = json.loads(speed_file.read_text()) if speed_file.exists() else None
-    rows, rates = q["rows"], {float(k): {int(i): v for i, v in r.items()} for k, r in q["rates"].items()}
     fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
-    for c, r in sorted(rates.items()):
-        ax[0].plot(list(r), list(r.values()), "o-", label=f"target {c}")
-        ax[0].axhline(c, color="gray", lw=0.5, ls=":")
+    for r in rows:
+        keep = {int(i): v for i, v in r["keep"].items()}
+        ax[0].plot(list(keep), list(keep.values()), "o-", label=f"target {r['capacity']}")
+        ax[0].axhline(r["capacity"], color="gray", lw=0.5, ls=":")
     ax[0].set(
         xlabel="gated layer", ylabel="keep-rate (held-out)", title="keep-rate per gated layer", ylim=(0, 1)
     )
     ax[0].legend()
-    rows = sorted(rows, key=lambda r: r["capacity"])
     caps = [r["capacity"] for r in rows]
     ax[1].plot(caps, [r["ppl_router"] for r in rows], "o-", label="router-only")
     ax[1].plot(caps, [r["ppl_full"] for r in rows], "o-", label="+ continued training")
@@ -317,34 +323,40 @@ def _write(args: argparse.Namespace) -> None:
 
     nan: dict[str, float] = {}
     p512, p2048, dec = (sp[k] if sp else nan for k in ("prefill512_s", "prefill2048_s", "decode_tok_s"))
-    env = sp["environment"] if sp else {"device": "2-core CPU"}
+    env = (sp or rows[0])["environment"]
+    r0 = rows[0]
     lines = [
         "# mod-threshold on SmolLM2-135M (embedded), CPU",
         "",
-        f"Machine: {env.get('device', env)}, torch {env.get('torch', '?')}, {args.threads} threads, **shared "
-        "with other engineers' jobs during this session** (load average 7–12 on 2 cores): this process got "
-        "roughly a third of one core, so timings are noisy; every ratio is measured in one process with "
-        "the models interleaved.",
+        f"Machine: {env['device']}, {env['cpu_count']} cores, torch {env['torch']}, transformers "
+        f"{env['transformers']}, {env['date']}. Quality runs: {r0['environment']['torch_threads']} torch "
+        f"thread(s) per process; speed: {sp['environment']['torch_threads'] if sp else '-'} threads, alone on "
+        "the machine. Every speed ratio is measured in one process with the models interleaved (medians).",
         "",
-        "Commands (quality, speed, then this file):",
+        "Commands (the quality capacities ran as two parallel processes; then speed, profile, this file):",
         "",
         "```",
-        f".venv/bin/python benchmarks/mod_threshold.py quality --router-steps {args.router_steps} --steps "
-        f"{args.steps} --batch {args.batch} --seq-len {args.seq_len} --eval-sequences {args.eval_sequences} "
-        f"--eval-len {args.eval_len}",
+        f".venv/bin/python benchmarks/mod_threshold.py quality --capacities 0.75 --router-steps "
+        f"{args.router_steps} --steps {args.steps} --batch {args.batch} --seq-len {args.seq_len} "
+        f"--fit-batches {args.fit_batches} --eval-sequences {args.eval_sequences} --eval-len {args.eval_len} "
+        "--threads 1",
+        "(same with --capacities 0.5 0.9)",
         f".venv/bin/python benchmarks/mod_threshold.py speed --capacities "
         f"{' '.join(sp['keep_on_prompt']) if sp else '0.5'} --repeats {args.repeats}",
+        ".venv/bin/python benchmarks/mod_threshold.py profile",
         ".venv/bin/python benchmarks/mod_threshold.py report",
         "```",
         "",
-        f"Gated layers: 1, 3, ..., 27 (14 of 30), threshold 0.5. Held-out: {args.eval_sequences} × "
-        f"{args.eval_len} tokens of the test plays, dense perplexity {q['dense_ppl']:.2f}. Calibration text: "
-        f"train plays, batches of {args.batch} × {args.seq_len} tokens. **Router-only**: training-free router "
-        f"init (ridge regression of each token's relative layer update), then {args.router_steps} steps "
-        "training the routers with the model frozen (KL to dense). **+ training**: from there, "
-        f"{args.steps} steps training all decoder layers and routers (KL to dense, lr 5e-5, routers 1e-3), "
-        "capacity walked 1.0 → target over half the steps; router biases fitted to the target on the "
-        "calibration text at the end of each stage. Keep-rates: hard threshold on the held-out text.",
+        f"Gated layers (the default): {', '.join(map(str, r0['gated_layers']))} ({len(r0['gated_layers'])} of "
+        f"30), threshold 0.5, {r0['sink_tokens']} sink tokens. Held-out: {args.eval_sequences} × "
+        f"{args.eval_len} tokens of the test plays, dense perplexity {r0['dense_ppl']:.2f}. Calibration "
+        f"text: train plays, batches of {args.batch} × {args.seq_len} tokens. **Router-only**: training-free "
+        "router init (ridge regression of each token's relative layer update), then "
+        f"{args.router_steps} steps training the routers with the model frozen (KL to dense). **+ training**: "
+        f"from there, {args.steps} steps training all decoder layers and routers (KL to dense, lr "
+        f"{r0['lr']:g}, routers 1e-3), capacity walked 1.0 → target over half the steps; router biases "
+        f"fitted to the target on {args.fit_batches} calibration batches at the end of each stage. "
+        "Keep-rates: hard threshold on the held-out text.",
         "",
         "| capacity | ppl ×, router-only | ppl ×, + training | training tokens (router / total) | "
         "keep-rate held-out, min–max over layers | KV bytes × (all layers / gated layers) | prefill 512 × "
@@ -359,28 +371,31 @@ def _write(args: argparse.Namespace) -> None:
 
         decode = f"{dec[n] / dec['dense']:.2f}" if n in dec else "n/a"
         lines.append(
-            f"| {r['capacity']} | {r['ppl_router']:.2f} | {r['ppl_full']:.2f} | {r['tokens_router']:,} / "
+            f"| {r['capacity']} | {r['ppl_router']:.2f} | {r['ppl_full']:.3f} | {r['tokens_router']:,} / "
             f"{r['tokens_full']:,} | {r['keep_min']:.3f}–{r['keep_max']:.3f} | {r['kv_ratio']:.3f} / "
             f"{r['kv_gated_ratio']:.3f} | {ratio(p512, p512)} | {ratio(p2048, p2048)} | "
             f"{decode} |"
         )
-    lines += [
-        "",
-        "Speed: × = dense time / model time (> 1 is faster), batch 1; prefill medians (s) at 512 tokens: "
-        + ", ".join(f"{k} {v:.2f}" for k, v in p512.items())
-        + "; at 2048: "
-        + ", ".join(f"{k} {v:.2f}" for k, v in p2048.items())
-        + "; decode tok/s (64-token prompt, 16 new): "
-        + ", ".join(f"{k} {v:.1f}" for k, v in dec.items())
-        + ". The speed models use the training-free routers fitted to each capacity (speed depends on the "
-        "keep-rate, not on training); mean keep-rate on the 512-token prompt: "
-        + ", ".join(f"{k}: {v:.2f}" for k, v in (sp["keep_on_prompt"] if sp else {}).items())
-        + ".",
-        "",
-        f"![keep-rates and perplexity]({png.name})",
-        "",
-    ]
-    lines += [NOTES]
+    lines += ["", "Held-out keep-rate per gated layer after training:", ""]
+    lines += ["| capacity | " + " | ".join(map(str, r0["gated_layers"])) + " |"]
+    lines += ["|---|" + "---|" * len(r0["gated_layers"])]
+    for r in rows:
+        lines.append(f"| {r['capacity']} | " + " | ".join(f"{v:.3f}" for v in r["keep"].values()) + " |")
+    if sp:
+        lines += [
+            "",
+            "Speed: × = dense time / model time (> 1 is faster), batch 1; prefill medians (s) at 512 tokens: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in p512.items())
+            + "; at 2048: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in p2048.items())
+            + "; decode tok/s (64-token prompt, 16 new): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in dec.items())
+            + ". The speed models use the training-free routers fitted to each capacity (speed depends on "
+            "the keep-rate, not on training); mean keep-rate on the 512-token prompt: "
+            + ", ".join(f"{k}: {v:.2f}" for k, v in sp["keep_on_prompt"].items())
+            + ".",
+        ]
+    lines += ["", f"![keep-rates and perplexity]({png.name})", "", NOTES]
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -166,8 +166,9 @@ def test_kv_cache_bytes_after_prefill_is_analytic(model):
     ids = torch.randint(0, VOCAB, (b, s))
     analytic = LAYERS * 2 * b * KV_HEADS * s * HEAD_DIM * 4  # K and V, fp32
     with torch.no_grad():
-        cache = model(ids, use_cache=True).past_key_values
+        cache = ev.output_cache(model(ids, use_cache=True))
     assert isinstance(cache, DynamicCache)
+    assert ev.output_cache({"logits": None}) is None
     assert ev.kv_cache_bytes(cache) == analytic
     assert ev.prefill_kv_bytes(model, ids) == analytic
     legacy = [(layer.keys, layer.values) for layer in cache.layers]

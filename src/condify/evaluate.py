@@ -29,6 +29,7 @@ __all__ = [
     "flops_ratio",
     "kv_cache_bytes",
     "model_bytes",
+    "output_cache",
     "perplexity",
     "prefill_kv_bytes",
     "set_threads",
@@ -249,6 +250,13 @@ def _tensor_bytes(obj: Any) -> int:
     return 0
 
 
+def output_cache(out: Any) -> Any:
+    """The KV cache of a model or ``generate`` output (``cache`` since transformers 5.24, else
+    ``past_key_values``), or None."""
+    keys = out.keys() if hasattr(out, "keys") else ()
+    return next((out[k] for k in ("cache", "past_key_values") if k in keys), None)
+
+
 def kv_cache_bytes(cache: Any) -> int:
     """Bytes held by a KV cache's key/value tensors.
 
@@ -277,7 +285,7 @@ def prefill_kv_bytes(model: nn.Module, input_ids: torch.Tensor) -> int:
     input_ids = _as_ids(input_ids, model)
     with _eval_mode(model), torch.inference_mode():
         out = model(input_ids=input_ids, use_cache=True, **_last_logits_only(model))
-    return kv_cache_bytes(out.past_key_values)
+    return kv_cache_bytes(output_cache(out))
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -399,7 +407,7 @@ def _peak_bytes(model: nn.Module, input_ids: torch.Tensor, new_tokens: int) -> t
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     out = _generate_once(model, input_ids, new_tokens, return_cache=True)
-    kv = kv_cache_bytes(getattr(out, "past_key_values", None))
+    kv = kv_cache_bytes(output_cache(out))
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) - base + model_bytes(model)
     else:

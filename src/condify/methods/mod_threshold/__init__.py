@@ -29,16 +29,17 @@ registry.register(
                     "num_train_batches": 2,
                 },
             ),
+            # the README main job: ~3 minutes of training on 2 cores (benchmarks/results/mod_threshold.md)
             "cpu": (
-                {"capacity": 0.5},
-                {"steps": 16, "router_steps": 4, "batch_size": 2, "seq_len": 256, "num_train_batches": 16},
+                {"capacity": 0.75},
+                {"steps": 24, "router_steps": 4, "batch_size": 2, "seq_len": 256, "num_train_batches": 28},
             ),
             "long": (
                 {"capacity": 0.5},
                 {
                     "steps": 2000,
                     "router_steps": 200,
-                    "lr": 3e-5,
+                    "lr": 1e-4,
                     "batch_size": 8,
                     "seq_len": 512,
                     "num_train_batches": 2000,

@@ -183,7 +183,7 @@ def calibrate(
     steps: int = 100,
     router_steps: int = 0,
     train: str = "all",
-    lr: float = 5e-5,
+    lr: float = 3e-4,
     router_lr: float = 1e-3,
     distill: bool = True,
     lm_weight: float = 0.0,
@@ -203,7 +203,9 @@ def calibrate(
     training-free start of :func:`init_routers`. The first ``fit_batches`` batches fit the biases
     (:func:`fit_biases`) before and after training. ``holdout`` batches (optional) are used for the
     reported keep-rates and perplexity. The dense teacher is the model as it comes in, routing off.
-    Returns per-layer keep-rates, losses, bias shifts and the number of tokens used.
+    ``lr`` (decoder layers): 3e-4 beat 5e-5 on SmolLM2 at capacity 0.75 (x2.06 vs x3.04 after 40
+    steps of 2 x 256 tokens). Returns per-layer keep-rates, losses, bias shifts and the number of
+    tokens used.
     """
     from ...convert import update_config
 
