@@ -32,11 +32,11 @@ NOTES = """## Notes on this run (targets)
   router steps + 160 steps of 2 × 128 tokens, ~20 min on one core). Capacity 0.5 costs ×1.31 and 0.9
   ×1.02 with the same budget. The previous run of this file (×5.0 at 0.75) differed in four ways, each
   measured: the default gated layers now start at layer 3 (layer 1 alone is the most expensive layer
-  to gate, see the tables below); 4 sink tokens always run (a quick check, not part of this file's
+  to gate, see the tables above); 4 sink tokens always run (a quick check, not part of this file's
   runs: training-free at capacity 0.75 on the old layer set, 4 × 256 held-out tokens, ×9.2 without
-  sinks, ×4.3 with); the router learning rate is 1e-5 instead of 1e-3 (with 1e-3 the KL loss rose
-  from 0.12 to 1.25 over 120 steps and held-out perplexity ended at ×2.45, worse than router-only
-  ×1.73: Adam moves every router weight by ~lr per step, and a few residual coordinates are huge, so
+  sinks, ×4.3 with); the router learning rate is 1e-5 instead of 1e-3 (in a first run of this
+  benchmark with 1e-3 — 120 steps of 2 × 256 tokens, output not kept — the KL loss rose from 0.12 to
+  1.25 and held-out perplexity at 0.75 ended at ×2.45, worse than its router-only ×1.73: Adam moves every router weight by ~lr per step, and a few residual coordinates are huge, so
   the routing decisions drift faster than the layers adapt); and the decoder layers train at 3e-4
   instead of 5e-5.
 - **KV bytes ≤ 0.6× of the gated layers at capacity 0.5: met** (0.48×; 0.78× for the whole cache, 17
@@ -366,18 +366,23 @@ def _write(args: argparse.Namespace) -> None:
         f"thread(s) per process; speed: {sp['environment']['torch_threads'] if sp else '-'} threads, alone on "
         "the machine. Every speed ratio is measured in one process with the models interleaved (medians).",
         "",
-        "Commands (the quality capacities ran as two parallel processes; then speed, profile, this file):",
+        "Commands (the three quality capacities ran as parallel processes, one thread each; then speed, "
+        "profile and layers alone on the machine; then this file):",
         "",
         "```",
         f".venv/bin/python benchmarks/mod_threshold.py quality --capacities 0.75 --router-steps "
         f"{args.router_steps} --steps {args.steps} --batch {args.batch} --seq-len {args.seq_len} "
         f"--fit-batches {args.fit_batches} --eval-sequences {args.eval_sequences} --eval-len {args.eval_len} "
         "--threads 1",
-        "(same with --capacities 0.5 0.9)",
+        "(the same with --capacities 0.5, and with --capacities 0.9)",
         f".venv/bin/python benchmarks/mod_threshold.py speed --capacities "
         f"{' '.join(sp['keep_on_prompt']) if sp else '0.5'} --repeats {args.repeats}",
-        ".venv/bin/python benchmarks/mod_threshold.py profile",
-        ".venv/bin/python benchmarks/mod_threshold.py report",
+        ".venv/bin/python benchmarks/mod_threshold.py profile --repeats 5",
+        ".venv/bin/python benchmarks/mod_threshold.py layers --capacities 0.75 0.5 --batch 2 --seq-len 128 "
+        "--fit-batches 8 --eval-sequences 16 --eval-len 256",
+        f".venv/bin/python benchmarks/mod_threshold.py report --router-steps {args.router_steps} --steps "
+        f"{args.steps} --batch {args.batch} --seq-len {args.seq_len} --fit-batches {args.fit_batches} "
+        f"--eval-sequences {args.eval_sequences} --eval-len {args.eval_len} --repeats {args.repeats}",
         "```",
         "",
         f"Gated layers (the default): {', '.join(map(str, r0['gated_layers']))} ({len(r0['gated_layers'])} of "
