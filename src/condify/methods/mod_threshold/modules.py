@@ -50,6 +50,7 @@ class RouterState:
 
     def __init__(self) -> None:
         self.mask2d: torch.Tensor | None = None
+        self._rank: torch.Tensor | None = None  # index among the real tokens, once per forward
         self.record: dict[int, tuple[torch.Tensor, ...]] | None = None
         self.fit: float | None = None  # capacity to fit router biases to, during one forward
         self.keep_all = False  # route every token (dense), e.g. to collect activations
@@ -60,6 +61,7 @@ class RouterState:
         if mask is None and args:
             mask = _bind(type(module))(module, *args, **kwargs).arguments.get("attention_mask")
         self.mask2d = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        self._rank = None if self.mask2d is None else self.mask2d.ne(0).long().cumsum(1) - 1
 
     def real_tokens(self, b: int, t: int, device: torch.device) -> torch.Tensor | None:
         """(B, T) True for non-padding tokens of the current call, or None if unknown / no padding."""
@@ -70,10 +72,10 @@ class RouterState:
 
     def rank(self, slots: torch.Tensor) -> torch.Tensor:
         """(B, T) index of each token among the real tokens of its sequence (``slots`` if unknown)."""
-        m, (b, t) = self.mask2d, slots.shape
-        if m is None or m.shape[0] != b or m.shape[1] < t:
+        r, (b, t) = self._rank, slots.shape
+        if r is None or r.shape[0] != b or r.shape[1] < t:
             return slots
-        return (m.to(slots.device).ne(0).long().cumsum(1) - 1)[:, -t:]
+        return r[:, -t:].to(slots.device)
 
 
 @functools.cache
