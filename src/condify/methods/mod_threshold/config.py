@@ -17,8 +17,8 @@ class ModThresholdConfig(MethodConfig):
       than 8 layers). Layer 1 and the last layers are where skipping costs most: on SmolLM2-135M,
       gating layer 1 alone at capacity 0.5 costs 1.72 nats/token of KL to dense, layer 28 0.52, the
       other layers 0.05-0.22; every other layer from 1 vs from 3 is x4.3 vs x1.6 perplexity at
-      capacity 0.75, training-free (``benchmarks/results/mod_threshold.md``). :func:`.layer_sensitivity` measures this
-      for any model and :func:`.least_sensitive_layers` picks a data-driven set.
+      capacity 0.75, training-free (``benchmarks/results/mod_threshold.md``). :func:`.layer_sensitivity`
+      measures this for any model and :func:`.least_sensitive_layers` picks a data-driven set.
     - ``threshold``: a token takes a gated layer iff ``sigmoid(w·h + b) >= threshold``; in (0, 1).
     - ``capacity``: the target keep-rate in (0, 1] that :func:`calibrate` trains towards.
     - ``mode``: ``"gather"`` (inference runs kept tokens only, ragged per sequence) or ``"mask"``
@@ -56,11 +56,11 @@ class ModThresholdConfig(MethodConfig):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModThresholdConfig:
         data = dict(data)
-        legacy = data.get("version", cls.version) < 2 and data.get("layers") is None
-        if data.get("version", cls.version) < 2:
+        v1 = data.get("version", cls.version) < 2
+        if v1:
             data.setdefault("sink_tokens", 0)
         cfg = super().from_dict(data)
-        cfg._legacy_default = legacy  # a version-1 checkpoint keeps its own default layer set
+        cfg._legacy_default = v1 and cfg.layers is None  # a version-1 checkpoint keeps its default layers
         return cfg  # type: ignore[return-value]
 
     def resolve(self, num_layers: int) -> list[int]:
