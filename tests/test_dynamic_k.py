@@ -68,6 +68,16 @@ def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x, use_cache=False).logits
 
 
+def blocks_contiguous(model: torch.nn.Module) -> bool:
+    """Every converted MLP stores its experts as contiguous blocks: gate/up rows, w_down columns."""
+    for _, m in converted(model, "mlp"):
+        w = m._condify_patch.info["adapter"].mlp_weights(m)
+        rows = [w[k] for k in ("gate", "up") if w[k] is not None]
+        if not (all(r.is_contiguous() for r in rows) and w["down"].t().is_contiguous()):
+            return False
+    return True
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_tau0_dense_and_unmodify_exact(kind: str) -> None:
     model = tiny(kind)
@@ -76,9 +86,11 @@ def test_tau0_dense_and_unmodify_exact(kind: str) -> None:
     condify.modify(model, "dynamic-k", expert_size=8)
     perms = [m.expert_layout.perm for _, m in converted(model)]
     assert any(not torch.equal(p, torch.arange(p.numel())) for p in perms)  # really permuted in place
+    assert blocks_contiguous(model)
     torch.testing.assert_close(logits(model, x), ref, atol=1e-5, rtol=0)
     condify.unmodify(model)
     assert same_state(snapshot(model), before)
+    assert all(p.is_contiguous() for p in model.parameters())  # the layout transformers made
 
 
 def test_balanced_clusters_exact_sizes() -> None:
@@ -189,6 +201,40 @@ def test_sparsify_step_relu_and_hoyer() -> None:
     assert res["ppl_after_sparsify"] > 0
 
 
+def test_masked_mode_is_sparse_and_adapt_trains_under_routing() -> None:
+    model, dense = tiny("llama"), tiny("llama")
+    with torch.no_grad():  # peaked predictions, so that routing error shows in the KL
+        for m in (model, dense):
+            m.lm_head.weight.mul_(30)
+    condify.modify(model, "dynamic-k", expert_size=8, clustering="coactivation")
+    condify.calibrate(model, data(), router_steps=50, target_sparsity=0.5, progress=False)
+    x = ids()
+    with track_executed(model) as st:
+        sparse = logits(model, x)
+    with mode(model, "masked"), track_executed(model) as st_masked:
+        torch.testing.assert_close(logits(model, x), sparse, atol=1e-5, rtol=0)
+    assert st == st_masked and executed_fraction(st) < 0.8
+    routers = {k: v for k, v in snapshot(model).items() if ".router." in k or "expert_layout" in k}
+
+    def kl() -> float:  # on the fine-tune's own batches: this checks the mechanism, not generalisation
+        return sum(
+            float(torch.nn.functional.kl_div(
+                logits(model, b).log_softmax(-1), logits(dense, b).log_softmax(-1), log_target=True,
+                reduction="batchmean",
+            ))
+            for b in data()[:-1]
+        )  # fmt: skip
+
+    before = kl()
+    res = condify.calibrate(
+        model, data(), cluster=False, router_steps=0, adapt_steps=30, adapt_lr=3e-4, progress=False
+    )
+    assert res["adapt_loss"][1] < res["adapt_loss"][0] and kl() < before
+    after = snapshot(model)
+    assert all(torch.equal(after[k], v) for k, v in routers.items())  # routers and thresholds kept
+    assert blocks_contiguous(model)
+
+
 def test_save_load_exact(tmp_path) -> None:
     model = tiny("llama")
     condify.modify(model, "dynamic-k", expert_size=16, clustering="coactivation")
@@ -199,7 +245,7 @@ def test_save_load_exact(tmp_path) -> None:
     ref = logits(model, x)
     condify.save_pretrained(model, tmp_path)
     loaded = condify.from_pretrained(tmp_path).eval()
-    assert same_state(snapshot(loaded), snapshot(model))
+    assert same_state(snapshot(loaded), snapshot(model)) and blocks_contiguous(loaded)
     torch.testing.assert_close(logits(loaded, x), ref, atol=0, rtol=0)
     assert condify.applied_configs(loaded)[0] == condify.applied_configs(model)[0]
 
@@ -226,6 +272,10 @@ def test_bad_inputs_leave_model_unchanged() -> None:
         condify.calibrate(model, [ids(1, 8)] * 3, progress=False)
     with pytest.raises(condify.ConfigError, match="target_sparsity"):
         condify.calibrate(model, data(), target_sparsity=-0.5, progress=False)
+    with pytest.raises(condify.ConfigError, match="adapt_steps.*target_sparsity"):
+        condify.calibrate(model, data(), adapt_steps=5, progress=False)
+    with pytest.raises(condify.ConfigError, match="adapt_params"):
+        condify.calibrate(model, data(), adapt_steps=5, target_sparsity=0.5, adapt_params="x", progress=False)
     with pytest.raises(condify.ModifyError, match="already"):
         condify.modify(model, "dynamic-k", expert_size=8)
     assert same_state(snapshot(model), after_modify)

@@ -224,6 +224,40 @@ def test_reference_reads_slices_not_copies(monkeypatch):
     call(expert_mlp_reference, a, "silu", strategy="spans")
 
 
+def column_major(w):
+    """The layout dynamic-k stores ``w_down`` in: same values, ``w.t()`` contiguous."""
+    return w.t().contiguous().t()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("T", [1, 37])
+def test_reference_column_major_down(strategy, T, monkeypatch):
+    a = make(T=T, p=0.5, bias=True)
+    ref = loop_oracle(**f64(a), activation="silu")
+    b = {**a, "w_down": column_major(a["w_down"])}
+    assert not b["w_down"].is_contiguous()
+    assert_close(
+        call(expert_mlp_reference, b, "silu", **strategy_kw(strategy, monkeypatch)), ref, torch.float32
+    )
+
+
+@pytest.mark.parametrize("call_cost", [None, 0])  # default: gaps bridged; 0: one call chain per run
+@pytest.mark.parametrize(
+    ("glu", "bias", "dtype"), [(True, True, torch.float32), (False, True, torch.bfloat16)]
+)
+def test_decode_path_matches_loop(call_cost, glu, bias, dtype, monkeypatch):
+    from condify.ops.reference import expert_mlp_decode
+
+    if call_cost is not None:
+        monkeypatch.setattr(reference_module, "_CALL_COST", call_cost)
+    a = make(T=1, glu=glu, bias=bias, dtype=dtype, p=0.5)
+    for sel in (a["mask"][0], torch.zeros(25, dtype=torch.bool), torch.ones(25, dtype=torch.bool)):
+        b = {**a, "mask": sel[None], "w_down": column_major(a["w_down"])}
+        ref = loop_oracle(**f64(b), activation="silu")
+        args = (b["x"], b["w_up"], b["w_down"], sel.tolist(), b["expert_size"], "silu")
+        assert_close(expert_mlp_decode(*args, b["w_gate"], b["b_up"], b["b_gate"]), ref, dtype)
+
+
 def test_dispatch_on_cpu_is_reference():
     a = make(T=3)
     torch.testing.assert_close(call(expert_mlp, a, "silu"), call(expert_mlp_reference, a, "silu"))
@@ -298,6 +332,17 @@ def test_kernel_output_width_differs(T, grouped):
     assert_close(call(expert_mlp_launch, a, "relu", grouped=grouped), ref, torch.float32)
     out = call(torch.ops.condify.expert_mlp, a, "relu")
     assert out.shape == (T, 100)
+
+
+@needs_interpreter
+@pytest.mark.parametrize(("T", "grouped", "dtype"), [(1, False, torch.float32), (37, True, torch.bfloat16)])
+def test_kernel_column_major_down(T, grouped, dtype):
+    from condify.ops.triton.expert_mlp import expert_mlp_launch
+
+    a = make(T=T, glu=True, bias=True, dtype=dtype, d_out=100)
+    ref = loop_oracle(**f64(a), activation="silu")
+    b = {**a, "w_down": column_major(a["w_down"])}
+    assert_close(call(expert_mlp_launch, b, "silu", grouped=grouped), ref, dtype)
 
 
 @needs_interpreter
@@ -399,7 +444,7 @@ W = ("x_ptr", "w_up_ptr", "w_gate_ptr", "b_up_ptr", "b_gate_ptr", "w_down_ptr")
 fn = em._expert_mlp_kernel.fn
 for dt, grouped, act, gate, bn in [("bf16", False, 1, True, 16), ("bf16", True, 2, True, 128), ("fp32", True, 0, False, 64)]:
     ptr = lambda n: "*" + dt if n in W else "*fp32" if n == "out_ptr" else "*i32" if grouped and n != "mask_ptr" else "*u8"
-    sig = {n: ptr(n) if n.endswith("_ptr") else "i32" if n in ("T", "D", "D_OUT", "I", "E", "T_BUCKET") else "constexpr" for n in fn.arg_names}
+    sig = {n: ptr(n) if n.endswith("_ptr") else "i32" if n in ("T", "D", "D_OUT", "I", "SD_OUT", "SD_I", "E", "T_BUCKET") else "constexpr" for n in fn.arg_names}
     c = dict(S=64, ACT=act, HAS_GATE=gate, HAS_B_UP=True, HAS_B_GATE=gate, GROUPED=grouped, UPCAST=dt == "fp32",
              PRECISION="tf32" if dt == "fp32" else "ieee", BLOCK_M=64 if grouped else 16, BLOCK_N=bn, BLOCK_K=64, BLOCK_D=128)
     triton.compile(ASTSource(fn, sig, c), target=target, options=dict(num_warps=4, num_stages=3))
@@ -437,6 +482,8 @@ def test_bad_inputs():
     a = make(T=3)
     with pytest.raises(ValueError, match="contiguous"):
         call(expert_mlp, {**a, "w_up": torch.randn(72, 200).t()}, "silu")
+    with pytest.raises(ValueError, match="w_down must be contiguous or column-major"):
+        call(expert_mlp, {**a, "w_down": torch.randn(72, 400)[:, ::2]}, "silu")
     with pytest.raises(TypeError, match="dtype"):
         call(expert_mlp, {**a, "w_down": a["w_down"].double()}, "silu")
     with pytest.raises(ValueError, match="mask"):

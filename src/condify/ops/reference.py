@@ -54,6 +54,12 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _blocks_contiguous(name: str, w: Tensor) -> bool:
+    """Every expert block of ``w`` is one contiguous piece: rows of up/gate; columns of ``w_down``
+    (column-major, i.e. ``w_down.t()`` contiguous, is the layout dynamic-k stores), or all of it."""
+    return w.is_contiguous() or (name == "w_down" and w.t().is_contiguous())
+
+
 def check_expert_mlp_args(
     x: Tensor,
     w_up: Tensor,
@@ -92,7 +98,8 @@ def check_expert_mlp_args(
     named = {"w_up": w_up, "w_down": w_down, "w_gate": w_gate, "b_up": b_up, "b_gate": b_gate}
     dt, dev = x.dtype, x.device
     if mask.device == dev and all(
-        w is None or (w.dtype == dt and w.device == dev and w.is_contiguous()) for w in named.values()
+        w is None or (w.dtype == dt and w.device == dev and _blocks_contiguous(n, w))
+        for n, w in named.items()
     ):
         named = {}  # fast path: nothing to report
     for name, w in named.items():
@@ -100,9 +107,10 @@ def check_expert_mlp_args(
             continue
         if w.dtype != x.dtype:
             raise TypeError(f"{name} has dtype {w.dtype} but x has dtype {x.dtype}; cast them to one dtype")
-        if not w.is_contiguous():
+        if not _blocks_contiguous(name, w):
             raise ValueError(
-                f"{name} must be contiguous (expert blocks are read as contiguous slices); call .contiguous()"
+                f"{name} must be contiguous{' or column-major' if name == 'w_down' else ''} (expert blocks "
+                "are read as contiguous slices); call .contiguous()"
             )
         if w.device != x.device or mask.device != x.device:
             raise ValueError(
@@ -189,14 +197,23 @@ def _spans(mask: Tensor, s: int, d: int) -> list[tuple[int, int, bool]]:
     else:
         counts = mask.sum(0).tolist()
         used, full = [c > 0 for c in counts], [c == T for c in counts]
-    gap_max = int(_CALL_COST // (s * _neuron_cost(d, T)))
+    return [(a, b, not all(full[a:b])) for a, b in _bridged(used, _gap_max(s, d, T))]
+
+
+def _gap_max(s: int, d: int, T: int) -> int:
+    """Longest gap of unselected experts worth computing (and masking) instead of one more call chain."""
+    return int(_CALL_COST // (s * _neuron_cost(d, T)))
+
+
+def _bridged(used: list[bool], gap_max: int) -> list[tuple[int, int]]:
+    """Runs of ``used``, neighbours joined across gaps of at most ``gap_max`` experts."""
     spans: list[tuple[int, int]] = []
     for a, b in _runs(used):
         if spans and a - spans[-1][1] <= gap_max:
             spans[-1] = (spans[-1][0], b)
         else:
             spans.append((a, b))
-    return [(a, b, not all(full[a:b])) for a, b in spans]
+    return spans
 
 
 def _expert_mlp_dense(x, w_up, w_down, mask, s, act, w_gate, b_up, b_gate) -> Tensor:
@@ -221,6 +238,39 @@ def _expert_mlp_spans(x, w_up, w_down, mask, s, act, w_gate, b_up, b_gate, spans
         if needs_mask:
             h = h.masked_fill(drop[:, a * s : b * s], 0)
         y = F.linear(h, wd)
+        if y.dtype != acc_dtype:
+            y = y.to(acc_dtype)
+        out = y if out is None else out + y
+    if out is None:
+        return x.new_zeros(x.shape[0], w_down.shape[0])
+    return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def expert_mlp_decode(
+    x: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+    selected: list[bool],
+    expert_size: int,
+    activation: str,
+    w_gate: Tensor | None = None,
+    b_up: Tensor | None = None,
+    b_gate: Tensor | None = None,
+) -> Tensor:
+    """``expert_mlp_reference`` for one token ``x`` (1, d) whose selection is a Python list of E bools:
+    the "spans" strategy without building or reading a mask tensor (the batch-1 decode path).
+
+    Same result as ``expert_mlp_reference(x, ..., torch.tensor([selected]), ...)``. The arguments are not
+    validated (this is the per-token hot path): check them once with :func:`check_expert_mlp_args`.
+    """
+    s, act = expert_size, ACTIVATIONS[activation]
+    acc_dtype, out = _acc_dtype(x), None
+    for a, b in _bridged(selected, _gap_max(s, x.shape[1], 1)):
+        lo, hi = a * s, b * s
+        h = _hidden(x, w_up[lo:hi], _sl(w_gate, lo, hi), _sl(b_up, lo, hi), _sl(b_gate, lo, hi), act)
+        for g0, g1 in _runs([not on for on in selected[a:b]]):  # bridged gaps: computed, then dropped
+            h[:, g0 * s : g1 * s] = 0
+        y = F.linear(h, w_down[:, lo:hi])
         if y.dtype != acc_dtype:
             y = y.to(acc_dtype)
         out = y if out is None else out + y

@@ -21,6 +21,14 @@
    Then (``reorder=True``, router selection only) the experts of each site are renumbered so that
    co-selected experts are neighbours (:func:`order_experts_`; same function, fewer runs of selected
    experts per token for the CPU decode path).
+5. **Adapt** (``adapt_steps > 0``, needs a target): fine-tune the model weights (everything but the
+   routers with ``adapt_params="all"``, or only the converted sites with ``"mlp"``) under its own routing
+   (mode ``"masked"``: exactly the sparse function, differentiable), KL to the dense model. Routers and
+   thresholds stay fixed, so the model learns to work with the selection it will run with. This is the
+   step that recovers quality on a non-ReLU model (``benchmarks/results/dynamic_k_adapt.md``).
+
+The teacher of stages 1 and 5 (``distill=True``) is the model as ``calibrate`` received it, unmodified:
+the original dense model on a first call.
 
 The last ``holdout`` batches are never trained on; they give the reported perplexities, activation
 sparsity and executed fraction. Budgets: see the ``recipes`` in ``__init__`` ("cpu": a few minutes on
@@ -42,9 +50,10 @@ from tqdm.auto import tqdm
 from ...adapters import Adapter
 from ...config import ConfigError, in_range
 from ...convert import unmodify, update_config
-from ...training import Batch, kl_loss, lm_loss, mean_nll, train
+from ...training import Batch, mean_nll
 from .clustering import balanced_kmeans, permutation
 from .config import DynamicKConfig
+from .finetune import PARAMS, adapt_, sparsify_
 from .losses import PENALTIES
 from .modules import Sites, converted, executed_fraction, expert_norms, mode, select, track_executed
 from .transform import gate_features, relayout_
@@ -387,69 +396,6 @@ def activation_sparsity(model: nn.Module, batches: list[Batch], eps: float = 1e-
     return zero / max(total, 1)
 
 
-def _set_activation(model: nn.Module, cfg: DynamicKConfig, act: str) -> None:
-    for _, m in converted(model):
-        m._condify_patch.info["activation"] = act
-    cfg.activation = act if act == "relu" else cfg.activation
-    update_config(model, cfg)
-
-
-def sparsify_(
-    model: nn.Module,
-    cfg: DynamicKConfig,
-    batches: list[Batch],
-    *,
-    activation: str | None,
-    penalty: str,
-    penalty_weight: float,
-    steps: int,
-    lr: float,
-    params: str,
-    distill: bool,
-    progress: bool,
-) -> list[float]:
-    """Stage 1: ReLU swap (optional) and fine-tune with the activation-sparsity penalty."""
-    teacher = unmodify(copy.deepcopy(model)).eval() if distill else None
-    if activation == "relu":
-        _set_activation(model, cfg, "relu")
-    mlps = [m for _, m in converted(model)]
-    if params == "all":
-        trainable = [q for n, q in model.named_parameters() if ".router." not in n]
-    else:
-        trainable = [q for m in mlps for n, q in m.named_parameters() if not n.startswith("router.")]
-    pen = PENALTIES[penalty]
-
-    def loss_fn(mdl: nn.Module, b: Batch, step: int) -> torch.Tensor:
-        recs: list[torch.Tensor] = []
-        for m in mlps:
-            m._condify_patch.info["record"] = recs
-        try:
-            logits = mdl(**b, use_cache=False).logits
-        finally:
-            for m in mlps:
-                m._condify_patch.info.pop("record", None)
-        if teacher is not None:
-            with torch.no_grad():
-                t_logits = teacher(**b, use_cache=False).logits
-            loss = kl_loss(logits, t_logits, b)
-        else:
-            loss = lm_loss(logits, b)
-        return loss + penalty_weight * sum(pen(h) for h in recs)
-
-    with mode(model, "dense"):
-        return train(
-            model,
-            trainable,
-            batches,
-            steps,
-            loss_fn,
-            lr=lr,
-            warmup=max(1, steps // 10),
-            desc="sparsify",
-            progress=progress,
-        )
-
-
 def cluster_(model: nn.Module, cfg: DynamicKConfig, batches: list[Batch], coactivation_tokens: int) -> None:
     """Stage 2: balanced k-means and in-place permutation of every converted MLP."""
     acts = collect(model, batches, coactivation_tokens, "hidden") if cfg.clustering == "coactivation" else {}
@@ -488,6 +434,9 @@ def calibrate(
     target_sparsity: float | None = None,
     per_layer: bool = True,
     reorder: bool = True,
+    adapt_steps: int = 0,
+    adapt_lr: float = 1e-4,
+    adapt_params: str = "all",
     oracle: bool = False,
     holdout: int = 1,
     progress: bool = True,
@@ -497,7 +446,8 @@ def calibrate(
     Keys: ``ppl_dense`` (before anything), ``attention_rel_error_before/after`` and
     ``ppl_after_attention_distill`` (stage 0, tau = 0), ``activation_sparsity_before/after`` (FFNs) and
     ``ppl_after_sparsify`` (tau = 0, i.e. the cost of stage 1), ``router_mse_before/after``,
-    ``router_r2``, ``tau`` (per layer), ``ppl`` and ``executed`` (the fraction of expert compute run).
+    ``router_r2``, ``tau`` (per layer), ``ppl_before_adapt`` and ``adapt_loss`` (first, last) of stage 5,
+    ``ppl`` and ``executed`` (the fraction of expert compute run).
     """
     if penalty not in PENALTIES:
         raise ConfigError(
@@ -505,13 +455,12 @@ def calibrate(
         )
     if activation not in (None, "relu"):
         raise ConfigError(f"dynamic-k calibrate: `activation` must be 'relu' or None, got {activation!r}")
-    if sparsify_params not in ("mlp", "all"):
-        raise ConfigError(
-            f"dynamic-k calibrate: `sparsify_params` must be 'mlp' or 'all', got {sparsify_params!r}"
-        )
+    for name, v in (("sparsify_params", sparsify_params), ("adapt_params", adapt_params)):
+        if v not in PARAMS:
+            raise ConfigError(f"dynamic-k calibrate: `{name}` must be one of {PARAMS}, got {v!r}")
     for name, v in (
         ("attention_steps", attention_steps), ("sparsify_steps", sparsify_steps),
-        ("router_steps", router_steps), ("holdout", holdout),
+        ("router_steps", router_steps), ("adapt_steps", adapt_steps), ("holdout", holdout),
     ):  # fmt: skip
         if not isinstance(v, int) or v < 0:
             raise ConfigError(f"dynamic-k calibrate: `{name}` must be an integer >= 0, got {v!r}")
@@ -530,6 +479,12 @@ def calibrate(
             f"need at least {MIN_TOKENS} (e.g. 4 sequences of 256 tokens)"
         )
 
+    target = cfg.target_sparsity if target_sparsity is None else target_sparsity
+    if adapt_steps and target is None:
+        raise ConfigError(
+            "dynamic-k calibrate: `adapt_steps` fine-tunes the model under its routing at a target; "
+            "pass `target_sparsity` (or set it in the config)"
+        )
     res: dict[str, Any] = {}
     was_training = model.training
     model.eval()
@@ -546,10 +501,13 @@ def calibrate(
         if held:
             with mode(model, "dense"):
                 res["ppl_after_attention_distill"] = _ppl(model, held)
+    finetune = (sparsify and sparsify_steps) or adapt_steps
+    teacher = unmodify(copy.deepcopy(model)).eval() if distill and finetune else None
     if sparsify:
         losses = sparsify_(
-            model, cfg, fit, activation=activation, penalty=penalty, penalty_weight=penalty_weight,
-            steps=sparsify_steps, lr=sparsify_lr, params=sparsify_params, distill=distill, progress=progress,
+            model, cfg, fit, teacher, activation=activation, penalty=penalty,
+            penalty_weight=penalty_weight, steps=sparsify_steps, lr=sparsify_lr, params=sparsify_params,
+            progress=progress,
         )  # fmt: skip
         model.eval()
         res["sparsify_loss"] = (losses[0], losses[-1]) if losses else None
@@ -563,7 +521,6 @@ def calibrate(
     if router_steps:
         data = _collect_inputs(model, fit, router_tokens)
         res.update(train_routers(model, data, router_steps, router_lr, progress=progress))
-    target = cfg.target_sparsity if target_sparsity is None else target_sparsity
     if target is not None:
         data = data or _collect_inputs(model, fit, router_tokens)
         taus = fit_tau(model, data, target, per_layer=per_layer, oracle=oracle)
@@ -572,6 +529,14 @@ def calibrate(
             res.update(order_experts_(model, data))
         cfg.target_sparsity = target
         update_config(model, cfg)
+    if adapt_steps:
+        if held:
+            res["ppl_before_adapt"] = measure(model, held)["ppl"]
+        losses = adapt_(
+            model, fit, teacher, steps=adapt_steps, lr=adapt_lr, params=adapt_params, progress=progress
+        )
+        model.eval()
+        res["adapt_loss"] = (losses[0], losses[-1])
     if held:
         res.update(measure(model, held, oracle=oracle))
     model.train(was_training)

@@ -19,6 +19,9 @@ Execution modes (set with :func:`set_mode` / the :func:`mode` context manager, n
 
 - ``"sparse"`` (default): router scores, CPU/GPU execution through ``condify.ops.expert_mlp``, which
   reads only the selected experts' contiguous blocks;
+- ``"masked"``: the router's selection applied as a mask to the dense hidden layer: the same function
+  as ``"sparse"``, differentiable in the MLP weights (routers excluded), for fine-tuning the model
+  under its own routing (``calibrate(adapt_steps=...)``);
 - ``"oracle"``: select by the true expert output norms (computes the dense hidden layer; for
   measuring layout error apart from router error, not for speed);
 - ``"dense"``: plain differentiable MLP that records hidden activations (sparsification fine-tune);
@@ -37,14 +40,11 @@ from torch import nn
 
 from ...adapters import Adapter
 from ...convert import patched
-
-try:  # dispatching op (Triton on CUDA, reference elsewhere)
-    from ...ops import expert_mlp
-except ImportError:  # the ops package without its dispatcher: use the plain-torch reference
-    from ...ops.reference import expert_mlp_reference as expert_mlp
+from ...ops import expert_mlp  # dispatching op (Triton on CUDA, the plain-torch reference elsewhere)
+from ...ops.reference import expert_mlp_decode
 
 METHOD = "dynamic-k"
-MODES = ("sparse", "oracle", "dense", "original")
+MODES = ("sparse", "masked", "oracle", "dense", "original")
 
 ACT_NAMES = {
     "silu": "silu",
@@ -165,6 +165,14 @@ def expert_norms(h: torch.Tensor, down: torch.Tensor, expert_size: int, chunk: i
     return torch.cat(out) if out else h.new_zeros(0, E)
 
 
+def _blocks(name: str, w: torch.Tensor | None) -> torch.Tensor | None:
+    """``w`` as ``expert_mlp`` reads it: contiguous, or column-major for ``down``. A no-op for the
+    layout ``modify`` stores (``block_layout_``); a copy only if something re-strided the weights."""
+    if w is None or w.is_contiguous() or (name == "down" and w.t().is_contiguous()):
+        return w
+    return w.contiguous()
+
+
 def _down(out: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     return out if b is None else out + b
 
@@ -191,20 +199,28 @@ def moe_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
 
     # a Python float outside torch.compile (fast tau == 0 path); the buffer itself while tracing (no sync)
     tau = self.expert_layout.tau if torch.compiler.is_compiling() else float(self.expert_layout.tau)
-    if mode == "oracle":
+    if mode in ("oracle", "masked"):
         h = hidden(xf, w, act)
-        mask = select(expert_norms(h, w["down"], s), tau)
-        out = F.linear(h * mask.repeat_interleave(s, dim=1), w["down"])
+        with torch.no_grad():
+            scores = expert_norms(h, w["down"], s) if mode == "oracle" else self.router(xf)
+            mask = select(scores, tau)
+        out = F.linear(h * mask.repeat_interleave(s, dim=1).to(h.dtype), w["down"])
     else:
         E = w["up"].shape[0] // s
         if isinstance(tau, float) and tau == 0.0:
             mask = torch.ones(xf.shape[0], E, dtype=torch.bool, device=x.device)
         else:
             mask = select(self.router(xf), tau)
-        c = {k: (v.contiguous() if v is not None else None) for k, v in w.items()}  # no-op unless Conv1D
-        out = expert_mlp(
-            xf, c["up"], c["down"], mask, s, act, w_gate=c["gate"], b_up=c["b_up"], b_gate=c["b_gate"]
-        )
+        c = {k: _blocks(k, v) for k, v in w.items()}
+        if xf.shape[0] == 1 and xf.device.type == "cpu" and not torch.is_grad_enabled():
+            # batch-1 decode: the selection as a Python list, no mask tensor on the hot path
+            out = expert_mlp_decode(
+                xf, c["up"], c["down"], mask[0].tolist(), s, act, c["gate"], c["b_up"], c["b_gate"]
+            )
+        else:
+            out = expert_mlp(
+                xf, c["up"], c["down"], mask, s, act, w_gate=c["gate"], b_up=c["b_up"], b_gate=c["b_gate"]
+            )
     track = info.get("track")
     if track is not None:
         track[0] += int(mask.sum())

@@ -97,6 +97,32 @@ def relayout_(mlp: nn.Module, adapter: Adapter, p: torch.Tensor) -> None:
     layout.perm.copy_(layout.perm[p.to(layout.perm.device)])
 
 
+def _restride_(w: torch.Tensor, column_major: bool) -> None:
+    """Store parameter ``w`` (2-D) contiguous or column-major (``w.t()`` contiguous), in place: same
+    values, shape, name and object; only the strides change."""
+    if (w.t() if column_major else w).is_contiguous():
+        return
+    w.data = w.data.t().contiguous().t() if column_major else w.data.contiguous()
+
+
+def block_layout_(linears: list[tuple[nn.Module, bool]], conv1d: bool, restore: bool = False) -> None:
+    """Store weights so that every expert's block is one contiguous piece of memory.
+
+    ``linears``: (module, is_down) pairs. In nn.Linear layout the gate/up rows of an expert are
+    contiguous already, but its ``w_down`` (d, I) block is a column slice, read as d short strided
+    pieces; the down weight is therefore kept column-major (storage (I, d), each neuron's column
+    contiguous). GPT-2 Conv1D stores the transposes, so there the up weight is the one restrided.
+    ``restore`` makes every weight contiguous again (the layout transformers creates).
+    """
+    for lin, is_down in linears:
+        _restride_(lin.weight, column_major=not restore and is_down != conv1d)
+
+
+def _mlp_linears(mlp: nn.Module, adapter: Adapter) -> list[tuple[nn.Module, bool]]:
+    names = [(adapter.gate, False), (adapter.up, False), (adapter.gate_up, False), (adapter.down, True)]
+    return [(mlp.get_submodule(n), down) for n, down in names if n is not None]
+
+
 def gate_features(mlp: nn.Module, adapter: Adapter) -> torch.Tensor:
     """Rows clustered by ``clustering="gate"``: gate rows (GLU) or up rows, plus biases when present."""
     w = adapter.mlp_weights(mlp)
@@ -114,6 +140,7 @@ def _apply_projection(
     mlp = ProjectionMLP(d_in, h, d_out, bias=bias is not None).to(device=w.device, dtype=w.dtype)
     if not from_checkpoint:
         mlp.init_from_linear(w.t() if adapter.conv1d else w, bias)
+    block_layout_([(mlp.up, False), (mlp.down, True)], conv1d=False)
     children = {
         "expert_mlp": mlp,
         "router": Router(d_in, cfg.router_width, h // s).to(device=w.device, dtype=w.dtype),
@@ -154,6 +181,7 @@ def apply(model: nn.Module, adapter: Adapter, cfg: DynamicKConfig, from_checkpoi
             layer=i,
             site="mlp",
         )
+        block_layout_(_mlp_linears(mlp, adapter), adapter.conv1d)
         if not from_checkpoint and cfg.clustering == "gate" and 1 < experts < inter:
             labels = balanced_kmeans(gate_features(mlp, adapter), experts, seed=i)
             relayout_(mlp, adapter, permutation(labels))
@@ -164,3 +192,4 @@ def remove(model: nn.Module, adapter: Adapter, cfg: DynamicKConfig) -> None:
     their original weights throughout, so dropping their children restores them."""
     for _, mlp in converted(model, "mlp"):
         permute_(mlp, adapter, torch.argsort(mlp.expert_layout.perm))
+        block_layout_(_mlp_linears(mlp, adapter), adapter.conv1d, restore=True)

@@ -98,6 +98,8 @@ def _expert_mlp_kernel(
     D,
     D_OUT,
     I,  # noqa: E741  (intermediate size, as in the papers)
+    SD_OUT,  # w_down strides: (I, 1) in nn.Linear layout, (1, D_OUT) column-major
+    SD_I,
     E,
     T_BUCKET,  # autotune key only
     S: tl.constexpr,
@@ -167,7 +169,9 @@ def _expert_mlp_kernel(
             rd = d0 + tl.arange(0, BLOCK_D)
             d_ok = rd < D_OUT
             wd = tl.load(
-                w_down_ptr + rd[None, :] * I + neuron[:, None], mask=n_ok[:, None] & d_ok[None, :], other=0.0
+                w_down_ptr + rd[None, :] * SD_OUT + neuron[:, None] * SD_I,
+                mask=n_ok[:, None] & d_ok[None, :],
+                other=0.0,
             )
             if UPCAST:
                 wd = wd.to(tl.float32)
@@ -249,6 +253,8 @@ def expert_mlp_launch(
         D,
         w_down.shape[0],
         inter,
+        w_down.stride(0),
+        w_down.stride(1),
         E,
         triton.next_power_of_2(T),
         S=expert_size,

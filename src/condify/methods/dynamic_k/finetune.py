@@ -1,0 +1,106 @@
+"""The two dynamic-k stages that fine-tune model weights: sparsification (stage 1) and adaptation to
+the routed selection (stage 5). Both distil from the original dense model (``teacher``) or use the
+LM loss when there is none."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ...convert import update_config
+from ...training import Batch, kl_loss, lm_loss, train
+from .config import DynamicKConfig
+from .losses import PENALTIES
+from .modules import converted, mode
+
+PARAMS = ("mlp", "all")
+
+
+def _set_activation(model: nn.Module, cfg: DynamicKConfig, act: str) -> None:
+    for _, m in converted(model):
+        m._condify_patch.info["activation"] = act
+    cfg.activation = act if act == "relu" else cfg.activation
+    update_config(model, cfg)
+
+
+def _trainable(model: nn.Module, params: str) -> list[nn.Parameter]:
+    """Everything but the routers (``"all"``), or the converted sites' own weights (``"mlp"``)."""
+    if params == "all":
+        return [q for n, q in model.named_parameters() if ".router." not in n]
+    return [q for _, m in converted(model) for n, q in m.named_parameters() if not n.startswith("router.")]
+
+
+def _loss(
+    teacher: nn.Module | None, extra: Callable[[], torch.Tensor] | None = None
+) -> Callable[[nn.Module, Batch, int], torch.Tensor]:
+    def loss_fn(mdl: nn.Module, b: Batch, step: int) -> torch.Tensor:
+        logits = mdl(**b, use_cache=False).logits
+        if teacher is not None:
+            with torch.no_grad():
+                t_logits = teacher(**b, use_cache=False).logits
+            loss = kl_loss(logits, t_logits, b)
+        else:
+            loss = lm_loss(logits, b)
+        return loss if extra is None else loss + extra()
+
+    return loss_fn
+
+
+def sparsify_(
+    model: nn.Module,
+    cfg: DynamicKConfig,
+    batches: list[Batch],
+    teacher: nn.Module | None,
+    *,
+    activation: str | None,
+    penalty: str,
+    penalty_weight: float,
+    steps: int,
+    lr: float,
+    params: str,
+    progress: bool,
+) -> list[float]:
+    """Stage 1: ReLU swap (optional) and fine-tune with the activation-sparsity penalty."""
+    if activation == "relu":
+        _set_activation(model, cfg, "relu")
+    mlps = [m for _, m in converted(model)]
+    pen = PENALTIES[penalty]
+    recs: list[torch.Tensor] = []
+
+    def penalty_term() -> torch.Tensor:
+        total = penalty_weight * sum(pen(h) for h in recs)
+        recs.clear()
+        return total
+
+    for m in mlps:
+        m._condify_patch.info["record"] = recs
+    try:
+        with mode(model, "dense"):
+            return train(
+                model, _trainable(model, params), batches, steps, _loss(teacher, penalty_term),
+                lr=lr, warmup=max(1, steps // 10), desc="sparsify", progress=progress,
+            )  # fmt: skip
+    finally:
+        for m in mlps:
+            m._condify_patch.info.pop("record", None)
+
+
+def adapt_(
+    model: nn.Module,
+    batches: list[Batch],
+    teacher: nn.Module | None,
+    *,
+    steps: int,
+    lr: float,
+    params: str,
+    progress: bool,
+) -> list[float]:
+    """Stage 5: fine-tune the model under its own routing (mode ``"masked"``: each token's unselected
+    experts contribute nothing, exactly as in ``"sparse"``); routers and thresholds stay fixed."""
+    with mode(model, "masked"):
+        return train(
+            model, _trainable(model, params), batches, steps, _loss(teacher),
+            lr=lr, warmup=max(1, steps // 10), desc="adapt", progress=progress,
+        )  # fmt: skip
