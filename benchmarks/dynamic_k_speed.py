@@ -7,7 +7,9 @@ are laid out, not on quality). Measured in one process, interleaved with dense, 
 - runs of consecutive selected experts per token before/after ``order_experts_`` (calibration text);
 - FFN decode: 32 single-token calls of layer 15's MLP (router + selection + experts) vs the dense MLP,
   and the same split into router+selection and expert compute;
-- whole-model greedy decode tokens/s at batch 1 and 8 (``condify.evaluate.compare_speed``).
+- whole-model greedy decode tokens/s at batch 1 and 8 (``condify.evaluate.compare_speed``);
+- the same with ``w_down`` put back in nn.Linear layout (row-major: an expert's down block is a column
+  slice) instead of the column-major layout ``modify`` stores, to show what the layout buys.
 
     .venv/bin/python benchmarks/dynamic_k_speed.py       # writes results/dynamic_k_speed.{md,json}
 """
@@ -28,8 +30,9 @@ from condify.data import eval_batches, load_model, train_batches
 from condify.evaluate import compare_speed, environment, set_threads
 from condify.methods.dynamic_k import track_executed
 from condify.methods.dynamic_k.calibrate import fit_tau, order_experts_
-from condify.methods.dynamic_k.modules import select
-from condify.ops import expert_mlp
+from condify.methods.dynamic_k.modules import converted, select
+from condify.methods.dynamic_k.transform import _mlp_linears, block_layout_
+from condify.ops.reference import expert_mlp_decode
 from condify.training import as_batches
 
 RESULTS = Path(__file__).parent / "results"
@@ -56,18 +59,18 @@ def ffn_times(dense: torch.nn.Module, models: dict, xs: torch.Tensor, repeats: i
             w = info["adapter"].mlp_weights(mlp)
             tau = float(mlp.expert_layout.tau)
             t0 = time.perf_counter()
-            masks = [select(mlp.router(xs[i : i + 1]), tau) for i in range(xs.shape[0])]
+            masks = [select(mlp.router(xs[i : i + 1]), tau)[0].tolist() for i in range(xs.shape[0])]
             t[n]["router"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             for i in range(xs.shape[0]):
-                expert_mlp(
+                expert_mlp_decode(
                     xs[i : i + 1],
                     w["up"],
                     w["down"],
                     masks[i],
                     info["expert_size"],
                     info["activation"],
-                    w_gate=w["gate"],
+                    w["gate"],
                 )
             t[n]["experts"].append(time.perf_counter() - t0)
     return {n: {k: statistics.median(v) for k, v in parts.items() if v} for n, parts in t.items()}
@@ -81,6 +84,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULTS / "dynamic_k_speed")
+    ap.add_argument("--note", default="nothing else running", help="machine state, for the report")
     args = ap.parse_args()
     set_threads(args.threads)
     torch.manual_seed(0)
@@ -95,7 +99,10 @@ def main() -> None:
         fit_tau(model, data, 0.5)
         plain = copy.deepcopy(model)
         runs[s] = order_experts_(model, data)
-        models[f"{s}"], models[f"{s} unordered"] = model, plain
+        row_major = copy.deepcopy(model)
+        for _, m in converted(row_major, "mlp"):
+            block_layout_(_mlp_linears(m, m._condify_patch.info["adapter"]), False, restore=True)
+        models[f"{s}"], models[f"{s} unordered"], models[f"{s} row-major"] = model, plain, row_major
         with torch.inference_mode(), track_executed(model) as st:
             model(evals[0]["input_ids"][:1])
         executed[s] = sum(v[0] for v in st.values()) / sum(v[1] for v in st.values())
@@ -135,21 +142,24 @@ def write(res: dict, path: Path) -> None:
         "# dynamic-k CPU decode speed on SmolLM2-135M",
         "",
         f"Machine: {env.get('cpu', '?')}, {a['threads']} torch thread(s), torch {env.get('torch', '?')}, "
-        f"{res['minutes']:.1f} min; nothing else running. Command: `.venv/bin/python benchmarks/dynamic_k_speed.py`.",
+        f"{res['minutes']:.1f} min; {a.get('note', 'nothing else running')}. Command: `.venv/bin/python benchmarks/dynamic_k_speed.py`.",
         "Thresholds at 50 % executed expert compute on calibration text (SiLU model, trained routers).",
         "",
         "| experts | executed (prompt) | runs/token before -> after ordering | FFN decode x (unordered) | FFN x (ordered) "
-        "| router+select us/token | experts us/token | dense MLP us/token | model decode x b=1 | b=8 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| FFN x (ordered, row-major w_down) | router+select us/token | experts us/token (row-major) "
+        "| dense MLP us/token | model decode x b=1 (row-major) | b=8 (row-major) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     n = 32
     for s in res["runs"]:
-        f, fu = res["ffn_s"][s], res["ffn_s"][f"{s} unordered"]
+        f, fu, fr = res["ffn_s"][s], res["ffn_s"][f"{s} unordered"], res["ffn_s"][f"{s} row-major"]
+        b1, b8 = res["decode_b1"], res["decode_b8"]
         r = res["runs"][s]
         lines.append(
             f"| {s} | {res['executed'][s]:.2f} | {r['runs_per_token_before']:.1f} -> {r['runs_per_token_after']:.1f} "
-            f"| {d / fu['mlp']:.2f} | {d / f['mlp']:.2f} | {1e6 * f['router'] / n:.0f} | {1e6 * f['experts'] / n:.0f} "
-            f"| {1e6 * d / n:.0f} | {res['decode_b1'][s]:.2f} | {res['decode_b8'][s]:.2f} |"
+            f"| {d / fu['mlp']:.2f} | **{d / f['mlp']:.2f}** | {d / fr['mlp']:.2f} | {1e6 * f['router'] / n:.0f} "
+            f"| {1e6 * f['experts'] / n:.0f} ({1e6 * fr['experts'] / n:.0f}) | {1e6 * d / n:.0f} "
+            f"| **{b1[s]:.2f}** ({b1[s + ' row-major']:.2f}) | **{b8[s]:.2f}** ({b8[s + ' row-major']:.2f}) |"
         )
     path.write_text("\n".join(lines) + "\n")
 

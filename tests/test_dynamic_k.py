@@ -235,6 +235,25 @@ def test_masked_mode_is_sparse_and_adapt_trains_under_routing() -> None:
     assert blocks_contiguous(model)
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_batch1_decode_path_matches_full_forward(kind: str) -> None:
+    """Cached one-token steps (the Python-list decode path) == the full forward (the mask path)."""
+    model = tiny(kind)
+    condify.modify(model, "dynamic-k", expert_size=8, clustering="coactivation")
+    condify.calibrate(model, data(), router_steps=50, target_sparsity=0.5, progress=False)
+    x = ids(1, 12)
+    with torch.no_grad(), track_executed(model) as full_st:
+        full = model(x).logits
+    with torch.no_grad(), track_executed(model) as step_st:
+        out = model(x[:, :1], use_cache=True)
+        steps = [out.logits]
+        for t in range(1, x.shape[1]):
+            out = model(x[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
+    assert step_st == full_st and 0.3 < executed_fraction(full_st) < 0.8
+
+
 def test_save_load_exact(tmp_path) -> None:
     model = tiny("llama")
     condify.modify(model, "dynamic-k", expert_size=16, clustering="coactivation")

@@ -57,7 +57,7 @@ class Adapter:
         def lin(name: str | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
             if name is None:
                 return None, None
-            m = mlp.get_submodule(name)
+            m = getattr(mlp, name) if "." not in name else mlp.get_submodule(name)  # hot path: cheap
             w = m.weight.t() if self.conv1d else m.weight
             return w, getattr(m, "bias", None)
 

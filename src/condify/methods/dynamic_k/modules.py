@@ -79,8 +79,9 @@ class Router(nn.Module):
         self.fc1 = nn.Linear(d, width)
         self.fc2 = nn.Linear(width, experts)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.relu(self.fc1(x))).abs()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # F.linear: no submodule calls on the decode path
+        h = F.relu(F.linear(x, self.fc1.weight, self.fc1.bias))
+        return F.linear(h, self.fc2.weight, self.fc2.bias).abs()
 
 
 class ProjectionMLP(nn.Module):
@@ -143,6 +144,15 @@ def select(scores: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
     return mask.scatter_(-1, top.indices, True)
 
 
+def select_one(scores: torch.Tensor, tau: float) -> list[bool]:
+    """:func:`select` for one token's (E,) scores, as a Python list (same result for 0 <= tau <= 1,
+    where the argmax always passes ``score >= tau * max``)."""
+    sel = (scores >= scores.max() * tau).tolist()
+    if not any(sel):  # NaN scores: run the argmax, as select does
+        sel[int(scores.argmax())] = True
+    return sel
+
+
 def hidden(
     x: torch.Tensor, w: dict[str, torch.Tensor | None], act: str, gate: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -199,32 +209,35 @@ def moe_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
 
     # a Python float outside torch.compile (fast tau == 0 path); the buffer itself while tracing (no sync)
     tau = self.expert_layout.tau if torch.compiler.is_compiling() else float(self.expert_layout.tau)
+    E = w["up"].shape[0] // s
     if mode in ("oracle", "masked"):
         h = hidden(xf, w, act)
         with torch.no_grad():
             scores = expert_norms(h, w["down"], s) if mode == "oracle" else self.router(xf)
             mask = select(scores, tau)
         out = F.linear(h * mask.repeat_interleave(s, dim=1).to(h.dtype), w["down"])
+        selected: torch.Tensor | int = mask
     else:
-        E = w["up"].shape[0] // s
-        if isinstance(tau, float) and tau == 0.0:
-            mask = torch.ones(xf.shape[0], E, dtype=torch.bool, device=x.device)
-        else:
-            mask = select(self.router(xf), tau)
         c = {k: _blocks(k, v) for k, v in w.items()}
+        dense = isinstance(tau, float) and tau == 0.0
         if xf.shape[0] == 1 and xf.device.type == "cpu" and not torch.is_grad_enabled():
             # batch-1 decode: the selection as a Python list, no mask tensor on the hot path
-            out = expert_mlp_decode(
-                xf, c["up"], c["down"], mask[0].tolist(), s, act, c["gate"], c["b_up"], c["b_gate"]
-            )
+            sel = [True] * E if dense else select_one(self.router(xf)[0], tau)
+            out = expert_mlp_decode(xf, c["up"], c["down"], sel, s, act, c["gate"], c["b_up"], c["b_gate"])
+            selected = sum(sel)
         else:
+            if dense:
+                mask = torch.ones(xf.shape[0], E, dtype=torch.bool, device=x.device)
+            else:
+                mask = select(self.router(xf), tau)
             out = expert_mlp(
                 xf, c["up"], c["down"], mask, s, act, w_gate=c["gate"], b_up=c["b_up"], b_gate=c["b_gate"]
             )
+            selected = mask
     track = info.get("track")
     if track is not None:
-        track[0] += int(mask.sum())
-        track[1] += mask.numel()
+        track[0] += int(selected.sum()) if isinstance(selected, torch.Tensor) else selected
+        track[1] += xf.shape[0] * E
     return _down(out, w["b_down"]).reshape(*shape[:-1], -1)
 
 
