@@ -89,7 +89,10 @@ def render(out: Path) -> None:
             f"**{r['adapted'][0]:.3g} @ {r['adapted'][1]:.2f}** | {r['router_r2']:.2f} | "
             f"{r['routers_min']:.1f} / {r['adapt_min']:.1f} |"
         )
-    (out / f"{PREFIX}.md").write_text("\n".join(lines) + "\n")
+    md = out / f"{PREFIX}.md"
+    old = md.read_text() if md.exists() else ""
+    notes = old[old.index("## Findings") :] if "## Findings" in old else ""  # hand-written, kept
+    md.write_text("\n".join(lines) + "\n" + ("\n" + notes if notes else ""))
     print("\n".join(lines))
 
 
