@@ -151,6 +151,24 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
+def _span_hidden(x, w_up, w_gate, b_up, b_gate, act, lo: int, hi: int) -> Tensor:
+    """Hidden activations of neurons [lo, hi): slices of the weights (views, never copies)."""
+    return _hidden(x, w_up[lo:hi], _sl(w_gate, lo, hi), _sl(b_up, lo, hi), _sl(b_gate, lo, hi), act)
+
+
+def _add(out: Tensor | None, y: Tensor, acc_dtype: torch.dtype) -> Tensor:
+    """Accumulate one span's output in ``acc_dtype`` (fp32 at least)."""
+    y = y if y.dtype == acc_dtype else y.to(acc_dtype)
+    return y if out is None else out + y
+
+
+def _result(out: Tensor | None, x: Tensor, d_out: int) -> Tensor:
+    """The accumulated output in x's dtype (zeros when no span ran)."""
+    if out is None:
+        return x.new_zeros(x.shape[0], d_out)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
 # Cost model of "auto", in units of weight elements streamed for one token. Measured on the 2-core EPYC
 # (fp32, 1 thread, CPU time, weights cold in DRAM): one neuron of the SmolLM2 MLP (3 x 576 weights) costs
 # ~0.66 us, and one more span (~10 torch calls: slices, up, gate, act, mul, down, add) ~45 us, i.e. as much
@@ -232,18 +250,12 @@ def _expert_mlp_spans(x, w_up, w_down, mask, s, act, w_gate, b_up, b_gate, spans
             h = _hidden(x, w_up, w_gate, b_up, b_gate, act)
             wd = w_down
         else:
-            lo, hi = a * s, b * s
-            h = _hidden(x, w_up[lo:hi], _sl(w_gate, lo, hi), _sl(b_up, lo, hi), _sl(b_gate, lo, hi), act)
-            wd = w_down[:, lo:hi]
+            h = _span_hidden(x, w_up, w_gate, b_up, b_gate, act, a * s, b * s)
+            wd = w_down[:, a * s : b * s]
         if needs_mask:
             h = h.masked_fill(drop[:, a * s : b * s], 0)
-        y = F.linear(h, wd)
-        if y.dtype != acc_dtype:
-            y = y.to(acc_dtype)
-        out = y if out is None else out + y
-    if out is None:
-        return x.new_zeros(x.shape[0], w_down.shape[0])
-    return out if out.dtype == x.dtype else out.to(x.dtype)
+        out = _add(out, F.linear(h, wd), acc_dtype)
+    return _result(out, x, w_down.shape[0])
 
 
 def expert_mlp_decode(
@@ -266,17 +278,11 @@ def expert_mlp_decode(
     s, act = expert_size, ACTIVATIONS[activation]
     acc_dtype, out = _acc_dtype(x), None
     for a, b in _bridged(selected, _gap_max(s, x.shape[1], 1)):
-        lo, hi = a * s, b * s
-        h = _hidden(x, w_up[lo:hi], _sl(w_gate, lo, hi), _sl(b_up, lo, hi), _sl(b_gate, lo, hi), act)
+        h = _span_hidden(x, w_up, w_gate, b_up, b_gate, act, a * s, b * s)
         for g0, g1 in _runs([not on for on in selected[a:b]]):  # bridged gaps: computed, then dropped
             h[:, g0 * s : g1 * s] = 0
-        y = F.linear(h, w_down[:, lo:hi])
-        if y.dtype != acc_dtype:
-            y = y.to(acc_dtype)
-        out = y if out is None else out + y
-    if out is None:
-        return x.new_zeros(x.shape[0], w_down.shape[0])
-    return out if out.dtype == x.dtype else out.to(x.dtype)
+        out = _add(out, F.linear(h, w_down[:, a * s : b * s]), acc_dtype)
+    return _result(out, x, w_down.shape[0])
 
 
 def _expert_mlp_grouped(x, w_up, w_down, mask, s, act, w_gate, b_up, b_gate) -> Tensor:
@@ -289,7 +295,7 @@ def _expert_mlp_grouped(x, w_up, w_down, mask, s, act, w_gate, b_up, b_gate) -> 
         if c:
             lo, hi, idx = e * s, (e + 1) * s, tokens[start : start + c]
             xs = x if c == T else x.index_select(0, idx)  # gathers activations, never weights
-            h = _hidden(xs, w_up[lo:hi], _sl(w_gate, lo, hi), _sl(b_up, lo, hi), _sl(b_gate, lo, hi), act)
+            h = _span_hidden(xs, w_up, w_gate, b_up, b_gate, act, lo, hi)
             y = F.linear(h, w_down[:, lo:hi]).to(out.dtype)
             out = out + y if c == T else out.index_add(0, idx, y)
         start += c
