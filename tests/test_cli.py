@@ -53,7 +53,7 @@ def test_convert_then_eval(tiny_dir, tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["--no-progress", "eval", str(ckpt), "--eval-sequences", "2"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["ppl_ratio"] > 0 and result["flops"]["total"] > 0 and "speed" not in result
+    assert result["ratio"] > 0 and result["flops"]["total"] > 0 and "speed" not in result
 
 
 def test_run_quick_writes_report(tiny_dir, tmp_path, capsys):

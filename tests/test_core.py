@@ -63,7 +63,7 @@ def test_save_load_roundtrip(arch, tmp_path):
 
 
 def test_methods_and_describe():
-    names = condify.methods()
+    names = condify.list_methods()
     assert "layer-parallel" in names and all(isinstance(v, str) and v for v in names.values())
     model = tiny("llama")
     assert "dense" in condify.describe(model)
@@ -155,7 +155,7 @@ def test_checkpoint_config_invalid(tmp_path):
 
 def test_import_is_light():
     code = (
-        "import sys, condify, torch; condify.methods(); "
+        "import sys, condify, torch; condify.list_methods(); "
         "kernels = [m for m in sys.modules if m.startswith('condify.ops.triton')]; "
         "assert not kernels, f'kernel modules imported eagerly: {kernels}'; "
         "assert not torch.cuda.is_initialized(), 'CUDA initialised'"

@@ -71,7 +71,7 @@ def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 def blocks_contiguous(model: torch.nn.Module) -> bool:
     """Every converted MLP stores its experts as contiguous blocks: gate/up rows, w_down columns."""
     for _, m in converted(model, "mlp"):
-        w = m._condify_patch.info["adapter"].mlp_weights(m)
+        w = m._condify_patch.state.adapter.mlp_weights(m)
         rows = [w[k] for k in ("gate", "up") if w[k] is not None]
         if not (all(r.is_contiguous() for r in rows) and w["down"].t().is_contiguous()):
             return False
@@ -107,7 +107,7 @@ def test_permutation_preserves_function_and_is_recorded() -> None:
     ref, before = logits(model, x), snapshot(model)
     condify.modify(model, "dynamic-k", expert_size=16, clustering="coactivation")
     for _, m in converted(model):
-        relayout_(m, m._condify_patch.info["adapter"], torch.randperm(64))
+        relayout_(m, m._condify_patch.state.adapter, torch.randperm(64))
     torch.testing.assert_close(logits(model, x), ref, atol=1e-5, rtol=0)
     condify.calibrate(model, data(), router_steps=0, progress=False)  # co-activation clustering on data
     torch.testing.assert_close(logits(model, x), ref, atol=1e-5, rtol=0)
@@ -120,7 +120,7 @@ def test_selection_rule_matches_naive_loop(kind: str) -> None:
     model = tiny(kind)
     condify.modify(model, "dynamic-k", expert_size=8, tau=0.6)
     path, mlp = converted(model)[0]
-    a = mlp._condify_patch.info["adapter"]
+    a = mlp._condify_patch.state.adapter
     x = torch.randn(7, 32)
     with torch.no_grad():
         out = mlp(x)
@@ -323,17 +323,16 @@ def test_embedded_model_tau0_dense() -> None:
 
 
 def test_recipes_are_valid_options() -> None:
-    import inspect
-
     from condify import registry
-    from condify.methods.dynamic_k.calibrate import calibrate
+    from condify.methods.dynamic_k import DynamicKCalibration
 
     spec = registry.get("dynamic-k")
-    accepted = set(inspect.signature(calibrate).parameters) | {"num_train_batches", "batch_size", "seq_len"}
     assert {"quick", "cpu", "long"} <= set(spec.recipes)
-    for modify_opts, cal_opts in spec.recipes.values():
-        DynamicKConfig.from_options(**modify_opts)
-        assert set(cal_opts) <= accepted
+    for r in spec.recipes.values():
+        DynamicKConfig.from_options(**r.modify)
+        DynamicKCalibration.from_options(**r.calibrate)
+    with pytest.raises(condify.ConfigError, match="unknown options"):
+        DynamicKCalibration.from_options(num_train_batches=3)
 
 
 def test_torch_compile_fullgraph_converted_mlp():

@@ -69,7 +69,7 @@ def test_attention_calibrate_distils_routes_and_saves(kind: str, tmp_path) -> No
     )
     assert res["attention_rel_error_after"] < 0.8 * res["attention_rel_error_before"]
     assert 0.3 < res["executed"] < 0.7 and 0.3 < res["executed_attention"] < 0.7
-    assert res["ppl_after_attention_distill"] < 1.5 * res["ppl_dense"]
+    assert res["ppl_after_attention_distill"] < 1.5 * res["dense_ppl"]
     assert all(float(m.expert_layout.tau) > 0 for _, m in converted(model))
     out = logits(model, x)
     condify.save_pretrained(model, tmp_path)
@@ -91,7 +91,7 @@ def test_attention_flops_tracking_and_oracle() -> None:
         m.expert_layout.tau.fill_(1.0)  # each token runs its top expert only
     with track_executed(model) as stats:
         logits(model, ids())
-    experts = sum(m._condify_patch.info["experts"] for _, m in sites)  # one expert per token and site
+    experts = sum(m._condify_patch.state.experts for _, m in sites)  # one expert per token and site
     assert executed_fraction(stats, [p for p, _ in sites]) == pytest.approx(len(sites) / experts, rel=0.05)
     with mode(model, "oracle"):
         assert torch.isfinite(logits(model, ids())).all()

@@ -66,7 +66,7 @@ def test_fused_equals_generic(arch):
     for fuse in (False, True):
         model = tiny(arch)
         condify.modify(model, "layer-parallel", pairs=2, start=1, fuse=fuse)
-        assert model.model.layers[1]._condify_patch.info["fused"] is fuse
+        assert model.model.layers[1]._condify_patch.state.fused is fuse
         with torch.no_grad():
             out[fuse] = model(ids).logits
     torch.testing.assert_close(out[True], out[False], atol=2e-5, rtol=1e-5)
@@ -113,7 +113,7 @@ def test_calibrate_sweep_picks_the_best_start():
     model = tiny("llama", num_hidden_layers=8)
     batches = [torch.randint(0, 128, (2, 16)) for _ in range(2)]
     condify.modify(model, "layer-parallel", pairs=1)
-    result = condify.calibrate(model, batches, pairs=1, sweep_batches=2, progress=False)
+    result = condify.calibrate(model, batches, pairs=1, sweep_batches=2, holdout=0, progress=False)
     # brute force over the same candidates
     condify.unmodify(model)
     scores = {}

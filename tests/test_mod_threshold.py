@@ -48,7 +48,7 @@ def randomize_routers(model: torch.nn.Module, seed: int = 1) -> None:
 
 def set_mode(model: torch.nn.Module, mode: str) -> None:
     for _, layer in patched(model, "mod-threshold"):
-        layer._condify_patch.info["config"].mode = mode
+        layer._condify_patch.state.config.mode = mode
 
 
 def left_padded(batch: int = 4, t: int = 19, vocab: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
@@ -317,7 +317,7 @@ def test_sink_tokens_are_the_first_real_tokens_under_left_padding() -> None:
     ids, mask = left_padded(4, 12)
     rates = keep_rates(model, [{"input_ids": ids, "attention_mask": mask}])
     assert all(r == pytest.approx(2 * 4 / int(mask.sum())) for r in rates.values())
-    state = next(iter(patched(model, "mod-threshold")))[1]._condify_patch.info["state"]
+    state = next(iter(patched(model, "mod-threshold")))[1]._condify_patch.state.shared
     state.record = {}
     with torch.no_grad():
         model(ids, attention_mask=mask)

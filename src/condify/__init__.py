@@ -7,16 +7,20 @@ condify.save_pretrained(model, "out/"); model = condify.from_pretrained("out/")
 
 from __future__ import annotations
 
-import inspect
+import logging
+import time
+import warnings
 from typing import Any
 
 from torch import nn
 
-from . import methods, registry
+from . import registry
 from .adapters import UnsupportedModelError
 from .config import ConfigError, MethodConfig
 from .convert import ModifyError, applied_configs, describe, modify, unmodify
+from .registry import list_methods
 from .serialization import CheckpointError, from_pretrained, save_pretrained
+from .tracking import track
 
 __version__ = "0.1.0"
 
@@ -25,28 +29,50 @@ __all__ = [
     "ConfigError",
     "MethodConfig",
     "ModifyError",
+    "QualityWarning",
     "UnsupportedModelError",
+    "applied_configs",
     "calibrate",
     "describe",
     "from_pretrained",
-    "methods",
+    "list_methods",
     "modify",
     "save_pretrained",
+    "track",
     "unmodify",
 ]
 
+WARN_RATIO = 1.5  # calibrate warns when held-out perplexity exceeds this multiple of dense
+
+log = logging.getLogger("condify")
+
+
+class QualityWarning(UserWarning):
+    """A calibrated model is much worse than dense on the held-out batches."""
+
 
 def calibrate(
-    model: nn.Module, data: Any, *, method: str | None = None, progress: bool = True, **options: Any
-) -> Any:
-    """Run the data-dependent step of the applied method(s) on ``data``.
+    model: nn.Module,
+    data: Any,
+    *,
+    method: str | None = None,
+    holdout: int | Any | None = None,
+    progress: bool = True,
+    **options: Any,
+) -> dict[str, Any]:
+    """Run the data-dependent step of the applied method(s) on ``data``; returns the measurements.
 
     ``data``: an iterable of ``input_ids`` tensors or of dicts with ``input_ids``/``attention_mask``.
-    With several methods applied, name one with ``method=`` (options differ per method).
-    Returns what the method's calibrate returns (a dict of measurements).
+    With several methods applied, name one with ``method=``; ``options`` are that method's calibrate
+    options (validated before anything changes). ``holdout``: batches that are never trained on (see
+    :func:`condify.training.split_holdout`; default: the last 10 % of ``data``, at least one batch of
+    two or more). The result always has ``dense_ppl`` and ``ppl`` (held-out perplexity before and
+    after, None without a hold-out), ``ratio``, ``executed`` (fraction of the method's compute that
+    ran on the held-out batches; None where nothing is skipped per token), ``tokens`` (trained on),
+    ``seconds``, and the method's own entries. A ratio above 1.5 is logged and warned
+    (:class:`QualityWarning`). On any error the model is left exactly as it came.
     """
-    from .adapters import get_adapter
-    from .training import as_batches
+    from .training import Run, as_batches, restore, snapshot, split_holdout
 
     configs = applied_configs(model)
     if not configs:
@@ -57,16 +83,71 @@ def calibrate(
     if cfg is None:
         raise ModifyError(f"{method!r} is not applied to this model; applied: {[c.method for c in configs]}")
     spec = registry.get(cfg.method)
-    if spec.calibrate is None:
+    if spec.calibrate is None or spec.options is None:
         raise ConfigError(f"{cfg.method!r} has no calibration step")
-    accepted = {
-        n for n, p in inspect.signature(spec.calibrate).parameters.items() if p.kind is p.KEYWORD_ONLY
-    }
-    unknown = sorted(set(options) - accepted)
-    if unknown:
-        raise ConfigError(
-            f"calibrate({cfg.method!r}): unknown options {unknown}; accepted: {sorted(accepted)}"
-        )
+    opts = spec.options.from_options(**options)
     device = next(model.parameters()).device
-    batches = as_batches(data, device)
-    return spec.calibrate(model, get_adapter(model), cfg, batches, progress=progress, **options)
+    fit, held = split_holdout(as_batches(data, device), holdout)
+    run = Run(model, fit, held, progress=progress)
+    start = time.perf_counter()
+    snap = snapshot(model)
+    try:
+        dense_ppl = _perplexity(run.teacher(), held) if held else None
+        entries = spec.calibrate(model, run, opts)
+        run.drop_teacher()
+        measured = _measure(model, cfg.method, run) if held else {}
+    except BaseException:
+        run.drop_teacher()
+        restore(model, snap)
+        raise
+    result: dict[str, Any] = {"method": cfg.method, "dense_ppl": dense_ppl, "ppl": None, "ratio": None}
+    result.update({"executed": None, "tokens": run.tokens, **measured})
+    if dense_ppl is not None:
+        result["ratio"] = result["ppl"] / dense_ppl
+    result.update(entries)
+    result["seconds"] = time.perf_counter() - start
+    _report(result, len(held))
+    return result
+
+
+def _perplexity(model: nn.Module, batches: list) -> float:
+    from .evaluate import perplexity
+
+    return perplexity(model, batches, progress=False)
+
+
+def _measure(model: nn.Module, method: str, run: Any) -> dict[str, Any]:
+    """Held-out perplexity and executed fractions (per kind of site) of ``method``."""
+    import contextlib
+
+    with (run.eval_mode or contextlib.nullcontext)(), track(model) as t:
+        out: dict[str, Any] = {"ppl": _perplexity(model, run.held)}
+    kinds = sorted({c.kind for c in t.sites.values() if c.method == method})
+    main = "mlp" if "mlp" in kinds else (kinds[0] if kinds else None)
+    if main is not None:
+        out["executed"] = t.fraction(method, None if main == "layer" else main)
+        out["executed_per_layer"] = t.per_layer(method, main)
+    for k in kinds:
+        if k not in (main, "layer"):
+            out[f"executed_{k}"] = t.fraction(method, k)
+    return out
+
+
+def _report(result: dict[str, Any], held: int) -> None:
+    if result["ratio"] is None:
+        log.warning("condify.calibrate(%s): no held-out batch, quality not measured", result["method"])
+        return
+    executed = result["executed"]
+    msg = (
+        f"condify.calibrate({result['method']}): held-out perplexity {result['dense_ppl']:.3g} -> "
+        f"{result['ppl']:.3g} (x{result['ratio']:.3f}) on {held} batch(es)"
+        + (f", {executed:.1%} of the compute executed" if executed is not None else "")
+    )
+    log.info(msg)
+    if result["ratio"] > WARN_RATIO:
+        warnings.warn(
+            f"{msg}: more than x{WARN_RATIO} worse than dense; calibrate longer (more data or steps) or "
+            f"ask for less sparsity",
+            QualityWarning,
+            stacklevel=3,
+        )

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         evaluate.set_threads(args.threads)
     if args.command == "methods":
-        for name, text in condify.methods().items():
+        for name, text in condify.list_methods().items():
             print(f"{name:16s} {text}")
         return 0
     if args.command == "run":
@@ -116,12 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     tok = _tokenizer(args.checkpoint)
     if args.command == "calibrate":
         cfg = condify.applied_configs(model)[-1]
-        recipe = registry.get(cfg.method).recipes.get(args.budget, ({}, {}))[1]
-        opts = {
-            k: v
-            for k, v in {**recipe, **_kv(args.calibrate_option)}.items()
-            if k not in ("batch_size", "seq_len", "num_train_batches")
-        }
+        recipes = registry.get(cfg.method).recipes
+        if args.budget not in recipes:
+            raise SystemExit(
+                f"condify: {cfg.method!r} has no budget {args.budget!r}; choose from {sorted(recipes)}"
+            )
+        opts = {**recipes[args.budget].calibrate, **_kv(args.calibrate_option)}
         result = condify.calibrate(
             model, data.train_batches(tok, args.batches), method=cfg.method, progress=progress, **opts
         )

@@ -12,8 +12,8 @@ import functools
 import inspect
 import types
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -21,6 +21,9 @@ from torch import nn
 from . import registry
 from .adapters import Adapter, get_adapter
 from .config import ConfigError, MethodConfig
+
+if TYPE_CHECKING:
+    from .tracking import Count
 
 CONFIG_KEY = "condify"
 FORMAT_VERSION = 1
@@ -31,20 +34,53 @@ class ModifyError(ValueError):
 
 
 @dataclass
+class SiteState:
+    """Typed state of one converted module; each method subclasses it with its own fields.
+
+    ``kind`` names what :func:`condify.track` counts there (``"mlp"``, ``"attention"``, ``"layer"``);
+    ``counter`` is set only while a tracker is open (runtime, never saved).
+    """
+
+    layer: int
+    kind: ClassVar[str] = "layer"
+    counter: Count | None = field(default=None, init=False, repr=False, compare=False)
+
+    def count(self, executed: float | torch.Tensor, total: float | torch.Tensor) -> None:
+        """Add to the open tracker, if any: ``executed`` of ``total`` units of this site's compute ran."""
+        if self.counter is not None:
+            self.counter.executed += float(executed)
+            self.counter.total += float(total)
+
+    def describe(self) -> dict[str, Any]:
+        """What ``condify.describe`` shows for this site (measured values, never internals)."""
+        return {}
+
+
+@dataclass
 class Patch:
     """What condify added to one module (kept on the module as ``_condify_patch``)."""
 
     method: str
     children: tuple[str, ...]
-    info: dict[str, Any]
+    state: SiteState
+
+
+@dataclass
+class Target:
+    """One module a method will convert, found (and checked) before anything is mutated."""
+
+    path: str
+    module: nn.Module
+    layer: int
+    kind: str = "layer"
 
 
 def patch(
     module: nn.Module,
     method: str,
+    state: SiteState,
     forward: Callable[..., Any] | None = None,
     children: dict[str, nn.Module] | None = None,
-    **info: Any,
 ) -> None:
     """Attach ``children`` under new names and (optionally) replace ``forward`` on this instance."""
     if hasattr(module, "_condify_patch"):
@@ -59,15 +95,21 @@ def patch(
         module.add_module(name, child)
     if forward is not None:
         module.forward = types.MethodType(forward, module)
-    module._condify_patch = Patch(method, tuple(children), info)
+    module._condify_patch = Patch(method, tuple(children), state)
+
+
+def state(module: nn.Module) -> SiteState:
+    """The typed state condify attached to a converted ``module``."""
+    return module._condify_patch.state
 
 
 def unpatch(module: nn.Module) -> None:
-    """Remove what :func:`patch` added."""
+    """Remove what :func:`patch` added (children that are already gone are skipped)."""
     p: Patch = module.__dict__.pop("_condify_patch")
     module.__dict__.pop("forward", None)
     for name in p.children:
-        delattr(module, name)
+        if name in module._modules:
+            delattr(module, name)
 
 
 def patched(model: nn.Module, method: str | None = None) -> list[tuple[str, nn.Module]]:
@@ -116,32 +158,38 @@ def modify(
 ) -> nn.Module:
     """Convert ``model`` in place with ``method`` and return it.
 
-    ``method`` is a registered name (see :func:`condify.methods`) with keyword ``options``, or a
-    config object. Every check runs before the model is touched: on error it is left as it was.
+    ``method`` is a registered name (see :func:`condify.list_methods`) with keyword ``options``, or a
+    config object (not changed: the resolved copy is what gets recorded). Every check runs before the
+    model is touched: on error it is left as it was.
     """
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise ModifyError(f"expected a transformers PreTrainedModel, got {type(model).__name__}")
     cfg = _as_config(method, options)
     spec = registry.get(cfg.method)
     adapter = get_adapter(model)
-    cfg.check_layers(len(adapter.layer_list(model)))
+    n = len(adapter.layer_list(model))
+    cfg.check_layers(n)
     existing = applied_configs(model)
     if any(c.method == cfg.method for c in existing):
         raise ModifyError(
             f"this model is already modified with {cfg.method!r}; call condify.unmodify(model) first "
             f"to change its options"
         )
-    targets = spec.plan(model, adapter, cfg)
+    cfg = cfg.resolved(n)
+    targets = spec.targets(model, adapter, cfg)
     taken = _targets(model)
-    for path in targets:
+    for t in targets:
         for other, owner in taken.items():
-            if path == other or path.startswith(other + ".") or other.startswith(path + "."):
+            if t.path == other or t.path.startswith(other + ".") or other.startswith(t.path + "."):
                 raise ModifyError(
-                    f"{cfg.method!r} would convert {path!r}, which overlaps {other!r} already converted by "
+                    f"{cfg.method!r} would convert {t.path!r}, which overlaps {other!r} already converted by "
                     f"{owner!r}; methods compose only on disjoint layers (choose `layers=` to avoid it)"
                 )
     try:
-        spec.apply(model, adapter, cfg, _from_checkpoint)
+        for t in targets:
+            spec.patch(model, adapter, cfg, t, _from_checkpoint)
+        if spec.attach is not None:
+            spec.attach(model, adapter, cfg, targets)
     except Exception:
         _remove(model, adapter, cfg)  # leave no half-converted model behind
         raise
@@ -185,8 +233,8 @@ def describe(model: nn.Module) -> str:
         opts = {k: v for k, v in cfg.to_dict().items() if k not in ("method", "version")}
         lines.append(f"- {cfg.method}: {opts}")
         for path, module in patched(model, cfg.method):
-            info = module._condify_patch.info
-            extra = ", ".join(f"{k}={v}" for k, v in info.items() if isinstance(v, (str, int, float, tuple)))
+            shown = module._condify_patch.state.describe()
+            extra = ", ".join(f"{k}={_fmt(v)}" for k, v in shown.items())
             added = ", ".join(module._condify_patch.children)
             lines.append(f"    {path}" + (f" (+{added})" if added else "") + (f": {extra}" if extra else ""))
     n_new = sum(
@@ -197,6 +245,10 @@ def describe(model: nn.Module) -> str:
     )
     lines.append(f"new parameters: {n_new:,}")
     return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:

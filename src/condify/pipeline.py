@@ -40,9 +40,9 @@ def evaluate_pair(
         tokenizer, "test", num_sequences=eval_sequences, seq_len=seq_len, batch_size=4
     )
     out: dict[str, Any] = {"eval_tokens": eval_sequences * seq_len}
-    out["ppl_dense"] = evaluate.perplexity(dense, batches, progress=progress)
+    out["dense_ppl"] = evaluate.perplexity(dense, batches, progress=progress)
     out["ppl"] = evaluate.perplexity(model, batches, progress=progress)
-    out["ppl_ratio"] = out["ppl"] / out["ppl_dense"]
+    out["ratio"] = out["ppl"] / out["dense_ppl"]
     probe = batches[0][:1]
     out["flops"] = evaluate.executed_flops(model, probe)
     out["flops_dense"] = evaluate.executed_flops(dense, probe)
@@ -81,18 +81,16 @@ def run(
         raise ValueError(f"{method!r} has no {budget!r} budget; available: {sorted(spec.recipes)}")
     if threads:
         evaluate.set_threads(threads)
-    recipe_modify, recipe_cal = spec.recipes[budget]
-    mod_opts = {**recipe_modify, **(modify_options or {})}
-    cal_opts = {**recipe_cal, **(calibrate_options or {})}
-    cal_opts.pop("num_batches", None)
-    shape = {k: cal_opts.pop(k) for k in ("batch_size", "seq_len", "num_train_batches") if k in cal_opts}
+    recipe = spec.recipes[budget]
+    mod_opts = {**recipe.modify, **(modify_options or {})}
+    cal_opts = {**recipe.calibrate, **(calibrate_options or {})}
 
     t0 = time.perf_counter()
     model, tokenizer = data.load_model(model_name)
     dense = copy.deepcopy(model)
     modify(model, method, **mod_opts)
     train = data.train_batches(
-        tokenizer, shape.get("num_train_batches", 32), shape.get("batch_size", 4), shape.get("seq_len", 256)
+        tokenizer, recipe.data.num_batches, recipe.data.batch_size, recipe.data.seq_len
     )
     t1 = time.perf_counter()
     from . import calibrate
@@ -114,9 +112,9 @@ def run(
     rows = [
         [
             "perplexity (held-out plays)",
-            f"{ev['ppl_dense']:.3f}",
+            f"{ev['dense_ppl']:.3f}",
             f"{ev['ppl']:.3f}",
-            f"x{ev['ppl_ratio']:.3f}",
+            f"x{ev['ratio']:.3f}",
         ]
     ]
     for k in ("attention", "mlp", "lm_head", "other", "total"):
@@ -142,7 +140,7 @@ def run(
         rep.add_table(["decode batch", "prefill 512 speed-up", "decode speed-up", "KV bytes ratio"], srows)
         labels = ["ppl ratio", "FLOPs ratio", *[f"decode {k}" for k in ev["speed"]]]
         vals = [
-            ev["ppl_ratio"],
+            ev["ratio"],
             f["total"] / fd["total"],
             *[r["condify"]["decode_speedup"] for r in ev["speed"].values()],
         ]
@@ -179,9 +177,7 @@ def _short(v: Any) -> str:
 
 def print_summary(result: dict[str, Any]) -> None:
     ev = result["evaluation"]
-    print(
-        f"held-out perplexity: dense {ev['ppl_dense']:.3f}, condify {ev['ppl']:.3f} (x{ev['ppl_ratio']:.3f})"
-    )
+    print(f"held-out perplexity: dense {ev['dense_ppl']:.3f}, condify {ev['ppl']:.3f} (x{ev['ratio']:.3f})")
     f, fd = ev["flops"], ev["flops_dense"]
     print(
         f"executed FLOPs vs dense: x{f['total'] / fd['total']:.3f} (mlp x{f.get('mlp', 0) / max(fd.get('mlp', 1), 1):.3f})"

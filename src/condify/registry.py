@@ -11,31 +11,63 @@ if TYPE_CHECKING:
     from torch import nn
 
     from .adapters import Adapter
-    from .config import MethodConfig
+    from .config import MethodConfig, Options
+    from .convert import Target
+
+
+@dataclass(frozen=True)
+class Data:
+    """The calibration text a recipe asks for: ``num_batches`` batches of ``batch_size`` x ``seq_len``."""
+
+    batch_size: int
+    seq_len: int
+    num_batches: int
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named budget: options for ``modify`` and ``calibrate`` and the text to calibrate on."""
+
+    modify: dict[str, Any]
+    calibrate: dict[str, Any]
+    data: Data
 
 
 @dataclass(frozen=True)
 class Method:
-    """How one method plugs into condify.
+    """How one method plugs into condify. The core (:func:`condify.convert.modify`) owns the walk:
 
-    - ``plan(model, adapter, config) -> list[str]``: validate against the model (raise before any
-      mutation) and return the module paths the method will patch, so conflicts are found up front.
-    - ``apply(model, adapter, config, from_checkpoint)``: mutate. ``from_checkpoint`` means weights
-      will be loaded right after, so skip data-dependent initialisation.
-    - ``remove(model, adapter, config)``: undo ``apply`` exactly (optional: default unpatches).
-    - ``calibrate(model, adapter, config, batches, **options)``: the data-dependent step.
-    - ``recipes``: named budgets -> (modify options, calibrate options) used by the CLI and main
-      job; ``"quick"`` (seconds, smoke tests) and ``"cpu"`` (minutes on a 2-core CPU) at least.
+    - ``targets(model, adapter, config) -> list[Target]``: validate against the model and list what
+      will be converted (raise before any mutation; mutate nothing);
+    - ``patch(model, adapter, config, target, from_checkpoint)``: convert one target
+      (``from_checkpoint``: weights are loaded right after, so skip data-dependent initialisation);
+    - ``attach(model, adapter, config, targets)``: optional model-level set-up after every target;
+    - ``remove(model, adapter, config)``: optional; undo what ``patch``/``attach`` did beyond the
+      children and forwards the core removes;
+    - ``calibrate(model, run, options) -> dict``: the data-dependent step, with a
+      :class:`condify.training.Run` (fit / held-out batches, teacher, progress) and validated
+      ``options`` (an instance of ``options``, a :class:`condify.config.Options` dataclass);
+    - ``recipes``: named budgets, ``"quick"`` (seconds) and ``"cpu"`` (minutes on 2 cores) at least.
     """
 
     name: str
     description: str
     config_cls: type[MethodConfig]
-    plan: Callable[[nn.Module, Adapter, MethodConfig], list[str]]
-    apply: Callable[[nn.Module, Adapter, MethodConfig, bool], None]
+    targets: Callable[[nn.Module, Adapter, MethodConfig], list[Target]]
+    patch: Callable[[nn.Module, Adapter, MethodConfig, Target, bool], None]
+    attach: Callable[[nn.Module, Adapter, MethodConfig, list[Target]], None] | None = None
     remove: Callable[[nn.Module, Adapter, MethodConfig], None] | None = None
-    calibrate: Callable[..., Any] | None = None
-    recipes: dict[str, tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=dict)
+    calibrate: Callable[..., dict[str, Any]] | None = None
+    options: type[Options] | None = None
+    recipes: dict[str, Recipe] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, r in self.recipes.items():  # a recipe that cannot run is a bug: fail at import
+            self.config_cls.from_options(**r.modify)
+            if self.options is not None:
+                self.options.from_options(**r.calibrate)
+            elif r.calibrate:
+                raise ValueError(f"{self.name}: recipe {name!r} has calibrate options but no calibrate")
 
 
 _METHODS: dict[str, Method] = {}
@@ -75,3 +107,8 @@ def get(name: str) -> Method:
 def all_methods() -> Iterable[Method]:
     _load_builtins()
     return [_METHODS[k] for k in sorted(_METHODS)]
+
+
+def list_methods() -> dict[str, str]:
+    """Registered method names with a one-line description each."""
+    return {m.name: m.description for m in all_methods()}

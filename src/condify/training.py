@@ -1,10 +1,22 @@
-"""Shared pieces of every method's ``calibrate``: batch normalisation, losses and a small train loop."""
+"""The calibration toolkit every method's ``calibrate`` composes.
+
+- data: :func:`as_batches` (normalise what the user passes), :func:`split_holdout` (one hold-out
+  contract for every method: reported numbers are always on batches nothing trained on);
+- the dense teacher (:func:`frozen_teacher`), the losses (:func:`lm_loss`, :func:`kl_loss`,
+  :func:`distill_loss`) and the schedule (:func:`cosine`);
+- loops: :func:`train` (AdamW, progress, non-finite checks, parameters restored on failure) and
+  :func:`fit_regression` (Adam + MSE of a small module on recorded activations);
+- :class:`Run`: one calibrate call's context (fit / held-out batches, teacher, token count, progress);
+- :func:`snapshot` / :func:`restore`: what makes ``condify.calibrate`` transactional.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -12,7 +24,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .config import ConfigError
+
 Batch = dict[str, torch.Tensor]
+Loss = Callable[[nn.Module, Batch, int], torch.Tensor]
+Groups = Sequence[nn.Parameter] | Sequence[dict[str, Any]]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------------------
 
 
 def as_batches(data: Iterable[Any] | torch.Tensor, device: torch.device | None = None) -> list[Batch]:
@@ -43,9 +64,55 @@ def as_batches(data: Iterable[Any] | torch.Tensor, device: torch.device | None =
     return out
 
 
+def split_holdout(
+    batches: list[Batch], holdout: int | Iterable[Any] | None
+) -> tuple[list[Batch], list[Batch]]:
+    """(fit, held-out) batches, the one hold-out contract of every method.
+
+    ``holdout``: an int ``n`` holds out the last ``n`` batches (0: none); batches (anything
+    :func:`as_batches` takes) are held out as given and all of ``batches`` is fit data; ``None`` (the
+    default) holds out the last 10 % of the batches, at least one when there are two or more.
+    """
+    if holdout is None:
+        holdout = max(1, round(0.1 * len(batches))) if len(batches) >= 2 else 0
+    if isinstance(holdout, bool) or not isinstance(holdout, int):
+        device = batches[0]["input_ids"].device
+        return batches, as_batches(holdout, device)
+    if not 0 <= holdout < len(batches):
+        raise ConfigError(
+            f"calibrate: `holdout={holdout}` must be in [0, {len(batches) - 1}] for {len(batches)} "
+            f"batch(es); pass more batches or a smaller hold-out"
+        )
+    return (batches[:-holdout], batches[-holdout:]) if holdout else (batches, [])
+
+
+def real_tokens(batches: Iterable[Batch]) -> int:
+    """Non-padding tokens in ``batches``."""
+    return sum(
+        int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches
+    )
+
+
 def cycle(batches: list[Batch]) -> Iterator[Batch]:
     while True:
         yield from batches
+
+
+# ----------------------------------------------------------------------------------------------------------
+# teacher, losses, schedule
+# ----------------------------------------------------------------------------------------------------------
+
+
+def frozen_teacher(model: nn.Module) -> nn.Module:
+    """A frozen dense copy of ``model`` (every condify method removed), in eval mode."""
+    from .convert import applied_configs, unmodify
+
+    teacher = copy.deepcopy(model)
+    if applied_configs(teacher):
+        unmodify(teacher)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval()
 
 
 def lm_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -73,6 +140,43 @@ def kl_loss(
     return kl.mean() * t * t
 
 
+def distill_loss(
+    teacher: nn.Module | None, *, lm_weight: float = 0.0, extra: Callable[[], torch.Tensor] | None = None
+) -> Loss:
+    """KL to ``teacher``'s logits (next-token cross entropy when ``teacher`` is None), plus
+    ``lm_weight`` x cross entropy and ``extra()`` (e.g. a sparsity penalty recorded during the forward)."""
+
+    def loss_fn(model: nn.Module, b: Batch, step: int) -> torch.Tensor:
+        logits = model(**b, use_cache=False).logits
+        if teacher is None:
+            loss = lm_loss(logits, b)
+        else:
+            with torch.no_grad():
+                t = teacher(**b, use_cache=False).logits
+            loss = kl_loss(logits, t, b)
+            if lm_weight:
+                loss = loss + lm_weight * lm_loss(logits, b)
+        return loss if extra is None else loss + extra()
+
+    return loss_fn
+
+
+def cosine(steps: int, warmup: int = 0) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``steps``."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return f
+
+
+# ----------------------------------------------------------------------------------------------------------
+# loops
+# ----------------------------------------------------------------------------------------------------------
+
+
 @contextlib.contextmanager
 def only_trainable(model: nn.Module, params: Iterable[nn.Parameter]) -> Iterator[list[nn.Parameter]]:
     """Temporarily freeze everything but ``params``; restores requires_grad and train/eval mode."""
@@ -92,66 +196,183 @@ def only_trainable(model: nn.Module, params: Iterable[nn.Parameter]) -> Iterator
         model.train(was_training)
 
 
+def _groups(params: Groups, lr: float) -> list[dict[str, Any]]:
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        return [{**g, "params": list(g["params"]), "lr": g.get("lr", lr)} for g in params]
+    return [{"params": params, "lr": lr}]
+
+
 def train(
     model: nn.Module,
-    params: Iterable[nn.Parameter],
+    params: Groups,
     batches: list[Batch],
     steps: int,
-    loss_fn: Callable[[nn.Module, Batch, int], torch.Tensor],
+    loss_fn: Loss,
     *,
     lr: float = 1e-4,
     weight_decay: float = 0.0,
-    warmup: int = 0,
+    warmup: int | None = None,
     max_grad_norm: float = 1.0,
+    after_step: Callable[[int, float], str | None] | None = None,
     desc: str = "train",
     progress: bool = True,
 ) -> list[float]:
-    """AdamW on ``params`` only, cosine schedule, ``steps`` steps cycling over ``batches``; returns losses."""
+    """AdamW on ``params`` only (a list, or param groups with their own ``lr``), cosine schedule,
+    ``steps`` steps cycling over ``batches``; returns the losses.
+
+    ``warmup`` defaults to a tenth of the steps (at most 10). ``after_step(step, loss)`` runs after
+    each optimiser step and may return a short status for the progress bar. A non-finite loss raises
+    :class:`FloatingPointError`; on any error the trained parameters get their values back.
+    """
     losses: list[float] = []
     if steps <= 0:
         return losses
-    with only_trainable(model, params) as ps:
-        opt = torch.optim.AdamW(ps, lr=lr, weight_decay=weight_decay)
-
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        it = cycle(batches)
-        bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
-        for step in bar:
-            loss = loss_fn(model, next(it), step)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"{desc}: loss became {loss.item()} at step {step}; lower the learning rate"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(ps, max_grad_norm)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    groups = _groups(params, lr)
+    for g in groups:
+        if not math.isfinite(g["lr"]) or g["lr"] < 0:
+            raise ConfigError(f"{desc}: learning rate must be a finite number >= 0, got {g['lr']!r}")
+    flat = [p for g in groups for p in g["params"]]
+    saved = [p.detach().clone() for p in flat]
+    warmup = min(10, steps // 10) if warmup is None else warmup
+    try:
+        with only_trainable(model, flat):
+            opt = torch.optim.AdamW(groups, weight_decay=weight_decay)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine(steps, warmup))
+            it = cycle(batches)
+            bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+            for step in bar:
+                loss = loss_fn(model, next(it), step)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"{desc}: loss became {loss.item()} at step {step}; lower the learning rate"
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(flat, max_grad_norm)
+                opt.step()
+                sched.step()
+                losses.append(loss.item())
+                status = after_step(step, losses[-1]) if after_step is not None else None
+                bar.set_postfix_str(f"loss={losses[-1]:.3f}" + (f" {status}" if status else ""))
+    except BaseException:
+        with torch.no_grad():
+            for p, v in zip(flat, saved, strict=True):
+                p.copy_(v)
+        raise
     return losses
+
+
+def fit_regression(
+    params: list[nn.Parameter],
+    loss: Callable[[torch.Tensor], torch.Tensor],
+    num_rows: int,
+    *,
+    steps: int,
+    lr: float = 1e-3,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> None:
+    """Adam + cosine on ``loss(rows)`` for random minibatches of row indices in ``[0, num_rows)``
+    (a small module regressing recorded activations: routers, distilled projections)."""
+    gen = torch.Generator().manual_seed(seed)
+    saved = [q.requires_grad for q in params]
+    for q in params:
+        q.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine(steps))
+    try:
+        with torch.enable_grad():
+            for _ in range(steps):
+                rows = torch.randint(0, num_rows, (min(batch_size, num_rows),), generator=gen)
+                value = loss(rows)
+                opt.zero_grad(set_to_none=True)
+                value.backward()
+                opt.step()
+                sched.step()
+    finally:
+        for q, r in zip(params, saved, strict=True):
+            q.requires_grad_(r)
 
 
 @torch.no_grad()
 def mean_nll(model: nn.Module, batches: list[Batch]) -> float:
-    """Token-weighted mean next-token NLL (for quick sweeps inside calibrate)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for b in batches:
-        logits = model(**b, use_cache=False).logits
-        n = (
-            int((b["attention_mask"][:, 1:] != 0).sum())
-            if "attention_mask" in b
-            else b["input_ids"][:, 1:].numel()
-        )
-        total += lm_loss(logits, b).item() * n
-        count += n
-    model.train(was_training)
-    return total / max(count, 1)
+    """Mean next-token NLL over the scored targets of ``batches`` (``log`` of :func:`condify.evaluate.perplexity`)."""
+    from .evaluate import perplexity
+
+    return math.log(perplexity(model, batches, progress=False))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one calibrate call
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """The context of one ``condify.calibrate`` call, handed to the method's calibrate.
+
+    ``fit``: batches to calibrate on; ``held``: held-out batches (never trained on; the core measures
+    the reported quality on them). ``teacher()`` is the frozen dense model as the call received it
+    (made once, on first use). :meth:`train` counts the tokens it trains on into ``tokens``.
+    ``eval_mode``: an optional context the core measures the held-out quality in (e.g. oracle routing).
+    """
+
+    model: nn.Module
+    fit: list[Batch]
+    held: list[Batch]
+    progress: bool = True
+    tokens: int = 0
+    eval_mode: Callable[[], contextlib.AbstractContextManager[Any]] | None = None
+    _teacher: nn.Module | None = field(default=None, repr=False)
+
+    def teacher(self) -> nn.Module:
+        if self._teacher is None:
+            self._teacher = frozen_teacher(self.model)
+        return self._teacher
+
+    def drop_teacher(self) -> None:
+        """Free the dense copy (e.g. before a memory-hungry measurement)."""
+        self._teacher = None
+
+    def train(
+        self, params: Groups, steps: int, loss_fn: Loss, *, batches: list[Batch] | None = None, **kwargs: Any
+    ) -> list[float]:
+        """:func:`train` on ``self.fit`` (or ``batches``), counting the tokens it uses."""
+        batches = self.fit if batches is None else batches
+        losses = train(self.model, params, batches, steps, loss_fn, progress=self.progress, **kwargs)
+        self.tokens += sum(real_tokens([batches[i % len(batches)]]) for i in range(len(losses)))
+        return losses
+
+
+def snapshot(model: nn.Module) -> dict[str, Any]:
+    """Everything :func:`restore` needs to put ``model`` back: tensors, condify configs, modes, flags."""
+    from .convert import applied_configs
+
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
+        "configs": [c.to_dict() for c in applied_configs(model)],
+        "training": {n: m.training for n, m in model.named_modules()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+    }
+
+
+@torch.no_grad()
+def restore(model: nn.Module, snap: dict[str, Any]) -> None:
+    """Put ``model`` back as :func:`snapshot` saw it (re-applying its condify structure if it changed)."""
+    from . import registry
+    from .convert import applied_configs, modify, unmodify
+
+    if [c.to_dict() for c in applied_configs(model)] != snap["configs"]:
+        if applied_configs(model):
+            unmodify(model)
+        for d in snap["configs"]:
+            modify(model, registry.get(d["method"]).config_cls.from_dict(d), _from_checkpoint=True)
+    current = model.state_dict(keep_vars=True)
+    for k, v in snap["state"].items():
+        current[k].data.copy_(v)
+    for n, m in model.named_modules():
+        m.training = snap["training"].get(n, m.training)
+    for n, p in model.named_parameters():
+        p.requires_grad_(snap["requires_grad"].get(n, p.requires_grad))

@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/
-import condify  # noqa: E402
 from tiny import tiny  # noqa: E402
+
+import condify  # noqa: E402
 
 HERE = Path(__file__).parent
 IDS = torch.arange(2 * 12).reshape(2, 12) % 128

@@ -18,34 +18,35 @@ per token low.
 from __future__ import annotations
 
 from ... import registry
-from .calibrate import calibrate
+from ...registry import Data, Recipe
+from .calibrate import DynamicKCalibration, calibrate
 from .config import DynamicKConfig
 from .modules import executed_fraction, mode, set_mode, set_tau, track_executed
-from .transform import apply, plan, remove
+from .transform import patch_target, remove, targets
 
-# Budgets (modify options, calibrate options). "quick": CI smoke; "cpu": the README main job on a 2-core
-# CPU (~6 minutes on a quiet machine); "long": GPU-sized (not run: no GPU was lent). All keep the model's
-# activation and rely on the routed fine-tune (stage 5): on SmolLM2 it beat the ReLU swap by far at
-# equal tokens (50 % executed: x1.21 after 25.6k tokens vs x2.61 after 31k tokens of ReLU + Hoyer;
-# benchmarks/results/dynamic_k_adapt.md, dynamic_k.md).
+# Budgets. "quick": CI smoke; "cpu": the README main job on a 2-core CPU (~6 minutes on a quiet
+# machine); "long": GPU-sized (not run: no GPU was lent). All keep the model's activation and rely on
+# the routed fine-tune (stage 5): on SmolLM2 it beat the ReLU swap by far at equal tokens (50 %
+# executed: x1.21 after 25.6k tokens vs x2.61 after 31k tokens of ReLU + Hoyer;
+# benchmarks/results/dynamic_k_adapt.md, dynamic_k.md). Each holds out 10 % of its batches.
 RECIPES = {
-    "quick": (
+    "quick": Recipe(
         {"expert_size": 64, "clustering": "gate"},
-        {"router_steps": 50, "router_tokens": 1024, "target_sparsity": 0.5, "num_train_batches": 3, "batch_size": 2, "seq_len": 128},
+        {"router_steps": 50, "router_tokens": 1024, "target_sparsity": 0.5},
+        Data(2, 128, 4),
     ),
-    "cpu": (
+    "cpu": Recipe(
         {"expert_size": 32, "clustering": "coactivation"},
-        {
-            "router_steps": 300, "router_tokens": 4096, "target_sparsity": 0.5,
-            "adapt_steps": 48, "adapt_lr": 3e-4, "num_train_batches": 49, "batch_size": 2, "seq_len": 128,
-        },
+        {"router_steps": 300, "router_tokens": 4096, "target_sparsity": 0.5, "adapt_steps": 48, "adapt_lr": 3e-4},
+        Data(2, 128, 53),
     ),
-    "long": (
+    "long": Recipe(
         {"expert_size": 32, "clustering": "coactivation"},
         {
             "router_steps": 3000, "router_tokens": 65536, "coactivation_tokens": 8192, "target_sparsity": 0.5,
-            "adapt_steps": 2000, "adapt_lr": 1e-4, "num_train_batches": 2001, "batch_size": 8, "seq_len": 512,
+            "adapt_steps": 2000, "adapt_lr": 1e-4,
         },
+        Data(8, 512, 2200),
     ),
 }  # fmt: skip
 
@@ -54,12 +55,21 @@ registry.register(
         name="dynamic-k",
         description="FFNs -> dynamic-k experts with norm-regressing routers (D2DMoE); sparsify, cluster, route",
         config_cls=DynamicKConfig,
-        plan=plan,
-        apply=apply,
+        targets=targets,
+        patch=patch_target,
         remove=remove,
         calibrate=calibrate,
+        options=DynamicKCalibration,
         recipes=RECIPES,
     )
 )
 
-__all__ = ["DynamicKConfig", "executed_fraction", "mode", "set_mode", "set_tau", "track_executed"]
+__all__ = [
+    "DynamicKCalibration",
+    "DynamicKConfig",
+    "executed_fraction",
+    "mode",
+    "set_mode",
+    "set_tau",
+    "track_executed",
+]

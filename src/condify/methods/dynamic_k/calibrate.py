@@ -30,15 +30,15 @@
 The teacher of stages 1 and 5 (``distill=True``) is the model as ``calibrate`` received it, unmodified:
 the original dense model on a first call.
 
-The last ``holdout`` batches are never trained on; they give the reported perplexities, activation
-sparsity and executed fraction. Budgets: see the ``recipes`` in ``__init__`` ("cpu": a few minutes on
-2 cores; "long": GPU-sized).
+The held-out batches of ``condify.calibrate`` (never trained on) give the reported perplexities,
+activation sparsity and executed fraction. Budgets: see the ``recipes`` in ``__init__`` ("cpu": a few
+minutes on 2 cores; "long": GPU-sized).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
+import dataclasses
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -47,15 +47,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...adapters import Adapter
-from ...config import ConfigError, in_range
-from ...convert import unmodify, update_config
-from ...training import Batch, mean_nll
+from ...config import ConfigError, Options, in_range, option
+from ...convert import applied_configs, update_config
+from ...tracking import track
+from ...training import Batch, Run, fit_regression, mean_nll
 from .clustering import balanced_kmeans, permutation
 from .config import DynamicKConfig
 from .finetune import PARAMS, adapt_, sparsify_
 from .losses import PENALTIES
-from .modules import Sites, converted, executed_fraction, expert_norms, mode, select, track_executed
+from .modules import METHOD, Sites, converted, expert_norms, mode, select
 from .transform import gate_features, relayout_
 
 MIN_TOKENS = 256  # calibration tokens (outside the hold-out) below which calibrate refuses to run
@@ -86,12 +86,12 @@ def collect(
                 break
             recs = {p: [] for p in out}
             for p, m in sites:
-                m._condify_patch.info["record"] = recs[p]
+                m._condify_patch.state.record = recs[p]
             try:
                 model(**b, use_cache=False)
             finally:
                 for _, m in sites:
-                    m._condify_patch.info.pop("record", None)
+                    m._condify_patch.state.record = None
             keep = b["attention_mask"].reshape(-1).bool() if "attention_mask" in b else None
             for p, m in sites:
                 h = recs[p][0]
@@ -101,9 +101,8 @@ def collect(
                 if what == "hidden":
                     out[p].append(h)
                 else:
-                    info = m._condify_patch.info
-                    down = info["adapter"].mlp_weights(m)["down"]
-                    out[p].append(expert_norms(h, down, info["expert_size"]))
+                    st = m._condify_patch.state
+                    out[p].append(expert_norms(h, st.adapter.mlp_weights(m)["down"], st.expert_size))
             seen += h.shape[0]
     return out
 
@@ -171,7 +170,6 @@ def distill_projections(
             used.append(b)
             seen += _tokens([b])
     before, after = [], []
-    gen = torch.Generator().manual_seed(0)
     for p, m in tqdm(sites, desc="distil projections", disable=not progress, leave=False):
         x = _real(torch.cat(xs.pop(p)), used)[:max_tokens].detach()
         with torch.no_grad(), mode(model, "original"):
@@ -188,22 +186,10 @@ def distill_projections(
 
         with torch.no_grad():
             before.append(float(rel(xv, yv)))
-        params = list(mlp.parameters())
-        saved = [q.requires_grad for q in params]
-        for q in params:
-            q.requires_grad_(True)
-        opt = torch.optim.Adam(params, lr=lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
-        with torch.enable_grad():
-            for _ in range(steps):
-                idx = torch.randint(0, xt.shape[0], (min(batch_size, xt.shape[0]),), generator=gen)
-                loss = rel(xt[idx], yt[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-        for q, r in zip(params, saved, strict=True):
-            q.requires_grad_(r)
+        fit_regression(
+            list(mlp.parameters()), lambda r, xt=xt, yt=yt, rel=rel: rel(xt[r], yt[r]), xt.shape[0],
+            steps=steps, lr=lr, batch_size=batch_size,
+        )  # fmt: skip
         with torch.no_grad():
             after.append(float(rel(xv, yv)))
     k = max(1, len(after))
@@ -223,7 +209,6 @@ def train_routers(
     Returns the mean held-out MSE before and after, and the mean R^2 (1 - MSE / variance of targets).
     """
     before, after, r2 = [], [], []
-    gen = torch.Generator().manual_seed(0)
     sites = [(p, m) for p, m in converted(model) if p in data]
     for p, m in tqdm(sites, desc="routers", disable=not progress, leave=False):
         x, y = data[p][0].detach(), data[p][1].detach()
@@ -236,22 +221,11 @@ def train_routers(
             scale = float(yt.mean().clamp(min=1e-12))
             router.fc2.weight.mul_(0.1 / scale)
             router.fc2.bias.copy_(yt.mean(0) / scale)
-        params = list(router.parameters())
-        saved = [q.requires_grad for q in params]
-        for q in params:
-            q.requires_grad_(True)
-        opt = torch.optim.Adam(params, lr=lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
-        with torch.enable_grad():
-            for _ in range(steps):
-                idx = torch.randint(0, xt.shape[0], (min(batch_size, xt.shape[0]),), generator=gen)
-                loss = ((router(xt[idx]) - yt[idx] / scale) ** 2).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-        for q, r in zip(params, saved, strict=True):
-            q.requires_grad_(r)
+        fit_regression(
+            list(router.parameters()),
+            lambda r, router=router, xt=xt, yt=yt, scale=scale: ((router(xt[r]) - yt[r] / scale) ** 2).mean(),
+            xt.shape[0], steps=steps, lr=lr, batch_size=batch_size,
+        )  # fmt: skip
         with torch.no_grad():
             router.fc2.weight.mul_(scale)  # abs(scale * z) = scale * abs(z): back to norm units
             router.fc2.bias.mul_(scale)
@@ -357,8 +331,8 @@ def order_experts_(model: nn.Module, data: dict[str, tuple[torch.Tensor, torch.T
     for p, m in converted(model):
         if p not in data:
             continue
-        info = m._condify_patch.info
-        x, s = data[p][0], info["expert_size"]
+        st = m._condify_patch.state
+        x, s = data[p][0], st.expert_size
         mask = select(m.router(x), float(m.expert_layout.tau)).cpu()
         order = adjacent_order(mask)
         runs0, runs1 = runs_per_token(mask), runs_per_token(mask[:, order])
@@ -366,7 +340,7 @@ def order_experts_(model: nn.Module, data: dict[str, tuple[torch.Tensor, torch.T
         after.append(min(runs0, runs1))
         if runs1 >= runs0:
             continue
-        relayout_(m, info["adapter"], (order[:, None] * s + torch.arange(s)).flatten())
+        relayout_(m, st.adapter, (order[:, None] * s + torch.arange(s)).flatten())
         fc2 = m.router.fc2
         fc2.weight.copy_(fc2.weight[order.to(fc2.weight.device)])
         fc2.bias.copy_(fc2.bias[order.to(fc2.bias.device)])
@@ -378,12 +352,11 @@ def order_experts_(model: nn.Module, data: dict[str, tuple[torch.Tensor, torch.T
 def measure(model: nn.Module, batches: list[Batch], oracle: bool = False) -> dict[str, float]:
     """Perplexity and executed fraction of expert compute on ``batches`` (sparse or oracle selection):
     ``executed`` for the FFNs, ``executed_attention`` for the projections (when converted)."""
-    with mode(model, "oracle" if oracle else "sparse"), track_executed(model) as stats:
+    with mode(model, "oracle" if oracle else "sparse"), track(model) as t:
         ppl = _ppl(model, batches)
-    res = {"ppl": ppl, "executed": executed_fraction(stats, [p for p, _ in converted(model, "mlp")])}
-    attn = [p for p, _ in converted(model, "attention")]
-    if attn:
-        res["executed_attention"] = executed_fraction(stats, attn)
+    res = {"ppl": ppl, "executed": t.fraction(METHOD, "mlp")}
+    if converted(model, "attention"):
+        res["executed_attention"] = t.fraction(METHOD, "attention")
     return res
 
 
@@ -400,87 +373,62 @@ def cluster_(model: nn.Module, cfg: DynamicKConfig, batches: list[Batch], coacti
     """Stage 2: balanced k-means and in-place permutation of every converted MLP."""
     acts = collect(model, batches, coactivation_tokens, "hidden") if cfg.clustering == "coactivation" else {}
     for p, m in converted(model):
-        info = m._condify_patch.info
-        E = info["experts"]
-        inter = E * info["expert_size"]
-        if not 1 < E < inter:
+        st = m._condify_patch.state
+        E = st.experts
+        if not 1 < E < E * st.expert_size:
             continue
-        feats = torch.cat(acts[p]).abs().t() if acts else gate_features(m, info["adapter"])
-        relayout_(m, info["adapter"], permutation(balanced_kmeans(feats, E, seed=info["layer"])))
+        feats = torch.cat(acts[p]).abs().t() if acts else gate_features(m, st.adapter)
+        relayout_(m, st.adapter, permutation(balanced_kmeans(feats, E, seed=st.layer)))
 
 
-def calibrate(
-    model: nn.Module,
-    adapter: Adapter,
-    cfg: DynamicKConfig,
-    batches: list[Batch],
-    *,
-    attention_steps: int = 1000,
-    attention_lr: float = 1e-3,
-    attention_tokens: int = 8192,
-    sparsify: bool = False,
-    activation: str | None = "relu",
-    penalty: str = "hoyer",
-    penalty_weight: float = 1e-4,
-    sparsify_steps: int = 100,
-    sparsify_lr: float = 1e-4,
-    sparsify_params: str = "mlp",
-    distill: bool = True,
-    cluster: bool | None = None,
-    coactivation_tokens: int = 2048,
-    router_steps: int = 500,
-    router_lr: float = 1e-3,
-    router_tokens: int = 8192,
-    target_sparsity: float | None = None,
-    per_layer: bool = True,
-    reorder: bool = True,
-    adapt_steps: int = 0,
-    adapt_lr: float = 1e-4,
-    adapt_params: str = "all",
-    oracle: bool = False,
-    holdout: int = 1,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Run the stages described in the module docstring; returns the measurements (held-out batches).
+@dataclasses.dataclass
+class DynamicKCalibration(Options):
+    """Options of dynamic-k's ``calibrate``, by stage (see the module docstring)."""
 
-    Keys: ``ppl_dense`` (before anything), ``attention_rel_error_before/after`` and
-    ``ppl_after_attention_distill`` (stage 0, tau = 0), ``activation_sparsity_before/after`` (FFNs) and
-    ``ppl_after_sparsify`` (tau = 0, i.e. the cost of stage 1), ``router_mse_before/after``,
-    ``router_r2``, ``tau`` (per layer), ``ppl_before_adapt`` and ``adapt_loss`` (first, last) of stage 5,
-    ``ppl`` and ``executed`` (the fraction of expert compute run).
+    owner = "dynamic-k calibrate"
+
+    attention_steps: int = option(1000, ge=0)
+    attention_lr: float = option(1e-3, ge=0.0)
+    attention_tokens: int = option(8192, ge=1)
+    sparsify: bool = False
+    activation: str | None = option("relu", choices=(None, "relu"))
+    penalty: str = option("hoyer", choices=tuple(PENALTIES))
+    penalty_weight: float = option(1e-4, ge=0.0)
+    sparsify_steps: int = option(100, ge=0)
+    sparsify_lr: float = option(1e-4, ge=0.0)
+    sparsify_params: str = option("mlp", choices=PARAMS)
+    distill: bool = True
+    cluster: bool | None = None
+    coactivation_tokens: int = option(2048, ge=1)
+    router_steps: int = option(500, ge=0)
+    router_lr: float = option(1e-3, ge=0.0)
+    router_tokens: int = option(8192, ge=1)
+    target_sparsity: float | None = option(None, ge=0.0, lt=1.0)
+    per_layer: bool = True
+    reorder: bool = True
+    adapt_steps: int = option(0, ge=0)
+    adapt_lr: float = option(1e-4, ge=0.0)
+    adapt_params: str = option("all", choices=PARAMS)
+    oracle: bool = False
+
+
+def calibrate(model: nn.Module, run: Run, opts: DynamicKCalibration) -> dict[str, Any]:
+    """Run the stages described in the module docstring; returns their measurements (held-out batches).
+
+    Keys: ``attention_rel_error_before/after`` and ``ppl_after_attention_distill`` (stage 0, tau = 0),
+    ``activation_sparsity_before/after`` (FFNs) and ``ppl_after_sparsify`` (tau = 0, i.e. the cost of
+    stage 1), ``router_mse_before/after``, ``router_r2``, ``tau`` (per layer), ``ppl_before_adapt`` and
+    ``adapt_loss`` (first, last) of stage 5; ``condify.calibrate`` adds ``ppl`` and ``executed``.
     """
-    if penalty not in PENALTIES:
-        raise ConfigError(
-            f"dynamic-k calibrate: `penalty` must be one of {sorted(PENALTIES)}, got {penalty!r}"
-        )
-    if activation not in (None, "relu"):
-        raise ConfigError(f"dynamic-k calibrate: `activation` must be 'relu' or None, got {activation!r}")
-    for name, v in (("sparsify_params", sparsify_params), ("adapt_params", adapt_params)):
-        if v not in PARAMS:
-            raise ConfigError(f"dynamic-k calibrate: `{name}` must be one of {PARAMS}, got {v!r}")
-    for name, v in (
-        ("attention_steps", attention_steps), ("sparsify_steps", sparsify_steps),
-        ("router_steps", router_steps), ("adapt_steps", adapt_steps), ("holdout", holdout),
-    ):  # fmt: skip
-        if not isinstance(v, int) or v < 0:
-            raise ConfigError(f"dynamic-k calibrate: `{name}` must be an integer >= 0, got {v!r}")
-    in_range("penalty_weight", penalty_weight, 0.0, math.inf)
-    if target_sparsity is not None:
-        in_range("target_sparsity", target_sparsity, 0.0, 1.0, hi_open=True)
-    if len(batches) <= holdout:
-        raise ConfigError(
-            f"dynamic-k calibrate: got {len(batches)} batch(es) but {holdout} are held out for measurement; "
-            f"pass at least {holdout + 1} batches (or holdout=0)"
-        )
-    fit, held = (batches[:-holdout], batches[-holdout:]) if holdout else (batches, [])
+    cfg = next(c for c in applied_configs(model) if c.method == METHOD)
+    fit, held, o = run.fit, run.held, opts
     if _tokens(fit) < MIN_TOKENS:
         raise ConfigError(
             f"dynamic-k calibrate: only {_tokens(fit)} calibration tokens outside the hold-out; "
             f"need at least {MIN_TOKENS} (e.g. 4 sequences of 256 tokens)"
         )
-
-    target = cfg.target_sparsity if target_sparsity is None else target_sparsity
-    if adapt_steps and target is None:
+    target = cfg.target_sparsity if o.target_sparsity is None else o.target_sparsity
+    if o.adapt_steps and target is None:
         raise ConfigError(
             "dynamic-k calibrate: `adapt_steps` fine-tunes the model under its routing at a target; "
             "pass `target_sparsity` (or set it in the config)"
@@ -490,54 +438,48 @@ def calibrate(
     model.eval()
     if held:
         with mode(model, "original"):
-            res["ppl_dense"] = _ppl(model, held)
             res["activation_sparsity_before"] = activation_sparsity(model, held)
-    if attention_steps and converted(model, "attention"):
+    if o.attention_steps and converted(model, "attention"):
         res.update(
             distill_projections(
-                model, fit, attention_steps, attention_lr, attention_tokens, progress=progress
+                model, fit, o.attention_steps, o.attention_lr, o.attention_tokens, progress=run.progress
             )
         )
         if held:
             with mode(model, "dense"):
                 res["ppl_after_attention_distill"] = _ppl(model, held)
-    finetune = (sparsify and sparsify_steps) or adapt_steps
-    teacher = unmodify(copy.deepcopy(model)).eval() if distill and finetune else None
-    if sparsify:
+    teacher = run.teacher() if o.distill and ((o.sparsify and o.sparsify_steps) or o.adapt_steps) else None
+    if o.sparsify:
         losses = sparsify_(
-            model, cfg, fit, teacher, activation=activation, penalty=penalty,
-            penalty_weight=penalty_weight, steps=sparsify_steps, lr=sparsify_lr, params=sparsify_params,
-            progress=progress,
+            model, cfg, run, teacher, activation=o.activation, penalty=o.penalty,
+            penalty_weight=o.penalty_weight, steps=o.sparsify_steps, lr=o.sparsify_lr, params=o.sparsify_params,
         )  # fmt: skip
+        cfg = next(c for c in applied_configs(model) if c.method == METHOD)
         model.eval()
         res["sparsify_loss"] = (losses[0], losses[-1]) if losses else None
         if held:
             with mode(model, "dense"):
                 res["ppl_after_sparsify"] = _ppl(model, held)
                 res["activation_sparsity_after"] = activation_sparsity(model, held)
-    if cluster or (cluster is None and (sparsify or cfg.clustering == "coactivation")):
-        cluster_(model, cfg, fit, coactivation_tokens)
+    if o.cluster or (o.cluster is None and (o.sparsify or cfg.clustering == "coactivation")):
+        cluster_(model, cfg, fit, o.coactivation_tokens)
     data = None
-    if router_steps:
-        data = _collect_inputs(model, fit, router_tokens)
-        res.update(train_routers(model, data, router_steps, router_lr, progress=progress))
+    if o.router_steps:
+        data = _collect_inputs(model, fit, o.router_tokens)
+        res.update(train_routers(model, data, o.router_steps, o.router_lr, progress=run.progress))
     if target is not None:
-        data = data or _collect_inputs(model, fit, router_tokens)
-        taus = fit_tau(model, data, target, per_layer=per_layer, oracle=oracle)
-        res["tau"] = taus
-        if reorder and not oracle:
+        data = data or _collect_inputs(model, fit, o.router_tokens)
+        res["tau"] = fit_tau(model, data, target, per_layer=o.per_layer, oracle=o.oracle)
+        if o.reorder and not o.oracle:
             res.update(order_experts_(model, data))
-        cfg.target_sparsity = target
-        update_config(model, cfg)
-    if adapt_steps:
+        update_config(model, cfg.replace(target_sparsity=target))
+    if o.adapt_steps:
         if held:
             res["ppl_before_adapt"] = measure(model, held)["ppl"]
-        losses = adapt_(
-            model, fit, teacher, steps=adapt_steps, lr=adapt_lr, params=adapt_params, progress=progress
-        )
+        losses = adapt_(model, run, teacher, steps=o.adapt_steps, lr=o.adapt_lr, params=o.adapt_params)
         model.eval()
         res["adapt_loss"] = (losses[0], losses[-1])
-    if held:
-        res.update(measure(model, held, oracle=oracle))
+    if o.oracle:
+        run.eval_mode = lambda: mode(model, "oracle")
     model.train(was_training)
     return res

@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import ClassVar
 
-from ...config import ConfigError, MethodConfig, in_range
+from ...config import MethodConfig, option
 
 CLUSTERINGS = ("gate", "coactivation")
 ACTIVATIONS = (None, "relu")
@@ -40,44 +40,15 @@ class DynamicKConfig(MethodConfig):
 
     method: ClassVar[str] = "dynamic-k"
 
-    expert_size: int = 32
-    tau: float = 0.0
-    target_sparsity: float | None = None
-    router_width: int = 128
-    clustering: str = "gate"
-    activation: str | None = None
+    expert_size: int = option(32, ge=1)
+    tau: float = option(0.0, ge=0.0, le=1.0)
+    target_sparsity: float | None = option(None, ge=0.0, lt=1.0)
+    router_width: int = option(128, ge=1)
+    clustering: str = option("gate", choices=CLUSTERINGS)
+    activation: str | None = option(None, choices=ACTIVATIONS)
     attention: bool = False
-    attention_width: float = 1.0
-    attention_expert_size: int | None = None
-
-    def validate(self) -> None:
-        if (
-            not isinstance(self.expert_size, int)
-            or isinstance(self.expert_size, bool)
-            or self.expert_size < 1
-        ):
-            raise ConfigError(
-                f"dynamic-k: `expert_size` must be a positive integer, got {self.expert_size!r}"
-            )
-        in_range("tau", self.tau, 0.0, 1.0)
-        if self.target_sparsity is not None:
-            in_range("target_sparsity", self.target_sparsity, 0.0, 1.0, hi_open=True)
-        if not isinstance(self.router_width, int) or self.router_width < 1:
-            raise ConfigError(
-                f"dynamic-k: `router_width` must be a positive integer, got {self.router_width!r}"
-            )
-        if self.clustering not in CLUSTERINGS:
-            raise ConfigError(
-                f"dynamic-k: `clustering` must be one of {CLUSTERINGS}, got {self.clustering!r}"
-            )
-        if self.activation not in ACTIVATIONS:
-            raise ConfigError(f"dynamic-k: `activation` must be None or 'relu', got {self.activation!r}")
-        in_range("attention_width", self.attention_width, 0.0, 16.0, lo_open=True)
-        s = self.attention_expert_size
-        if s is not None and (not isinstance(s, int) or isinstance(s, bool) or s < 1):
-            raise ConfigError(
-                f"dynamic-k: `attention_expert_size` must be a positive integer or None, got {s!r}"
-            )
+    attention_width: float = option(1.0, gt=0.0, le=16.0)
+    attention_expert_size: int | None = option(None, ge=1)
 
     def projection_width(self, d_in: int, d_out: int) -> tuple[int, int]:
         """(hidden width, expert size) of the MLP replacing a ``d_in -> d_out`` projection."""

@@ -4,13 +4,11 @@ LM loss when there is none."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
 from ...convert import update_config
-from ...training import Batch, kl_loss, lm_loss, train
+from ...training import Run, distill_loss
 from .config import DynamicKConfig
 from .losses import PENALTIES
 from .modules import converted, mode
@@ -20,9 +18,8 @@ PARAMS = ("mlp", "all")
 
 def _set_activation(model: nn.Module, cfg: DynamicKConfig, act: str) -> None:
     for _, m in converted(model):
-        m._condify_patch.info["activation"] = act
-    cfg.activation = act if act == "relu" else cfg.activation
-    update_config(model, cfg)
+        m._condify_patch.state.activation = act
+    update_config(model, cfg.replace(activation=act if act == "relu" else cfg.activation))
 
 
 def _trainable(model: nn.Module, params: str) -> list[nn.Parameter]:
@@ -32,26 +29,10 @@ def _trainable(model: nn.Module, params: str) -> list[nn.Parameter]:
     return [q for _, m in converted(model) for n, q in m.named_parameters() if not n.startswith("router.")]
 
 
-def _loss(
-    teacher: nn.Module | None, extra: Callable[[], torch.Tensor] | None = None
-) -> Callable[[nn.Module, Batch, int], torch.Tensor]:
-    def loss_fn(mdl: nn.Module, b: Batch, step: int) -> torch.Tensor:
-        logits = mdl(**b, use_cache=False).logits
-        if teacher is not None:
-            with torch.no_grad():
-                t_logits = teacher(**b, use_cache=False).logits
-            loss = kl_loss(logits, t_logits, b)
-        else:
-            loss = lm_loss(logits, b)
-        return loss if extra is None else loss + extra()
-
-    return loss_fn
-
-
 def sparsify_(
     model: nn.Module,
     cfg: DynamicKConfig,
-    batches: list[Batch],
+    run: Run,
     teacher: nn.Module | None,
     *,
     activation: str | None,
@@ -60,7 +41,6 @@ def sparsify_(
     steps: int,
     lr: float,
     params: str,
-    progress: bool,
 ) -> list[float]:
     """Stage 1: ReLU swap (optional) and fine-tune with the activation-sparsity penalty."""
     if activation == "relu":
@@ -75,32 +55,31 @@ def sparsify_(
         return total
 
     for m in mlps:
-        m._condify_patch.info["record"] = recs
+        m._condify_patch.state.record = recs
     try:
         with mode(model, "dense"):
-            return train(
-                model, _trainable(model, params), batches, steps, _loss(teacher, penalty_term),
-                lr=lr, warmup=max(1, steps // 10), desc="sparsify", progress=progress,
+            return run.train(
+                _trainable(model, params), steps, distill_loss(teacher, extra=penalty_term),
+                lr=lr, warmup=max(1, steps // 10), desc="sparsify",
             )  # fmt: skip
     finally:
         for m in mlps:
-            m._condify_patch.info.pop("record", None)
+            m._condify_patch.state.record = None
 
 
 def adapt_(
     model: nn.Module,
-    batches: list[Batch],
+    run: Run,
     teacher: nn.Module | None,
     *,
     steps: int,
     lr: float,
     params: str,
-    progress: bool,
 ) -> list[float]:
     """Stage 5: fine-tune the model under its own routing (mode ``"masked"``: each token's unselected
     experts contribute nothing, exactly as in ``"sparse"``); routers and thresholds stay fixed."""
     with mode(model, "masked"):
-        return train(
-            model, _trainable(model, params), batches, steps, _loss(teacher),
-            lr=lr, warmup=max(1, steps // 10), desc="adapt", progress=progress,
+        return run.train(
+            _trainable(model, params), steps, distill_loss(teacher),
+            lr=lr, warmup=max(1, steps // 10), desc="adapt",
         )  # fmt: skip

@@ -10,7 +10,8 @@ contiguous expert blocks) and gains two children:
 With ``attention=True`` every attention projection (q/k/v/o, or fused qkv) is converted the same way,
 after it gains a third child ``expert_mlp`` (:class:`ProjectionMLP`, ``Linear -> ReLU -> Linear``)
 that replaces the linear map; the projection's own weight stays, untouched, as the distillation
-target and for ``unmodify``. A site's kind is ``info["site"]``: ``"mlp"`` or the projection name.
+target and for ``unmodify``. Each site's typed state is an :class:`ExpertSite` (``site``: ``"mlp"`` or
+the projection name).
 
 Selection: expert e runs for a token iff ``score_e >= tau * max_e score`` (and the argmax always runs);
 selected experts' outputs are summed unweighted. ``tau == 0`` runs every expert (dense).
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,9 +41,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...adapters import Adapter
-from ...convert import patched
+from ...convert import SiteState, patched
 from ...ops import expert_mlp  # dispatching op (Triton on CUDA, the plain-torch reference elsewhere)
 from ...ops.reference import expert_mlp_decode
+from ...tracking import Tracking, track
 
 METHOD = "dynamic-k"
 MODES = ("sparse", "masked", "oracle", "dense", "original")
@@ -69,6 +72,26 @@ def model_activation(config: Any) -> str | None:
         if name:
             return ACT_NAMES.get(name)
     return None
+
+
+@dataclass
+class ExpertSite(SiteState):
+    """State of one converted MLP or projection (its router and layout are children)."""
+
+    adapter: Any = field(default=None, repr=False)  # an Adapter, or PROJECTION for projections
+    expert_size: int = 1
+    experts: int = 1
+    activation: str = "silu"
+    site: str = "mlp"
+    mode: str = "sparse"  # runtime: one of MODES, not saved
+    record: list[torch.Tensor] | None = field(default=None, repr=False, compare=False)  # dense-mode hidden
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        return "mlp" if self.site == "mlp" else "attention"
+
+    def describe(self) -> dict[str, Any]:
+        return {"experts": self.experts, "expert_size": self.expert_size}
 
 
 class Router(nn.Module):
@@ -189,17 +212,16 @@ def _down(out: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
 
 def moe_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """Forward of a converted MLP (installed as an instance method)."""
-    info = self._condify_patch.info
-    mode = info.get("mode", "sparse")
+    st: ExpertSite = self._condify_patch.state
+    mode = st.mode
     if mode == "original":
         return type(self).forward(self, x, *args, **kwargs)
-    a: Adapter = info["adapter"]
-    s: int = info["expert_size"]
-    act: str = info["activation"]
+    a: Adapter = st.adapter
+    s, act = st.expert_size, st.activation
     w = a.mlp_weights(self)
     shape = x.shape
     xf = x.reshape(-1, shape[-1])
-    rec = info.get("record")
+    rec = st.record
 
     if mode == "dense":
         h = hidden(xf, w, act)
@@ -234,10 +256,8 @@ def moe_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
                 xf, c["up"], c["down"], mask, s, act, w_gate=c["gate"], b_up=c["b_up"], b_gate=c["b_gate"]
             )
             selected = mask
-    track = info.get("track")
-    if track is not None:
-        track[0] += int(selected.sum()) if isinstance(selected, torch.Tensor) else selected
-        track[1] += xf.shape[0] * E
+    if st.counter is not None:
+        st.count(selected.sum() if isinstance(selected, torch.Tensor) else selected, xf.shape[0] * E)
     return _down(out, w["b_down"]).reshape(*shape[:-1], -1)
 
 
@@ -248,8 +268,8 @@ def converted(model: nn.Module, site: str | None = None) -> list[tuple[str, nn.M
     if site is None:
         return out
     if site == "attention":
-        return [(p, m) for p, m in out if m._condify_patch.info["site"] != "mlp"]
-    return [(p, m) for p, m in out if m._condify_patch.info["site"] == site]
+        return [(p, m) for p, m in out if m._condify_patch.state.site != "mlp"]
+    return [(p, m) for p, m in out if m._condify_patch.state.site == site]
 
 
 Sites = list[tuple[str, nn.Module]]
@@ -260,7 +280,7 @@ def set_mode(model: nn.Module, mode: str, sites: Sites | None = None) -> None:
     if mode not in MODES:
         raise ValueError(f"dynamic-k: mode must be one of {MODES}, got {mode!r}")
     for _, m in converted(model) if sites is None else sites:
-        m._condify_patch.info["mode"] = mode
+        m._condify_patch.state.mode = mode
 
 
 @contextlib.contextmanager
@@ -268,34 +288,23 @@ def mode(model: nn.Module, name: str, sites: Sites | None = None) -> Iterator[No
     """Temporarily run the converted sites (or only ``sites``) in mode ``name``
     (e.g. ``with mode(model, "oracle"): ...``)."""
     sites = converted(model) if sites is None else sites
-    old = [(m, m._condify_patch.info.get("mode", "sparse")) for _, m in sites]
+    old = [(m, m._condify_patch.state.mode) for _, m in sites]
     set_mode(model, name, sites)
     try:
         yield
     finally:
         for m, o in old:
-            m._condify_patch.info["mode"] = o
+            m._condify_patch.state.mode = o
 
 
-@contextlib.contextmanager
-def track_executed(model: nn.Module) -> Iterator[dict[str, list[int]]]:
-    """Count selected expert-token pairs per converted MLP: ``{path: [selected, total]}``."""
-    stats = {p: [0, 0] for p, _ in converted(model)}
-    for p, m in converted(model):
-        m._condify_patch.info["track"] = stats[p]
-    try:
-        yield stats
-    finally:
-        for _, m in converted(model):
-            m._condify_patch.info.pop("track", None)
+def track_executed(model: nn.Module) -> contextlib.AbstractContextManager[Tracking]:
+    """:func:`condify.track` (kept for existing code): executed expert-token pairs per converted site."""
+    return track(model)
 
 
-def executed_fraction(stats: dict[str, list[int]], paths: list[str] | None = None) -> float:
-    """Fraction of expert compute executed over the tracked sites (all, or those in ``paths``)."""
-    keys = stats if paths is None else [p for p in paths if p in stats]
-    sel = sum(stats[k][0] for k in keys)
-    tot = sum(stats[k][1] for k in keys)
-    return sel / tot if tot else float("nan")
+def executed_fraction(stats: Tracking, paths: list[str] | None = None) -> float:
+    """Fraction of dynamic-k expert compute executed over the tracked sites (all, or those in ``paths``)."""
+    return stats.fraction(METHOD, paths=paths)
 
 
 def set_tau(model: nn.Module, tau: float | dict[str, float]) -> None:

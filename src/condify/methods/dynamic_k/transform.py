@@ -7,13 +7,14 @@ from torch import nn
 
 from ...adapters import Adapter
 from ...config import ConfigError
-from ...convert import patch
+from ...convert import Target, patch
 from .clustering import balanced_kmeans, permutation
 from .config import DynamicKConfig
 from .modules import (
     METHOD,
     PROJECTION,
     ExpertLayout,
+    ExpertSite,
     ProjectionMLP,
     Router,
     converted,
@@ -58,16 +59,17 @@ def projection_shape(proj: nn.Module, adapter: Adapter) -> tuple[int, int]:
     return d_in, d_out
 
 
-def plan(model: nn.Module, adapter: Adapter, cfg: DynamicKConfig) -> list[str]:
+def targets(model: nn.Module, adapter: Adapter, cfg: DynamicKConfig) -> list[Target]:
     activation_name(model, cfg)
     layers = adapter.layer_list(model)
-    paths = []
+    out = []
     for i in _indices(model, adapter, cfg):
         if cfg.attention:
             attn = layers[i].get_submodule(adapter.attn)
             for name in projections(adapter):
-                projection_shape(attn.get_submodule(name), adapter)
-                paths.append(f"{adapter.layers}.{i}.{adapter.attn}.{name}")
+                proj = attn.get_submodule(name)
+                projection_shape(proj, adapter)
+                out.append(Target(f"{adapter.layers}.{i}.{adapter.attn}.{name}", proj, i, kind=name))
         mlp = layers[i].get_submodule(adapter.mlp)
         inter = adapter.mlp_weights(mlp)["up"].shape[0]
         if inter % cfg.expert_size:
@@ -75,8 +77,8 @@ def plan(model: nn.Module, adapter: Adapter, cfg: DynamicKConfig) -> list[str]:
                 f"dynamic-k: expert_size={cfg.expert_size} does not divide the MLP intermediate size {inter} "
                 f"(layer {i}); sizes that divide it: {divisors(inter)}"
             )
-        paths.append(f"{adapter.layers}.{i}.{adapter.mlp}")
-    return paths
+        out.append(Target(f"{adapter.layers}.{i}.{adapter.mlp}", mlp, i, kind="mlp"))
+    return out
 
 
 @torch.no_grad()
@@ -130,7 +132,7 @@ def gate_features(mlp: nn.Module, adapter: Adapter) -> torch.Tensor:
     return rows if b is None else torch.cat([rows, b[:, None]], dim=1)
 
 
-def _apply_projection(
+def _patch_projection(
     proj: nn.Module, name: str, i: int, adapter: Adapter, cfg: DynamicKConfig, from_checkpoint: bool
 ) -> None:
     d_in, d_out = projection_shape(proj, adapter)
@@ -146,50 +148,40 @@ def _apply_projection(
         "router": Router(d_in, cfg.router_width, h // s).to(device=w.device, dtype=w.dtype),
         "expert_layout": ExpertLayout(torch.arange(h), cfg.tau).to(w.device),
     }
-    patch(
-        proj, METHOD, moe_forward, children=children,
-        adapter=PROJECTION, expert_size=s, experts=h // s, activation="relu", layer=i, site=name,
-    )  # fmt: skip
+    st = ExpertSite(i, adapter=PROJECTION, expert_size=s, experts=h // s, activation="relu", site=name)
+    patch(proj, METHOD, st, moe_forward, children=children)
     if not from_checkpoint and cfg.clustering == "gate" and 1 < h // s < h:
         labels = balanced_kmeans(gate_features(proj, PROJECTION), h // s, seed=i)
         relayout_(proj, PROJECTION, permutation(labels))
 
 
-def apply(model: nn.Module, adapter: Adapter, cfg: DynamicKConfig, from_checkpoint: bool) -> None:
-    act = activation_name(model, cfg)
-    layers = adapter.layer_list(model)
-    for i in _indices(model, adapter, cfg):
-        if cfg.attention:
-            attn = layers[i].get_submodule(adapter.attn)
-            for name in projections(adapter):
-                _apply_projection(attn.get_submodule(name), name, i, adapter, cfg, from_checkpoint)
-        mlp = layers[i].get_submodule(adapter.mlp)
-        up = adapter.mlp_weights(mlp)["up"]
-        inter, d = up.shape
-        experts = inter // cfg.expert_size
-        router = Router(d, cfg.router_width, experts).to(device=up.device, dtype=up.dtype)
-        layout = ExpertLayout(torch.arange(inter), cfg.tau).to(up.device)
-        patch(
-            mlp,
-            METHOD,
-            moe_forward,
-            children={"router": router, "expert_layout": layout},
-            adapter=adapter,
-            expert_size=cfg.expert_size,
-            experts=experts,
-            activation=act,
-            layer=i,
-            site="mlp",
-        )
-        block_layout_(_mlp_linears(mlp, adapter), adapter.conv1d)
-        if not from_checkpoint and cfg.clustering == "gate" and 1 < experts < inter:
-            labels = balanced_kmeans(gate_features(mlp, adapter), experts, seed=i)
-            relayout_(mlp, adapter, permutation(labels))
+def patch_target(
+    model: nn.Module, adapter: Adapter, cfg: DynamicKConfig, t: Target, from_checkpoint: bool
+) -> None:
+    if t.kind != "mlp":
+        _patch_projection(t.module, t.kind, t.layer, adapter, cfg, from_checkpoint)
+        return
+    mlp, i = t.module, t.layer
+    up = adapter.mlp_weights(mlp)["up"]
+    inter, d = up.shape
+    experts = inter // cfg.expert_size
+    router = Router(d, cfg.router_width, experts).to(device=up.device, dtype=up.dtype)
+    layout = ExpertLayout(torch.arange(inter), cfg.tau).to(up.device)
+    st = ExpertSite(
+        i, adapter=adapter, expert_size=cfg.expert_size, experts=experts,
+        activation=activation_name(model, cfg), site="mlp",
+    )  # fmt: skip
+    patch(mlp, METHOD, st, moe_forward, children={"router": router, "expert_layout": layout})
+    block_layout_(_mlp_linears(mlp, adapter), adapter.conv1d)
+    if not from_checkpoint and cfg.clustering == "gate" and 1 < experts < inter:
+        labels = balanced_kmeans(gate_features(mlp, adapter), experts, seed=i)
+        relayout_(mlp, adapter, permutation(labels))
 
 
 def remove(model: nn.Module, adapter: Adapter, cfg: DynamicKConfig) -> None:
     """Restore the original neuron order exactly (before the children are removed); projections keep
     their original weights throughout, so dropping their children restores them."""
     for _, mlp in converted(model, "mlp"):
-        permute_(mlp, adapter, torch.argsort(mlp.expert_layout.perm))
+        if "expert_layout" in mlp._modules:  # a half-patched module (a failed modify) has none yet
+            permute_(mlp, adapter, torch.argsort(mlp.expert_layout.perm))
         block_layout_(_mlp_linears(mlp, adapter), adapter.conv1d, restore=True)

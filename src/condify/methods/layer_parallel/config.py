@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ...config import ConfigError, MethodConfig
+from ...config import ConfigError, MethodConfig, option
 
 
 @dataclass
@@ -19,23 +19,21 @@ class LayerParallelConfig(MethodConfig):
 
     method: ClassVar[str] = "layer-parallel"
 
-    pairs: int = 2
-    start: int | None = None
+    pairs: int = option(2, ge=1)
+    start: int | None = option(None, ge=0)
     fuse: bool = True
 
     def validate(self) -> None:
         if self.layers is not None:
-            if len(self.layers) % 2 or self.layers != list(
-                range(self.layers[0], self.layers[0] + len(self.layers))
+            if (
+                not self.layers
+                or len(self.layers) % 2
+                or self.layers != list(range(self.layers[0], self.layers[0] + len(self.layers)))
             ):
                 raise ConfigError(
                     f"layer-parallel: `layers` must be a contiguous range of even length, got {self.layers}"
                 )
             self.pairs, self.start = len(self.layers) // 2, self.layers[0]
-        if not isinstance(self.pairs, int) or self.pairs < 1:
-            raise ConfigError(f"layer-parallel: `pairs` must be an integer >= 1, got {self.pairs!r}")
-        if self.start is not None and self.start < 0:
-            raise ConfigError(f"layer-parallel: `start` must be >= 0, got {self.start}")
         self.layers = None  # derived from (pairs, start); stored that way
 
     def resolve(self, num_layers: int) -> list[int]:
@@ -47,3 +45,6 @@ class LayerParallelConfig(MethodConfig):
                 f"{num_layers} layers (at most {num_layers // 2} pairs; start in 0..{num_layers - 2 * self.pairs})"
             )
         return list(range(start, start + 2 * self.pairs))
+
+    def resolved(self, num_layers: int) -> LayerParallelConfig:
+        return self.replace(start=self.resolve(num_layers)[0])

@@ -14,7 +14,8 @@ Layer l runs the pair; layer l+1 passes hidden states through. Two execution pat
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,24 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
 from ...adapters import Adapter
-from ...convert import cache_key, split_layer_args
+from ...convert import SiteState, cache_key, split_layer_args
+
+
+@dataclass
+class PairState(SiteState):
+    """State of a layer in a parallel pair: the first runs both (``partner`` is the second)."""
+
+    kind: ClassVar[str] = "none"  # nothing is skipped per token: not counted by condify.track
+    pair: tuple[int, int] = (0, 1)
+    adapter: Adapter | None = field(default=None, repr=False)
+    partner: nn.Module | None = field(default=None, repr=False)
+    fused: bool = False
+    fused_cache: tuple[Any, dict[str, torch.Tensor | None]] | None = field(
+        default=None, repr=False, compare=False
+    )  # (key, fused weights) for inference; see _cached_fused
+
+    def describe(self) -> dict[str, Any]:
+        return {"pair": self.pair, **({"fused": self.fused} if self.partner is not None else {})}
 
 
 def _attn_update(a: Adapter, layer: nn.Module, x: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
@@ -41,12 +59,11 @@ _DROP = ("encoder_hidden_states", "encoder_attention_mask", "output_attentions")
 
 def pair_forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
     """Forward of the first layer of a pair (installed as an instance method)."""
-    info = self._condify_patch.info
-    a: Adapter = info["adapter"]
-    other: nn.Module = info["partner"]
+    st: PairState = self._condify_patch.state
+    a, other = st.adapter, st.partner
     x, kw = split_layer_args(self, args, kwargs)
     kw = {k: v for k, v in kw.items() if k not in _DROP}
-    if info["fused"]:
+    if st.fused:
         return _fused(self, other, a, x, kw)
     h = x + _attn_update(a, self, x, kw) + _attn_update(a, other, x, kw)
     return h + _mlp_update(a, self, h) + _mlp_update(a, other, h)
@@ -116,13 +133,12 @@ def fused_weights(a: Adapter, first: nn.Module, second: nn.Module) -> dict[str, 
 def _cached_fused(self: nn.Module, other: nn.Module, a: Adapter) -> dict[str, torch.Tensor | None]:
     if torch.is_grad_enabled() and any(p.requires_grad for p in _sources(a, (self, other))):
         return fused_weights(a, self, other)
-    info = self._condify_patch.info
+    st: PairState = self._condify_patch.state
     key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in _sources(a, (self, other)))
-    if info.get("_fused_key") != key:
+    if st.fused_cache is None or st.fused_cache[0] != key:
         with torch.no_grad():
-            info["_fused"] = fused_weights(a, self, other)
-        info["_fused_key"] = key
-    return info["_fused"]
+            st.fused_cache = (key, fused_weights(a, self, other))
+    return st.fused_cache[1]
 
 
 def _fused(

@@ -6,12 +6,12 @@ from torch import nn
 
 from ...adapters import Adapter
 from ...config import ConfigError
-from ...convert import patch
+from ...convert import Target, patch
 from .config import LayerParallelConfig
-from .modules import pair_forward, passthrough_forward
+from .modules import PairState, pair_forward, passthrough_forward
 
 
-def plan(model: nn.Module, adapter: Adapter, cfg: LayerParallelConfig) -> list[str]:
+def targets(model: nn.Module, adapter: Adapter, cfg: LayerParallelConfig) -> list[Target]:
     layers = adapter.layer_list(model)
     idx = cfg.resolve(len(layers))
     types = getattr(model.config.get_text_config(decoder=True), "layer_types", None) or [None] * len(layers)
@@ -21,22 +21,19 @@ def plan(model: nn.Module, adapter: Adapter, cfg: LayerParallelConfig) -> list[s
                 f"layer-parallel: layers {i} and {i + 1} use different attention types ({types[i]}, {types[i + 1]}; "
                 f"e.g. sliding vs full); choose a range whose pairs share one type"
             )
-    cfg.start = idx[0]  # record the resolved placement in the saved config
-    return [f"{adapter.layers}.{i}" for i in idx]
+    return [Target(f"{adapter.layers}.{i}", layers[i], i) for i in idx]
 
 
-def apply(model: nn.Module, adapter: Adapter, cfg: LayerParallelConfig, from_checkpoint: bool) -> None:
-    layers = adapter.layer_list(model)
-    idx = cfg.resolve(len(layers))
-    fused = cfg.fuse and adapter.fusable
-    for i in idx[::2]:
-        patch(
-            layers[i],
-            "layer-parallel",
-            pair_forward,
-            pair=(i, i + 1),
-            fused=fused,
-            adapter=adapter,
-            partner=layers[i + 1],
-        )
-        patch(layers[i + 1], "layer-parallel", passthrough_forward, pair=(i, i + 1))
+def patch_target(
+    model: nn.Module, adapter: Adapter, cfg: LayerParallelConfig, t: Target, from_checkpoint: bool
+) -> None:
+    first = (t.layer - cfg.resolve(len(adapter.layer_list(model)))[0]) % 2 == 0
+    pair = (t.layer, t.layer + 1) if first else (t.layer - 1, t.layer)
+    if first:
+        st = PairState(
+            t.layer, pair=pair, adapter=adapter, partner=adapter.layer_list(model)[t.layer + 1],
+            fused=cfg.fuse and adapter.fusable,
+        )  # fmt: skip
+        patch(t.module, "layer-parallel", st, pair_forward)
+    else:
+        patch(t.module, "layer-parallel", PairState(t.layer, pair=pair), passthrough_forward)

@@ -3,50 +3,43 @@
 from __future__ import annotations
 
 from ... import registry
-from .calibrate import calibrate, keep_rates, layer_sensitivity, least_sensitive_layers
+from ...registry import Data, Recipe
+from .calibrate import (
+    ModThresholdCalibration,
+    calibrate,
+    keep_rates,
+    layer_sensitivity,
+    least_sensitive_layers,
+)
 from .config import ModThresholdConfig
-from .transform import apply, plan, remove
+from .transform import attach, patch_target, remove, targets
+
+RECIPES = {
+    "quick": Recipe({"capacity": 0.75}, {"steps": 2, "router_steps": 1, "fit_batches": 2}, Data(1, 64, 3)),
+    # the README main job: ~3 minutes of training on 2 cores (benchmarks/results/mod_threshold.md)
+    "cpu": Recipe({"capacity": 0.75}, {"steps": 24, "router_steps": 4}, Data(2, 256, 31)),
+    "long": Recipe({"capacity": 0.5}, {"steps": 2000, "router_steps": 200, "lr": 1e-4}, Data(8, 512, 2200)),
+}
 
 registry.register(
     registry.Method(
         name="mod-threshold",
         description="tokens skip whole decoder layers by a learned threshold router; ragged KV cache",
         config_cls=ModThresholdConfig,
-        plan=plan,
-        apply=apply,
+        targets=targets,
+        patch=patch_target,
+        attach=attach,
         remove=remove,
         calibrate=calibrate,
-        recipes={
-            # calibrate options; batch_size / seq_len / num_train_batches shape the training text
-            "quick": (
-                {"capacity": 0.75},
-                {
-                    "steps": 2,
-                    "router_steps": 1,
-                    "fit_batches": 2,
-                    "batch_size": 1,
-                    "seq_len": 64,
-                    "num_train_batches": 2,
-                },
-            ),
-            # the README main job: ~3 minutes of training on 2 cores (benchmarks/results/mod_threshold.md)
-            "cpu": (
-                {"capacity": 0.75},
-                {"steps": 24, "router_steps": 4, "batch_size": 2, "seq_len": 256, "num_train_batches": 28},
-            ),
-            "long": (
-                {"capacity": 0.5},
-                {
-                    "steps": 2000,
-                    "router_steps": 200,
-                    "lr": 1e-4,
-                    "batch_size": 8,
-                    "seq_len": 512,
-                    "num_train_batches": 2000,
-                },
-            ),
-        },
+        options=ModThresholdCalibration,
+        recipes=RECIPES,
     )
 )
 
-__all__ = ["ModThresholdConfig", "keep_rates", "layer_sensitivity", "least_sensitive_layers"]
+__all__ = [
+    "ModThresholdCalibration",
+    "ModThresholdConfig",
+    "keep_rates",
+    "layer_sensitivity",
+    "least_sensitive_layers",
+]

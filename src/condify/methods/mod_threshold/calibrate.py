@@ -16,9 +16,8 @@ the steps. After training, biases are fitted once more layer by layer on the cal
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import inspect
-import math
 from typing import Any
 
 import torch
@@ -26,24 +25,24 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...adapters import Adapter, get_adapter
-from ...config import ConfigError, in_range
+from ...config import ConfigError, Options, option
 from ...convert import applied_configs, modify, patched, unmodify
-from ...training import Batch, kl_loss, lm_loss, mean_nll
-from .config import ModThresholdConfig
+from ...tracking import track
+from ...training import Batch, Run, distill_loss, kl_loss
 from .modules import RouterState, quantile_shift
 
 _TRAIN = ("all", "gated", "routers")
 
 
 def _gated(model: nn.Module) -> dict[int, nn.Module]:
-    layers = {m._condify_patch.info["index"]: m for _, m in patched(model, "mod-threshold")}
+    layers = {m._condify_patch.state.layer: m for _, m in patched(model, "mod-threshold")}
     if not layers:
         raise ConfigError("mod-threshold: the model has no gated layers; call condify.modify first")
     return dict(sorted(layers.items()))
 
 
 def _state(model: nn.Module) -> RouterState:
-    return next(iter(_gated(model).values()))._condify_patch.info["state"]
+    return next(iter(_gated(model).values()))._condify_patch.state.shared
 
 
 def _forward_routes(model: nn.Module, b: Batch) -> None:
@@ -60,22 +59,16 @@ def keep_rates(model: nn.Module, batches: list[Batch] | Any) -> dict[int, float]
     from ...training import as_batches
 
     batches = as_batches(batches, next(model.parameters()).device)
-    state = _state(model)
-    kept: dict[int, float] = {}
-    total: dict[int, float] = {}
-    was_training, state.record = model.training, {}
+    _gated(model)
+    was_training = model.training
     model.eval()
     try:
-        for b in batches:
-            _forward_routes(model, b)
-            for i, (_, keep, real, _) in state.record.items():
-                n = keep.numel() if real is None else real.sum()
-                kept[i] = kept.get(i, 0.0) + float(keep.sum())
-                total[i] = total.get(i, 0.0) + float(n)
+        with track(model) as t:
+            for b in batches:
+                _forward_routes(model, b)
     finally:
-        state.record = None
         model.train(was_training)
-    return {i: kept[i] / max(total[i], 1.0) for i in sorted(kept)}
+    return t.per_layer("mod-threshold")
 
 
 def _concat(batches: list[Batch]) -> Batch:
@@ -154,15 +147,6 @@ def init_routers(model: nn.Module, batches: list[Batch], scale: float = 2.0, rid
         layer.router.bias.fill_(float(-(xm @ w)))
 
 
-def _cosine(n: int, warm: int):
-    def f(s: int) -> float:
-        if s < warm:
-            return (s + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, n - warm)))
-
-    return f
-
-
 def _params(
     model: nn.Module, adapter: Adapter, gated: dict[int, nn.Module], train: str
 ) -> list[nn.Parameter]:
@@ -173,157 +157,107 @@ def _params(
     return [p for layer in chosen for n, p in layer.named_parameters() if not n.startswith("router.")]
 
 
-def calibrate(
-    model: nn.Module,
-    adapter: Adapter,
-    cfg: ModThresholdConfig,
-    batches: list[Batch],
-    *,
-    capacity: float | None = None,
-    steps: int = 100,
-    router_steps: int = 0,
-    train: str = "all",
-    lr: float = 3e-4,
-    router_lr: float = 1e-5,
-    distill: bool = True,
-    lm_weight: float = 0.0,
-    ramp: float = 0.5,
-    bias_momentum: float = 0.5,
-    init: bool = True,
-    fit_batches: int = 8,
-    holdout: list[Batch] | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Train routers (and the model, per ``train``) to keep a fraction ``capacity`` of tokens per layer.
+@dataclasses.dataclass
+class ModThresholdCalibration(Options):
+    """Options of mod-threshold's ``calibrate``.
 
-    ``capacity`` defaults to ``cfg.capacity`` (and is recorded there). ``router_steps`` first train
-    the routers alone (model frozen), then ``steps`` train routers and model together; the capacity
-    ramp runs over both. ``train``: ``"all"`` decoder layers, ``"gated"`` layers only, or
-    ``"routers"`` only. ``init`` gives routers that are still at their init (weight 0) the
-    training-free start of :func:`init_routers`. The first ``fit_batches`` batches fit the biases
-    (:func:`fit_biases`) before and after training. ``holdout`` batches (optional) are used for the
-    reported keep-rates and perplexity. The dense teacher is the model as it comes in, routing off.
-    Learning rates, measured on SmolLM2 at capacity 0.75 (120 steps of 2 x 128 tokens): ``router_lr``
-    1e-3 made the KL loss *rise* after the capacity ramp (Adam moves every router weight by ~lr per
-    step, and the residual stream has a few huge coordinates, so the routing decisions drift away
-    from the training-free init faster than the layers can follow): x1.81 held-out perplexity; 1e-5
-    kept the init's decisions and let the layers adapt: x1.17. ``lr`` (decoder layers) 3e-4 beat 5e-5
-    (x2.06 vs x3.04 after 40 steps, router_lr 1e-3). Returns per-layer keep-rates, losses, bias shifts
-    and the number of tokens used.
+    ``capacity`` defaults to the config's (and is recorded there). ``router_steps`` first train the
+    routers alone (model frozen), then ``steps`` train routers and model together; the capacity ramp
+    (over the first ``ramp`` fraction) runs over both. ``train``: ``"all"`` decoder layers, ``"gated"``
+    layers only, or ``"routers"`` only. ``init`` gives routers that are still at their init (weight 0)
+    the training-free start of :func:`init_routers`. The first ``fit_batches`` batches fit the biases
+    (:func:`fit_biases`) before and after training. Loss: KL to the dense model (``distill``) or LM,
+    plus ``lm_weight`` x LM. Learning rates, measured on SmolLM2 at capacity 0.75 (120 steps of
+    2 x 128 tokens): ``router_lr`` 1e-3 made the KL loss *rise* after the capacity ramp (Adam moves
+    every router weight by ~lr per step, and the residual stream has a few huge coordinates, so the
+    routing decisions drift away from the training-free init faster than the layers can follow):
+    x1.81 held-out perplexity; 1e-5 kept the init's decisions and let the layers adapt: x1.17. ``lr``
+    (decoder layers) 3e-4 beat 5e-5 (x2.06 vs x3.04 after 40 steps, router_lr 1e-3).
     """
+
+    owner = "mod-threshold calibrate"
+
+    capacity: float | None = option(None, gt=0.0, le=1.0)
+    steps: int = option(100, ge=0)
+    router_steps: int = option(0, ge=0)
+    train: str = option("all", choices=_TRAIN)
+    lr: float = option(3e-4, ge=0.0)
+    router_lr: float = option(1e-5, ge=0.0)
+    distill: bool = True
+    lm_weight: float = option(0.0, ge=0.0)
+    ramp: float = option(0.5, ge=0.0, le=1.0)
+    bias_momentum: float = option(0.5, ge=0.0, lt=1.0)
+    init: bool = True
+    fit_batches: int = option(8, ge=1)
+
+
+def calibrate(model: nn.Module, run: Run, opts: ModThresholdCalibration) -> dict[str, Any]:
+    """Train routers (and the model, per ``train``) to keep a fraction ``capacity`` of tokens per
+    layer. Returns per-layer keep-rates (fit and held-out batches), losses and bias shifts."""
     from ...convert import update_config
 
-    capacity = cfg.capacity if capacity is None else capacity
-    in_range("capacity", capacity, 0.0, 1.0, lo_open=True)
-    in_range("ramp", ramp, 0.0, 1.0)
-    in_range("bias_momentum", bias_momentum, 0.0, 1.0, hi_open=True)
-    if train not in _TRAIN:
-        raise ConfigError(f"mod-threshold calibrate: `train` must be one of {_TRAIN}, got {train!r}")
-    if steps < 0 or router_steps < 0:
-        raise ConfigError("mod-threshold calibrate: `steps` and `router_steps` must be >= 0")
-    gated = _gated(model)
-    state = _state(model)
-    if holdout is not None:
-        from ...training import as_batches
-
-        holdout = as_batches(holdout, next(model.parameters()).device)
+    cfg = next(c for c in applied_configs(model) if c.method == "mod-threshold")
+    capacity = cfg.capacity if opts.capacity is None else opts.capacity
+    adapter = get_adapter(model)
+    gated, state, batches = _gated(model), _state(model), run.fit
     routers = [p for layer in gated.values() for p in layer.router.parameters()]
-    total = router_steps + steps
-    fit_on = batches[: max(1, fit_batches)]
-    ramp_steps = max(1, round(ramp * total))
-    if init and all(not layer.router.weight.any() for layer in gated.values()):
+    total = opts.router_steps + opts.steps
+    fit_on = batches[: opts.fit_batches]
+    ramp_steps = max(1, round(opts.ramp * total))
+    if opts.init and all(not layer.router.weight.any() for layer in gated.values()):
         init_routers(model, fit_on)
         fit_biases(model, fit_on, 1.0 - (1.0 - capacity) / ramp_steps if total else capacity)
-    teacher = None
-    if distill and total:
-        teacher = unmodify(copy.deepcopy(model)).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+    base = distill_loss(run.teacher() if opts.distill and total else None, lm_weight=opts.lm_weight)
+    result: dict[str, Any] = {
+        "capacity": capacity,
+        "train": opts.train,
+        "distill": opts.distill,
+        "losses": [],
+    }
+    step = 0
+    rec: dict[int, Any] = {}
 
-    def forward(b: Batch) -> tuple[torch.Tensor, dict[int, Any]]:
-        state.record = {}
+    def loss_fn(m: nn.Module, b: Batch, _: int) -> torch.Tensor:
+        state.record = rec
         try:
-            logits = model(**b, use_cache=False).logits
-            return logits, state.record
+            return base(m, b, _)
         finally:
             state.record = None
 
-    def loss_of(logits: torch.Tensor, b: Batch) -> torch.Tensor:
-        if teacher is None:
-            return lm_loss(logits, b)
+    def after_step(_: int, loss: float) -> str:
+        nonlocal step
+        c_t = 1.0 - (1.0 - capacity) * min(1.0, (step + 1) / ramp_steps)
+        rates = []
         with torch.no_grad():
-            t = teacher(**b, use_cache=False).logits
-        loss = kl_loss(logits, t, b)
-        return loss + lm_weight * lm_loss(logits, b) if lm_weight else loss
+            for i, (g, keep, real, forced) in rec.items():
+                shift = quantile_shift(g.detach(), real, c_t, cfg.threshold, forced)
+                gated[i].router.bias += (1 - opts.bias_momentum) * shift
+                rates.append(float(keep.float().mean() if real is None else keep[real].float().mean()))
+        rec.clear()
+        result["losses"].append(loss)
+        step += 1
+        return f"cap={c_t:.2f} keep={sum(rates) / max(1, len(rates)):.2f}"
 
-    result: dict[str, Any] = {"capacity": capacity, "train": train, "distill": distill, "losses": []}
-    saved = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
-    step = 0
-    try:
-        for phase, n, params in (
-            ("routers", router_steps, []),
-            (train, steps, _params(model, adapter, gated, train)),
-        ):
-            if n == 0:
-                continue
-            for p in model.parameters():
-                p.requires_grad_(False)
-            groups = [{"params": routers, "lr": router_lr}]
-            if params:
-                groups.append({"params": params, "lr": lr})
-            for grp in groups:
-                for p in grp["params"]:
-                    p.requires_grad_(True)
-            opt = torch.optim.AdamW(groups, weight_decay=0.0)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(n, warm=min(10, n // 10)))
-            model.train()
-            bar = tqdm(range(n), desc=f"mod-threshold: train {phase}", disable=not progress, leave=False)
-            for _ in bar:
-                c_t = 1.0 - (1.0 - capacity) * min(1.0, (step + 1) / ramp_steps)
-                b = batches[step % len(batches)]
-                logits, rec = forward(b)
-                loss = loss_of(logits, b)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"mod-threshold calibrate: loss {loss.item()} at step {step}; lower lr"
-                    )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_([p for g_ in groups for p in g_["params"]], 1.0)
-                opt.step()
-                sched.step()
-                rates = []
-                with torch.no_grad():
-                    for i, (g, keep, real, forced) in rec.items():
-                        shift = quantile_shift(g.detach(), real, c_t, cfg.threshold, forced)
-                        gated[i].router.bias += (1 - bias_momentum) * shift
-                        rates.append(
-                            float(keep.float().mean() if real is None else keep[real].float().mean())
-                        )
-                result["losses"].append(loss.item())
-                bar.set_postfix(
-                    loss=f"{loss.item():.3f}", cap=f"{c_t:.2f}", keep=f"{sum(rates) / len(rates):.2f}"
-                )
-                step += 1
-    finally:
-        for p, r in saved.items():
-            p.requires_grad_(r)
-        model.train(was_training)
-        state.record = None
-    teacher = None  # free the dense copy before measuring
+    for phase, n, params in (
+        ("routers", opts.router_steps, []),
+        (opts.train, opts.steps, _params(model, adapter, gated, opts.train)),
+    ):
+        groups = [{"params": routers, "lr": opts.router_lr}] + (
+            [{"params": params, "lr": opts.lr}] if params else []
+        )
+        run.train(groups, n, loss_fn, after_step=after_step, desc=f"mod-threshold: train {phase}")
+    run.drop_teacher()  # free the dense copy before measuring
     result["bias_shifts"] = fit_biases(model, fit_on, capacity)
-    cfg.capacity = capacity
-    update_config(model, cfg)
-    result["steps"] = {"routers": router_steps, train: steps}
-    result["tokens"] = sum(int(batches[i % len(batches)]["input_ids"].numel()) for i in range(total))
+    update_config(model, cfg.replace(capacity=capacity))
+    for layer in gated.values():
+        layer._condify_patch.state.config.capacity = capacity
+    result["steps"] = {"routers": opts.router_steps, opts.train: opts.steps}
     result["keep_rates"] = keep_rates(model, fit_on)
-    if holdout is not None:
-        result["keep_rates_holdout"] = keep_rates(model, holdout)
-        result["holdout_ppl"] = math.exp(mean_nll(model, holdout))
+    if run.held:
+        result["keep_rates_holdout"] = keep_rates(model, run.held)
     measured = result.get("keep_rates_holdout", result["keep_rates"])
     for i, layer in gated.items():  # shown by condify.describe
-        layer._condify_patch.info["keep_rate"] = round(measured[i], 3)
+        layer._condify_patch.state.keep_rate = round(measured[i], 3)
     return result
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ...config import ConfigError, MethodConfig, in_range
+from ...config import ConfigError, MethodConfig, option
 
 
 @dataclass
@@ -32,41 +32,30 @@ class ModThresholdConfig(MethodConfig):
     """
 
     method: ClassVar[str] = "mod-threshold"
-    version: ClassVar[int] = 2  # 2: default layers from 3 (was 1), sink_tokens 4 (was 0)
+    VERSION: ClassVar[int] = 2  # 2: default layers from 3 (was 1), sink_tokens 4 (was 0)
 
-    threshold: float = 0.5
-    capacity: float = 0.5
-    mode: str = "gather"
-    init_bias: float = 5.0
-    sink_tokens: int = 4
+    threshold: float = option(0.5, gt=0.0, lt=1.0)
+    capacity: float = option(0.5, gt=0.0, le=1.0)
+    mode: str = option("gather", choices=("gather", "mask"))
+    init_bias: float = option(5.0, ge=-100.0, le=100.0)
+    sink_tokens: int = option(4, ge=0, le=1 << 20)
     debug_checks: bool = False
 
     def validate(self) -> None:
-        in_range("threshold", self.threshold, 0.0, 1.0, lo_open=True, hi_open=True)
-        in_range("capacity", self.capacity, 0.0, 1.0, lo_open=True)
-        if self.mode not in ("gather", "mask"):
-            raise ConfigError(f"mod-threshold: `mode` must be 'gather' or 'mask', got {self.mode!r}")
-        if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
-            raise ConfigError(
-                f"mod-threshold: `sink_tokens` must be an integer >= 0, got {self.sink_tokens!r}"
-            )
         if self.layers is not None and not self.layers:
             raise ConfigError("mod-threshold: `layers` is empty; gate at least one layer or pass None")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModThresholdConfig:
-        data = dict(data)
-        v1 = data.get("version", cls.version) < 2
-        if v1:
-            data.setdefault("sink_tokens", 0)
-        cfg = super().from_dict(data)
-        cfg._legacy_default = v1 and cfg.layers is None  # a version-1 checkpoint keeps its default layers
-        return cfg  # type: ignore[return-value]
+    def upgrade(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
+        return {"sink_tokens": 0, **data} if version < 2 else data  # version 1 had no sink tokens
 
     def resolve(self, num_layers: int) -> list[int]:
         """The gated layer indices for a model with ``num_layers`` layers."""
         if self.layers is not None:
             return list(self.layers)
-        if num_layers < 8 or getattr(self, "_legacy_default", False):
+        if num_layers < 8 or self.version < 2:  # a version-1 checkpoint keeps its default layers
             return list(range(1, num_layers - 1, 2))
         return list(range(3, num_layers - 2, 2))
+
+    def resolved(self, num_layers: int) -> ModThresholdConfig:
+        return self.replace(layers=self.resolve(num_layers))

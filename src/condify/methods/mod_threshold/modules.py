@@ -27,14 +27,17 @@ import functools
 import inspect
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from ...adapters import Adapter
 from ...cache import ragged_layer
-from ...convert import cache_key, check_finite, split_layer_args
+from ...convert import SiteState, cache_key, check_finite, split_layer_args
+from .config import ModThresholdConfig
 
 _DROP = ("encoder_hidden_states", "encoder_attention_mask", "output_attentions", "use_cache")
 
@@ -54,6 +57,7 @@ class RouterState:
         self.record: dict[int, tuple[torch.Tensor, ...]] | None = None
         self.fit: float | None = None  # capacity to fit router biases to, during one forward
         self.keep_all = False  # route every token (dense), e.g. to collect activations
+        self.handle: RemovableHandle | None = None  # of the capture pre-hook, removed by ``remove``
 
     def capture(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         """Forward pre-hook (``with_kwargs=True``) on the module that owns the layer list."""
@@ -76,6 +80,20 @@ class RouterState:
         if r is None or r.shape[0] != b or r.shape[1] < t:
             return slots
         return r[:, -t:].to(slots.device)
+
+
+@dataclass
+class GatedState(SiteState):
+    """State of one gated decoder layer (its router is the child ``router``)."""
+
+    config: ModThresholdConfig | None = field(default=None, repr=False)
+    adapter: Adapter | None = field(default=None, repr=False)
+    shared: RouterState | None = field(default=None, repr=False)  # one per model
+    sliding_window: int | None = None
+    keep_rate: float | None = None  # measured on held-out text by calibrate
+
+    def describe(self) -> dict[str, Any]:
+        return {} if self.keep_rate is None else {"keep_rate": self.keep_rate}
 
 
 @functools.cache
@@ -153,14 +171,14 @@ def _updates(
 
 def gated_forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
     """Forward of a gated decoder layer (installed as an instance method)."""
-    info = self._condify_patch.info
-    cfg, a, state = info["config"], info["adapter"], info["state"]
+    st: GatedState = self._condify_patch.state
+    cfg, a, state = st.config, st.adapter, st.shared
     x, kw = split_layer_args(self, args, kwargs)
     for k in _DROP:
         kw.pop(k, None)
     attn = self.get_submodule(a.attn)
     idx: int = attn.layer_idx
-    window: int | None = info["sliding_window"]
+    window = st.sliding_window
     if cfg.debug_checks:
         check_finite(f"mod-threshold layer {idx}: hidden states", x)
     b, t, _ = x.shape
@@ -192,6 +210,8 @@ def gated_forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
         keep = keep & real
     if state.record is not None:
         state.record[idx] = (logits, keep, real, forced)
+    if st.counter is not None:
+        st.count(keep.sum(), keep.numel() if real is None else real.sum())
 
     if cfg.mode == "mask" or (self.training and torch.is_grad_enabled()):
         gate = keep.to(x.dtype)

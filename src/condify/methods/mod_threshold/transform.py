@@ -12,10 +12,10 @@ from transformers.cache_utils import get_layer_types_and_kwargs
 
 from ...adapters import Adapter
 from ...config import ConfigError
+from ...convert import Target, patched
 from ...convert import patch as patch_module
-from ...convert import patched
 from .config import ModThresholdConfig
-from .modules import RouterState, gated_forward
+from .modules import GatedState, RouterState, gated_forward
 
 _SUPPORTED_ATTENTION = ("eager", "sdpa")
 
@@ -25,19 +25,20 @@ def _owner(model: nn.Module, adapter: Adapter) -> nn.Module:
     return model.get_submodule(parent) if parent else model
 
 
-def plan(model: nn.Module, adapter: Adapter, cfg: ModThresholdConfig) -> list[str]:
+def targets(model: nn.Module, adapter: Adapter, cfg: ModThresholdConfig) -> list[Target]:
     layers = adapter.layer_list(model)
-    idx = cfg.resolve(len(layers))
     impl = getattr(model.config, "_attn_implementation", "eager")
     if impl not in _SUPPORTED_ATTENTION:
         raise ConfigError(
             f"mod-threshold: attention implementation {impl!r} is not supported (gated layers pass "
             f"ragged masks); load the model with attn_implementation in {_SUPPORTED_ATTENTION}"
         )
-    for i in idx:
+    out = []
+    for i in cfg.resolve(len(layers)):
         if getattr(layers[i].get_submodule(adapter.attn), "layer_idx", None) is None:
             raise ConfigError(f"mod-threshold: layer {i}'s attention has no `layer_idx`; cannot cache it")
-    return [f"{adapter.layers}.{i}" for i in idx]
+        out.append(Target(f"{adapter.layers}.{i}", layers[i], i))
+    return out
 
 
 def _windows(model: nn.Module, n: int) -> list[int | None]:
@@ -52,37 +53,30 @@ def _windows(model: nn.Module, n: int) -> list[int | None]:
     return out + [None] * (n - len(out))
 
 
-def apply(model: nn.Module, adapter: Adapter, cfg: ModThresholdConfig, from_checkpoint: bool) -> None:
-    layers = adapter.layer_list(model)
-    windows = _windows(model, len(layers))
-    state = RouterState()
+def patch_target(
+    model: nn.Module, adapter: Adapter, cfg: ModThresholdConfig, t: Target, from_checkpoint: bool
+) -> None:
+    gated = patched(model, "mod-threshold")
+    shared = gated[0][1]._condify_patch.state.shared if gated else RouterState()
     hidden = model.config.get_text_config(decoder=True).hidden_size
-    for i in cfg.resolve(len(layers)):
-        layer = layers[i]
-        ref = next(layer.parameters())
-        router = nn.Linear(hidden, 1).to(device=ref.device, dtype=ref.dtype)
-        with torch.no_grad():
-            router.weight.zero_()
-            router.bias.fill_(cfg.init_bias)
-        patch_module(
-            layer,
-            "mod-threshold",
-            gated_forward,
-            children={"router": router},
-            index=i,
-            config=cfg,
-            adapter=adapter,
-            state=state,
-            sliding_window=windows[i],
-        )
-    _owner(model, adapter).register_forward_pre_hook(state.capture, with_kwargs=True)
-    cfg.layers = cfg.resolve(len(layers))  # saved explicitly, whatever the default of this version
+    ref = next(t.module.parameters())
+    router = nn.Linear(hidden, 1).to(device=ref.device, dtype=ref.dtype)
+    with torch.no_grad():
+        router.weight.zero_()
+        router.bias.fill_(cfg.init_bias)
+    window = _windows(model, len(adapter.layer_list(model)))[t.layer]
+    st = GatedState(t.layer, config=cfg, adapter=adapter, shared=shared, sliding_window=window)
+    patch_module(t.module, "mod-threshold", st, gated_forward, children={"router": router})
+
+
+def attach(model: nn.Module, adapter: Adapter, cfg: ModThresholdConfig, targets: list[Target]) -> None:
+    shared: RouterState = targets[0].module._condify_patch.state.shared
+    shared.handle = _owner(model, adapter).register_forward_pre_hook(shared.capture, with_kwargs=True)
 
 
 def remove(model: nn.Module, adapter: Adapter, cfg: ModThresholdConfig) -> None:
-    states = {id(m._condify_patch.info["state"]) for _, m in patched(model, "mod-threshold")}
-    owner = _owner(model, adapter)
-    for key, hook in list(owner._forward_pre_hooks.items()):
-        if getattr(hook, "__func__", None) is RouterState.capture and id(hook.__self__) in states:
-            del owner._forward_pre_hooks[key]
-            owner._forward_pre_hooks_with_kwargs.pop(key, None)
+    for _, m in patched(model, "mod-threshold")[:1]:
+        shared: RouterState = m._condify_patch.state.shared
+        if shared.handle is not None:
+            shared.handle.remove()
+            shared.handle = None
