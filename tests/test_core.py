@@ -89,7 +89,7 @@ def test_config_object_and_options_equivalent():
         ("layer-parallel", {"pairs": 0}, "`pairs` must be an integer >= 1"),
         ("layer-parallel", {"pairs": 4}, "do not fit in a model with 6 layers"),
         ("layer-parallel", {"pairs": 1, "start": 5}, "do not fit"),
-        ("layer-parallel", {"layers": [1, 2, 4]}, "contiguous range of even length"),
+        ("layer-parallel", {"layers": [1, 2, 4]}, "pairs of adjacent layers"),
         ("layer-parallel", {"layers": [8, 9]}, "do not fit"),
         ("layer-parallel", {"bogus": 1}, "unknown options \\['bogus'\\]"),
     ],

@@ -113,7 +113,9 @@ def test_calibrate_sweep_picks_the_best_start():
     model = tiny("llama", num_hidden_layers=8)
     batches = [torch.randint(0, 128, (2, 16)) for _ in range(2)]
     condify.modify(model, "layer-parallel", pairs=1)
-    result = condify.calibrate(model, batches, pairs=1, sweep_batches=2, holdout=0, progress=False)
+    result = condify.calibrate(
+        model, batches, pairs=1, sweep_batches=2, holdout=0, placement="contiguous", progress=False
+    )
     # brute force over the same candidates
     condify.unmodify(model)
     scores = {}
@@ -168,11 +170,76 @@ def test_calibrate_rejects_impossible_budget_and_keeps_model():
         condify.calibrate(model, [torch.randint(0, 128, (2, 16))], nope=1)
 
 
-def test_gemma3_mixed_attention_pair_refused():
-    model = tiny("gemma3_text", layer_types=["sliding_attention", "full_attention"] * 3)
-    with pytest.raises(condify.ConfigError, match="different attention types"):
-        condify.modify(model, "layer-parallel", pairs=1, start=0)
-    assert not hasattr(model.config, "condify")
+def test_disjoint_pairs_match_the_oracle():
+    model = tiny("llama", num_hidden_layers=8)
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        ref = manual_forward(model, ids, [(1, 2), (5, 6)])
+        condify.modify(model, "layer-parallel", layers=[1, 2, 5, 6])
+        torch.testing.assert_close(model(ids).logits, ref, atol=1e-5, rtol=1e-5)
+    assert condify.applied_configs(model)[0].layers == [1, 2, 5, 6]
+
+
+def test_gemma3_mixed_attention_pair_runs_each_layers_own_attention(tmp_path):
+    """A sliding + full pair: each layer's attention gets the mask and rotary the model gives it."""
+    model = tiny("gemma3_text", layer_types=["sliding_attention", "full_attention"] * 3, sliding_window=4)
+    ids = torch.randint(0, 128, (2, 11))
+    seen: dict[int, tuple] = {}
+
+    def grab(i):
+        def hook(mod, args, kwargs):
+            seen[i] = (args[0] if args else kwargs["hidden_states"], kwargs)
+
+        return hook
+
+    handles = [model.model.layers[i].register_forward_pre_hook(grab(i), with_kwargs=True) for i in (2, 3)]
+    with torch.no_grad():
+        model(ids)
+    for h in handles:
+        h.remove()
+    x = seen[2][0]
+
+    def attn(i, h):
+        layer, kw = model.model.layers[i], seen[i][1]
+        kw = {k: v for k, v in kw.items() if k in ("position_embeddings", "attention_mask")}
+        out = layer.self_attn(hidden_states=layer.input_layernorm(h), **kw)[0]
+        return layer.post_attention_layernorm(out)
+
+    def mlp(i, h):
+        layer = model.model.layers[i]
+        return layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
+
+    with torch.no_grad():
+        a = x + attn(2, x) + attn(3, x)
+        expected = a + mlp(2, a) + mlp(3, a)
+        condify.modify(model, "layer-parallel", layers=[2, 3])
+        out = {}
+        h = model.model.layers[3].register_forward_hook(lambda m, a_, o: out.setdefault("y", o))
+        model(ids)
+        h.remove()
+    torch.testing.assert_close(out["y"], expected, atol=1e-5, rtol=1e-5)
+    assert model.model.layers[2]._condify_patch.state.mixed
+    prompt = torch.randint(0, 128, (2, 5))
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(model.generate(prompt, **kw), model.generate(prompt, use_cache=False, **kw))
+    condify.save_pretrained(model, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(condify.from_pretrained(tmp_path)(ids).logits, model(ids).logits)
+
+
+def test_calibrate_any_placement_takes_the_least_sensitive_disjoint_pairs():
+    model = tiny("llama", num_hidden_layers=10)
+    batches = [torch.randint(0, 128, (2, 16)) for _ in range(2)]
+    condify.modify(model, "layer-parallel", pairs=1)
+    result = condify.calibrate(model, batches, pairs=2, sweep_batches=1, holdout=1, progress=False)
+    cost = result["pair_ppl"]
+    chosen = condify.applied_configs(model)[0].resolve(10)
+    firsts = chosen[::2]
+    assert len(firsts) == 2 and chosen == result["layers"]
+    best = min(cost, key=cost.get)
+    assert best in firsts  # the least sensitive pair is always taken
+    others = [s for s in cost if abs(s - best) > 1]
+    assert cost[[f for f in firsts if f != best][0]] == min(cost[s] for s in others)
 
 
 @pytest.mark.slow

@@ -21,18 +21,22 @@ from .config import LayerParallelConfig
 class LayerParallelCalibration(Options):
     """Options of layer-parallel's ``calibrate``.
 
-    Budget: ``pairs=N`` picks the best start for N pairs; ``max_ppl_increase=x`` picks the largest N
-    whose best range keeps sweep perplexity within ``(1 + x)·dense`` (training-free); neither keeps the
-    config's ``pairs`` and sweeps its start. ``starts`` limits the candidate start layers (default: all
-    that keep the first and last layer dense). The first ``sweep_batches`` fit batches score the sweep;
-    all fit batches feed the fine-tune (``finetune_steps`` AdamW steps on the paired layers only, KL to
-    the dense model when ``distill`` else LM loss).
+    Budget: ``pairs=N`` pairs; ``max_ppl_increase=x`` as many pairs as keep the sweep perplexity within
+    ``(1 + x)·dense`` (training-free); neither keeps the config's ``pairs``. ``placement="any"`` (default)
+    measures each candidate pair alone and takes the least sensitive disjoint pairs (greedy; they need
+    not touch, so models that alternate attention types get pairs too); ``"contiguous"`` sweeps the
+    start of one contiguous range (the paper's placement). ``starts`` limits the candidate first layers
+    of a pair (``"any"``) or of the range (default: all that keep the first and last layer dense). The
+    first ``sweep_batches`` fit batches score the sweep; all fit batches feed the fine-tune
+    (``finetune_steps`` AdamW steps on the paired layers only, KL to the dense model when ``distill``
+    else LM loss).
     """
 
     owner = "layer-parallel calibrate"
 
     pairs: int | None = option(None, ge=1)
     max_ppl_increase: float | None = option(None, gt=0.0)
+    placement: str = option("any", choices=("any", "contiguous"))
     starts: list[int] | None = None
     sweep_batches: int = option(2, ge=1)
     finetune_steps: int = option(0, ge=0)
@@ -66,10 +70,64 @@ def _sweep(
     return best
 
 
+def _nll_with(model: nn.Module, cfg: LayerParallelConfig, layers: list[int], batches: list[Batch]) -> float:
+    modify(model, dataclasses.replace(cfg, layers=sorted(layers), fuse=False))
+    try:
+        return mean_nll(model, batches)
+    finally:
+        unmodify(model, "layer-parallel")
+
+
+def _choose_any(
+    model: nn.Module, cfg: LayerParallelConfig, opts: LayerParallelCalibration, score: list[Batch], run: Run
+) -> tuple[list[int], float, dict[str, Any]]:
+    """Least sensitive disjoint pairs: (paired layers, sweep NLL, entries) on the model without layer-parallel."""
+    n = len(get_adapter(model).layer_list(model))
+    dense_nll = mean_nll(model, score)
+    allowed = opts.starts if opts.starts is not None else range(1, n - 2)
+    cands = [s for s in allowed if s >= 0 and s + 2 <= n]
+    cost = {
+        s: _nll_with(model, cfg, [s, s + 1], score)
+        for s in tqdm(cands, desc="pair sensitivity", disable=not run.progress, leave=False)
+    }
+    out: dict[str, Any] = {
+        "sweep_dense_ppl": math.exp(dense_nll),
+        "pair_ppl": {s: math.exp(v) for s, v in cost.items()},
+    }
+    chosen: list[int] = []
+    nll = dense_nll
+    want = opts.pairs or (cfg.pairs if opts.max_ppl_increase is None else n // 2)
+    for s in sorted(cost, key=cost.__getitem__):
+        if len(chosen) == 2 * want:
+            break
+        if s in chosen or s + 1 in chosen:
+            continue
+        trial = [*chosen, s, s + 1]
+        if opts.max_ppl_increase is not None:
+            v = cost[s] if not chosen else _nll_with(model, cfg, trial, score)
+            if math.exp(v - dense_nll) > 1 + opts.max_ppl_increase:
+                break
+            nll = v
+        chosen = trial
+    if not chosen:
+        best = min(cost.values()) if cost else math.inf
+        raise ConfigError(
+            f"layer-parallel: even one pair costs more than max_ppl_increase={opts.max_ppl_increase} "
+            f"(best: x{math.exp(best - dense_nll):.3f}); raise the budget"
+        )
+    if len(chosen) < 2 * want and opts.max_ppl_increase is None:
+        raise ConfigError(
+            f"layer-parallel: only {len(chosen) // 2} disjoint pairs fit the candidates, asked for {want}"
+        )
+    if opts.max_ppl_increase is None:
+        nll = _nll_with(model, cfg, chosen, score)
+    return sorted(chosen), nll, out
+
+
 def _choose(
     model: nn.Module, cfg: LayerParallelConfig, opts: LayerParallelCalibration, score: list[Batch], run: Run
 ) -> tuple[int, int | None, float, dict[str, Any]]:
-    """(pairs, start, sweep NLL, entries) on the model without layer-parallel."""
+    """One contiguous range: (pairs, start, sweep NLL, entries) on the model without layer-parallel."""
     n = len(get_adapter(model).layer_list(model))
     dense_nll = mean_nll(model, score)
     out: dict[str, Any] = {"sweep_dense_ppl": math.exp(dense_nll), "sweep": []}
@@ -106,8 +164,14 @@ def calibrate(model: nn.Module, run: Run, opts: LayerParallelCalibration) -> dic
     """Pick the pair range on the fit batches, then fine-tune the paired layers (see the options)."""
     cfg = next(c for c in applied_configs(model) if c.method == "layer-parallel")
     unmodify(model, "layer-parallel")
-    p, start, nll, result = _choose(model, cfg, opts, run.fit[: opts.sweep_batches], run)
-    final = dataclasses.replace(cfg, pairs=p, start=start)
+    score = run.fit[: opts.sweep_batches]
+    if opts.placement == "contiguous":
+        p, start, nll, result = _choose(model, cfg, opts, score, run)
+        final = dataclasses.replace(cfg, pairs=p, start=start, layers=None)
+    else:
+        layers, nll, result = _choose_any(model, cfg, opts, score, run)
+        final = dataclasses.replace(cfg, layers=layers)
+        p, start = len(layers) // 2, final.start
     modify(model, final)
     final = next(c for c in applied_configs(model) if c.method == "layer-parallel")
     n = len(get_adapter(model).layer_list(model))

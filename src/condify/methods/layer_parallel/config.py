@@ -10,11 +10,13 @@ from ...config import ConfigError, MethodConfig, option
 
 @dataclass
 class LayerParallelConfig(MethodConfig):
-    """Pair ``2·pairs`` consecutive layers starting at ``start``: (start, start+1), (start+2, start+3), ...
+    """Which pairs of adjacent layers run in parallel.
 
-    Give either ``layers`` (a contiguous range of even length) or ``pairs`` with an optional ``start``
-    (default: the pairs end just before the last layer; ``calibrate`` sweeps for the best range).
-    ``fuse`` runs each pair as one set of wide GEMMs where the architecture allows it.
+    Give ``layers`` (pairs of adjacent layers, e.g. ``[3, 4, 9, 10]`` pairs (3, 4) and (9, 10); the
+    pairs need not touch), or ``pairs`` with an optional ``start`` for one contiguous range
+    (start, start+1), (start+2, start+3), ... (default: the pairs end just before the last layer;
+    ``calibrate`` chooses the pairs by measured sensitivity). ``fuse`` runs each pair as one set of
+    wide GEMMs where the architecture allows it (pairs whose layers share one attention type).
     """
 
     method: ClassVar[str] = "layer-parallel"
@@ -24,20 +26,27 @@ class LayerParallelConfig(MethodConfig):
     fuse: bool = True
 
     def validate(self) -> None:
-        if self.layers is not None:
-            if (
-                not self.layers
-                or len(self.layers) % 2
-                or self.layers != list(range(self.layers[0], self.layers[0] + len(self.layers)))
-            ):
-                raise ConfigError(
-                    f"layer-parallel: `layers` must be a contiguous range of even length, got {self.layers}"
-                )
-            self.pairs, self.start = len(self.layers) // 2, self.layers[0]
-        self.layers = None  # derived from (pairs, start); stored that way
+        if self.layers is None:
+            return
+        ls = self.layers
+        if not ls or len(ls) % 2 or any(ls[i + 1] != ls[i] + 1 for i in range(0, len(ls), 2)):
+            raise ConfigError(
+                f"layer-parallel: `layers` must list pairs of adjacent layers (e.g. [3, 4, 9, 10]), got {ls}"
+            )
+        self.pairs = len(ls) // 2
+        if ls == list(range(ls[0], ls[0] + len(ls))):  # one contiguous range: stored as (pairs, start)
+            self.start, self.layers = ls[0], None
+        else:
+            self.start = None
 
     def resolve(self, num_layers: int) -> list[int]:
         """The paired layer indices for a model with ``num_layers`` layers (raises if they don't fit)."""
+        if self.layers is not None:
+            if self.layers[-1] >= num_layers:
+                raise ConfigError(
+                    f"layer-parallel: layers {self.layers} do not fit in a model with {num_layers} layers"
+                )
+            return list(self.layers)
         start = num_layers - 1 - 2 * self.pairs if self.start is None else self.start
         if start < 0 or start + 2 * self.pairs > num_layers:
             raise ConfigError(
@@ -47,4 +56,4 @@ class LayerParallelConfig(MethodConfig):
         return list(range(start, start + 2 * self.pairs))
 
     def resolved(self, num_layers: int) -> LayerParallelConfig:
-        return self.replace(start=self.resolve(num_layers)[0])
+        return self if self.layers is not None else self.replace(start=self.resolve(num_layers)[0])

@@ -2,7 +2,10 @@
 
 ``a = x + A_l(N1_l(x)) + A_{l+1}(N1_{l+1}(x))``, ``y = a + M_l(N2_l(a)) + M_{l+1}(N2_{l+1}(a))``.
 
-Layer l runs the pair; layer l+1 passes hidden states through. Two execution paths:
+Layer l runs the pair; layer l+1 passes hidden states through. When the two layers use different
+attention types (Gemma-2/3: sliding and full), each needs the mask and rotary embeddings the model
+gives it, so layer l passes its input through and leaves its arguments to layer l+1, which runs the
+pair (``mixed``). Two execution paths:
 
 - generic: calls each layer's own norm/attention/MLP modules (any adapter; each attention writes its
   own KV-cache slot);
@@ -36,12 +39,14 @@ class PairState(SiteState):
     adapter: Adapter | None = field(default=None, repr=False)
     partner: nn.Module | None = field(default=None, repr=False)
     fused: bool = False
+    mixed: bool = False  # the layers' attention types differ: the second layer runs the pair
+    stash: dict[str, Any] | None = field(default=None, repr=False, compare=False)  # first layer's kwargs
     fused_cache: tuple[Any, dict[str, torch.Tensor | None]] | None = field(
         default=None, repr=False, compare=False
     )  # (key, fused weights) for inference; see _cached_fused
 
     def describe(self) -> dict[str, Any]:
-        return {"pair": self.pair, **({"fused": self.fused} if self.partner is not None else {})}
+        return {"pair": self.pair, "fused": self.fused, **({"mixed": True} if self.mixed else {})}
 
 
 def _attn_update(a: Adapter, layer: nn.Module, x: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
@@ -57,21 +62,41 @@ def _mlp_update(a: Adapter, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 _DROP = ("encoder_hidden_states", "encoder_attention_mask", "output_attentions")
 
 
+def _pair(
+    a: Adapter, layers: tuple[nn.Module, nn.Module], x: torch.Tensor, kws: tuple[dict, dict]
+) -> torch.Tensor:
+    h = x + _attn_update(a, layers[0], x, kws[0]) + _attn_update(a, layers[1], x, kws[1])
+    return h + _mlp_update(a, layers[0], h) + _mlp_update(a, layers[1], h)
+
+
+def _args(layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    x, kw = split_layer_args(layer, args, kwargs)
+    return x, {k: v for k, v in kw.items() if k not in _DROP}
+
+
 def pair_forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
     """Forward of the first layer of a pair (installed as an instance method)."""
     st: PairState = self._condify_patch.state
     a, other = st.adapter, st.partner
-    x, kw = split_layer_args(self, args, kwargs)
-    kw = {k: v for k, v in kw.items() if k not in _DROP}
+    x, kw = _args(self, args, kwargs)
+    if st.mixed:  # the second layer runs the pair with each layer's own arguments
+        other._condify_patch.state.stash = kw
+        return x
     if st.fused:
         return _fused(self, other, a, x, kw)
-    h = x + _attn_update(a, self, x, kw) + _attn_update(a, other, x, kw)
-    return h + _mlp_update(a, self, h) + _mlp_update(a, other, h)
+    return _pair(a, (self, other), x, (kw, kw))
 
 
-def passthrough_forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """Forward of the second layer of a pair: its work was done by the first."""
-    return split_layer_args(self, args, kwargs)[0]
+def second_forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Forward of the second layer of a pair: its work was done by the first, unless the pair is mixed."""
+    st: PairState = self._condify_patch.state
+    if not st.mixed:
+        return split_layer_args(self, args, kwargs)[0]
+    x, kw = _args(self, args, kwargs)
+    first_kw = st.stash  # kept (not consumed): gradient checkpointing re-runs this forward
+    if first_kw is None:
+        raise RuntimeError(f"layer-parallel: layer {st.pair[1]} ran without layer {st.pair[0]} before it")
+    return _pair(st.adapter, (st.partner, self), x, (first_kw, kw))
 
 
 def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
