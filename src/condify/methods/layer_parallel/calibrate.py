@@ -81,7 +81,12 @@ def _nll_with(model: nn.Module, cfg: LayerParallelConfig, layers: list[int], bat
 def _choose_any(
     model: nn.Module, cfg: LayerParallelConfig, opts: LayerParallelCalibration, score: list[Batch], run: Run
 ) -> tuple[list[int], float, dict[str, Any]]:
-    """Least sensitive disjoint pairs: (paired layers, sweep NLL, entries) on the model without layer-parallel."""
+    """Least sensitive disjoint pairs: (paired layers, sweep NLL, entries) on the model without layer-parallel.
+
+    Each candidate pair is scored alone; then pairs are added greedily, each step trying the
+    ``_SHORTLIST`` best remaining candidates together with the pairs already chosen (pairs interact).
+    The best contiguous range of the same size is a rival: the lower sweep NLL wins.
+    """
     n = len(get_adapter(model).layer_list(model))
     dense_nll = mean_nll(model, score)
     allowed = opts.starts if opts.starts is not None else range(1, n - 2)
@@ -94,34 +99,41 @@ def _choose_any(
         "sweep_dense_ppl": math.exp(dense_nll),
         "pair_ppl": {s: math.exp(v) for s, v in cost.items()},
     }
+    budget = opts.max_ppl_increase
+    want = opts.pairs or (cfg.pairs if budget is None else n // 2)
     chosen: list[int] = []
     nll = dense_nll
-    want = opts.pairs or (cfg.pairs if opts.max_ppl_increase is None else n // 2)
-    for s in sorted(cost, key=cost.__getitem__):
-        if len(chosen) == 2 * want:
+    while len(chosen) < 2 * want:
+        free = sorted((s for s in cost if s not in chosen and s + 1 not in chosen), key=cost.__getitem__)
+        if not free:
             break
-        if s in chosen or s + 1 in chosen:
-            continue
-        trial = [*chosen, s, s + 1]
-        if opts.max_ppl_increase is not None:
-            v = cost[s] if not chosen else _nll_with(model, cfg, trial, score)
-            if math.exp(v - dense_nll) > 1 + opts.max_ppl_increase:
-                break
-            nll = v
-        chosen = trial
+        trials = {s: cost[s] if not chosen else _nll_with(model, cfg, [*chosen, s, s + 1], score)
+                  for s in free[:_SHORTLIST]}  # fmt: skip
+        s = min(trials, key=trials.__getitem__)
+        if budget is not None and math.exp(trials[s] - dense_nll) > 1 + budget:
+            break
+        chosen, nll = [*chosen, s, s + 1], trials[s]
     if not chosen:
         best = min(cost.values()) if cost else math.inf
         raise ConfigError(
-            f"layer-parallel: even one pair costs more than max_ppl_increase={opts.max_ppl_increase} "
+            f"layer-parallel: even one pair costs more than max_ppl_increase={budget} "
             f"(best: x{math.exp(best - dense_nll):.3f}); raise the budget"
         )
-    if len(chosen) < 2 * want and opts.max_ppl_increase is None:
+    if len(chosen) < 2 * want and budget is None:
         raise ConfigError(
             f"layer-parallel: only {len(chosen) // 2} disjoint pairs fit the candidates, asked for {want}"
         )
-    if opts.max_ppl_increase is None:
-        nll = _nll_with(model, cfg, chosen, score)
+    p = len(chosen) // 2
+    starts = [s for s in range(1, n - 2 * p) if opts.starts is None or s in opts.starts]
+    if p > 1 and starts:  # the contiguous rival
+        start, v = _sweep(model, cfg, p, starts, score, run.progress)
+        out["contiguous_ppl"] = math.exp(v)
+        if v < nll:
+            chosen, nll = list(range(start, start + 2 * p)), v
     return sorted(chosen), nll, out
+
+
+_SHORTLIST = 4
 
 
 def _choose(
