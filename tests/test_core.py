@@ -190,3 +190,43 @@ def test_methods_compose_on_disjoint_layers_and_refuse_overlap(tmp_path):
     condify.unmodify(model)
     assert torch.equal(model(ids).logits, dense)
     assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize(
+    ("method", "budget", "entry"),
+    [
+        ("dynamic-k", {"target_sparsity": 0.5, "router_steps": 20}, "adapt_loss"),
+        ("mod-threshold", {"capacity": 0.75}, "keep_rates_holdout"),
+        ("layer-parallel", {"pairs": 1}, "finetune_tokens"),
+    ],
+)
+def test_defaults_run_the_stages_that_win_quality_back_and_report_held_out(method, budget, entry):
+    """``calibrate(model, data, <budget>)`` alone fine-tunes (one pass over the fit batches) and reports
+    held-out quality on batches it did not train on."""
+    model = tiny("llama")
+    condify.modify(model, method)
+    batches = [torch.randint(0, 128, (2, 32)) for _ in range(10)]
+    res = condify.calibrate(model, batches, progress=False, **budget)
+    assert entry in res
+    assert res["tokens"] == 9 * 2 * 32  # one pass over the 9 fit batches; the 10th is held out
+    assert (
+        res["dense_ppl"] > 0
+        and res["ppl"] > 0
+        and res["ratio"] == pytest.approx(res["ppl"] / res["dense_ppl"])
+    )
+    assert res["seconds"] > 0
+
+
+def test_calibrate_warns_when_held_out_quality_is_poor():
+    model = tiny("llama")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)  # peaked predictions, and MLPs that dominate the residual stream:
+        for layer in model.model.layers:  # a routing error shows in the perplexity
+            layer.mlp.down_proj.weight.mul_(20)
+    condify.modify(model, "dynamic-k", expert_size=16)
+    batches = [torch.randint(0, 128, (2, 32)) for _ in range(6)]
+    with pytest.warns(condify.QualityWarning, match="worse than dense"):  # random routers, 90 % skipped
+        res = condify.calibrate(
+            model, batches, router_steps=0, target_sparsity=0.9, adapt_steps=0, progress=False
+        )
+    assert res["ratio"] > 1.5

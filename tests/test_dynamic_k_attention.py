@@ -43,7 +43,7 @@ def test_attention_exact_at_full_width_and_unmodify(kind: str) -> None:
     ref, before = logits(model, x), snapshot(model)
     # width 4 x the parameter-matched width holds every singular direction of a square map, and
     # 2 * min(d_in, d_out) for the others: the converted model equals the dense one at tau = 0
-    condify.modify(model, "dynamic-k", expert_size=8, attention=True, attention_width=4.0)
+    condify.modify(model, "dynamic-k", expert_size=8, attention=True, attention_width=4.0, clustering="gate")
     sites = converted(model, "attention")
     assert len(sites) == 2 * (2 if kind in ("phi3", "gpt2") else 4)
     assert all(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import ConfigError
+
+log = logging.getLogger("condify")
 
 Batch = dict[str, torch.Tensor]
 Loss = Callable[[nn.Module, Batch, int], torch.Tensor]
@@ -341,6 +344,9 @@ class Run:
     ) -> list[float]:
         """:func:`train` on ``self.fit`` (or ``batches``), counting the tokens it uses."""
         batches = self.fit if batches is None else batches
+        if steps > len(batches):
+            log.info("%s: %d steps = %.1f passes over %d batches", kwargs.get("desc", "train"), steps,
+                     steps / len(batches), len(batches))  # fmt: skip
         losses = train(self.model, params, batches, steps, loss_fn, progress=self.progress, **kwargs)
         self.tokens += sum(real_tokens([batches[i % len(batches)]]) for i in range(len(losses)))
         return losses

@@ -21,7 +21,8 @@
    Then (``reorder=True``, router selection only) the experts of each site are renumbered so that
    co-selected experts are neighbours (:func:`order_experts_`; same function, fewer runs of selected
    experts per token for the CPU decode path).
-5. **Adapt** (``adapt_steps > 0``, needs a target): fine-tune the model weights (everything but the
+5. **Adapt** (``adapt_steps``; default: one pass over the fit batches whenever there is a target):
+   fine-tune the model weights (everything but the
    routers with ``adapt_params="all"``, or only the converted sites with ``"mlp"``) under its own routing
    (mode ``"masked"``: exactly the sparse function, differentiable), KL to the dense model. Routers and
    thresholds stay fixed, so the model learns to work with the selection it will run with. This is the
@@ -406,8 +407,8 @@ class DynamicKCalibration(Options):
     target_sparsity: float | None = option(None, ge=0.0, lt=1.0)
     per_layer: bool = True
     reorder: bool = True
-    adapt_steps: int = option(0, ge=0)
-    adapt_lr: float = option(1e-4, ge=0.0)
+    adapt_steps: int | None = option(None, ge=0)
+    adapt_lr: float = option(3e-4, ge=0.0)
     adapt_params: str = option("all", choices=PARAMS)
     oracle: bool = False
 
@@ -428,7 +429,8 @@ def calibrate(model: nn.Module, run: Run, opts: DynamicKCalibration) -> dict[str
             f"need at least {MIN_TOKENS} (e.g. 4 sequences of 256 tokens)"
         )
     target = cfg.target_sparsity if o.target_sparsity is None else o.target_sparsity
-    if o.adapt_steps and target is None:
+    adapt_steps = (len(fit) if target is not None else 0) if o.adapt_steps is None else o.adapt_steps
+    if adapt_steps and target is None:
         raise ConfigError(
             "dynamic-k calibrate: `adapt_steps` fine-tunes the model under its routing at a target; "
             "pass `target_sparsity` (or set it in the config)"
@@ -448,7 +450,7 @@ def calibrate(model: nn.Module, run: Run, opts: DynamicKCalibration) -> dict[str
         if held:
             with mode(model, "dense"):
                 res["ppl_after_attention_distill"] = _ppl(model, held)
-    teacher = run.teacher() if o.distill and ((o.sparsify and o.sparsify_steps) or o.adapt_steps) else None
+    teacher = run.teacher() if o.distill and ((o.sparsify and o.sparsify_steps) or adapt_steps) else None
     if o.sparsify:
         losses = sparsify_(
             model, cfg, run, teacher, activation=o.activation, penalty=o.penalty,
@@ -473,10 +475,10 @@ def calibrate(model: nn.Module, run: Run, opts: DynamicKCalibration) -> dict[str
         if o.reorder and not o.oracle:
             res.update(order_experts_(model, data))
         update_config(model, cfg.replace(target_sparsity=target))
-    if o.adapt_steps:
+    if adapt_steps:
         if held:
             res["ppl_before_adapt"] = measure(model, held)["ppl"]
-        losses = adapt_(model, run, teacher, steps=o.adapt_steps, lr=o.adapt_lr, params=o.adapt_params)
+        losses = adapt_(model, run, teacher, steps=adapt_steps, lr=o.adapt_lr, params=o.adapt_params)
         model.eval()
         res["adapt_loss"] = (losses[0], losses[-1])
     if o.oracle:

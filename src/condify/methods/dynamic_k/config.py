@@ -23,9 +23,11 @@ class DynamicKConfig(MethodConfig):
     - ``target_sparsity``: fraction of expert compute to skip on calibration data (``calibrate`` sets
       the thresholds); ``None`` keeps ``tau``.
     - ``router_width``: hidden width of the router ``Linear(d, w) -> ReLU -> Linear(w, E) -> abs``.
-    - ``clustering``: how neurons are grouped into experts: balanced k-means on the normalised gate
-      (up for non-GLU) rows (``"gate"``, data-free, done by ``modify``) or on co-activation statistics
-      (``"coactivation"``, done by ``calibrate``; ``modify`` keeps the original order until then).
+    - ``clustering``: how neurons are grouped into experts: balanced k-means on co-activation statistics
+      (``"coactivation"``, the default, done by ``calibrate``; ``modify`` keeps the original order until
+      then) or on the normalised gate (up for non-GLU) rows (``"gate"``, data-free, done by ``modify``).
+      Measured on SmolLM2 with 16-neuron experts, oracle selection: x4.6 vs x5.7 perplexity at 50 %
+      executed, x1.57 vs x1.68 at 75 % (DESIGN.md notes), and every recipe uses it.
     - ``activation``: ``None`` keeps the model's activation; ``"relu"`` computes the MLP with ReLU
       (set by ``calibrate(sparsify=...)`` when the ReLU swap is requested, saved in the config).
     - ``attention``: also convert the attention projections (q/k/v/o, or fused qkv/o): each becomes a
@@ -44,7 +46,7 @@ class DynamicKConfig(MethodConfig):
     tau: float = option(0.0, ge=0.0, le=1.0)
     target_sparsity: float | None = option(None, ge=0.0, lt=1.0)
     router_width: int = option(128, ge=1)
-    clustering: str = option("gate", choices=CLUSTERINGS)
+    clustering: str = option("coactivation", choices=CLUSTERINGS)
     activation: str | None = option(None, choices=ACTIVATIONS)
     attention: bool = False
     attention_width: float = option(1.0, gt=0.0, le=16.0)

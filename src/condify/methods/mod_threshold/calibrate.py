@@ -162,7 +162,8 @@ class ModThresholdCalibration(Options):
     """Options of mod-threshold's ``calibrate``.
 
     ``capacity`` defaults to the config's (and is recorded there). ``router_steps`` first train the
-    routers alone (model frozen), then ``steps`` train routers and model together; the capacity ramp
+    routers alone (model frozen), then ``steps`` (default: one pass over the fit batches) train
+    routers and model together; the capacity ramp
     (over the first ``ramp`` fraction) runs over both. ``train``: ``"all"`` decoder layers, ``"gated"``
     layers only, or ``"routers"`` only. ``init`` gives routers that are still at their init (weight 0)
     the training-free start of :func:`init_routers`. The first ``fit_batches`` batches fit the biases
@@ -178,7 +179,7 @@ class ModThresholdCalibration(Options):
     owner = "mod-threshold calibrate"
 
     capacity: float | None = option(None, gt=0.0, le=1.0)
-    steps: int = option(100, ge=0)
+    steps: int | None = option(None, ge=0)
     router_steps: int = option(0, ge=0)
     train: str = option("all", choices=_TRAIN)
     lr: float = option(3e-4, ge=0.0)
@@ -201,7 +202,8 @@ def calibrate(model: nn.Module, run: Run, opts: ModThresholdCalibration) -> dict
     adapter = get_adapter(model)
     gated, state, batches = _gated(model), _state(model), run.fit
     routers = [p for layer in gated.values() for p in layer.router.parameters()]
-    total = opts.router_steps + opts.steps
+    steps = len(run.fit) if opts.steps is None else opts.steps
+    total = opts.router_steps + steps
     fit_on = batches[: opts.fit_batches]
     ramp_steps = max(1, round(opts.ramp * total))
     if opts.init and all(not layer.router.weight.any() for layer in gated.values()):
@@ -240,7 +242,7 @@ def calibrate(model: nn.Module, run: Run, opts: ModThresholdCalibration) -> dict
 
     for phase, n, params in (
         ("routers", opts.router_steps, []),
-        (opts.train, opts.steps, _params(model, adapter, gated, opts.train)),
+        (opts.train, steps, _params(model, adapter, gated, opts.train)),
     ):
         groups = [{"params": routers, "lr": opts.router_lr}] + (
             [{"params": params, "lr": opts.lr}] if params else []
@@ -251,7 +253,7 @@ def calibrate(model: nn.Module, run: Run, opts: ModThresholdCalibration) -> dict
     update_config(model, cfg.replace(capacity=capacity))
     for layer in gated.values():
         layer._condify_patch.state.config.capacity = capacity
-    result["steps"] = {"routers": opts.router_steps, opts.train: opts.steps}
+    result["steps"] = {"routers": opts.router_steps, opts.train: steps}
     result["keep_rates"] = keep_rates(model, fit_on)
     if run.held:
         result["keep_rates_holdout"] = keep_rates(model, run.held)
