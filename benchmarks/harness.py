@@ -39,11 +39,19 @@ Timer = Callable[[Callable[[], object]], float]
 
 
 def parser(
-    doc: str | None, *, threads: int, out: Path | None, out_help: str, render: str | None = None
+    doc: str | None,
+    *,
+    threads: int,
+    out: Path | None,
+    out_help: str,
+    render: str | None = None,
+    model: bool = True,
 ) -> argparse.ArgumentParser:
-    """Parser with the common options; ``render`` (its help text) adds ``--render [JSON]``."""
+    """Parser with the common options; ``render`` (its help text) adds ``--render [JSON]``, ``model``
+    adds ``--model``."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="model for condify.data.load_model (default: SmolLM2)")
+    if model:
+        p.add_argument("--model", default=None, help="model for condify.data.load_model (default: SmolLM2)")
     p.add_argument("--threads", type=int, default=threads, help="torch intra-op threads")
     p.add_argument("--seed", type=int, default=0, help="torch seed")
     p.add_argument("--out", type=Path, default=out, help=out_help)
@@ -135,11 +143,14 @@ def per_token(fn: Callable[[torch.Tensor], object], xs: torch.Tensor) -> Callabl
 # --------------------------------------------------------------------------- writers
 
 
+def row(cells: Sequence[Any]) -> str:
+    """One markdown table row (cells through ``condify.report.format_value``)."""
+    return "| " + " | ".join(format_value(c) for c in cells) + " |"
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], caption: str | None = None) -> str:
-    """Markdown table (cells through ``condify.report.format_value``), an italic caption above."""
-    cells = [[format_value(c) for c in row] for row in [headers, *rows]]
-    lines = ["| " + " | ".join(cells[0]) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in cells[1:]]
+    """Markdown table of :func:`row` lines, an italic caption above."""
+    lines = [row(headers), "|" + "|".join("---" for _ in headers) + "|", *(row(r) for r in rows)]
     return "\n".join([f"*{caption}*", "", *lines] if caption else lines)
 
 
