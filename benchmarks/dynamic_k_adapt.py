@@ -93,7 +93,8 @@ def render(out: Path) -> None:
         "# dynamic-k on SmolLM2-135M: routed fine-tune (`calibrate(adapt_steps=...)`)",
         "",
         f"Held-out: {a['eval_seqs']} x 256 tokens of the test plays (dense ppl {rows[0]['ppl_dense']:.2f}). "
-        "Recipe per row: `modify(expert_size=S, clustering='coactivation')`, `calibrate(router_steps=300, "
+        "Recipe per row: `modify(expert_size=S, clustering='coactivation')`, "
+        f"`calibrate(router_steps={a.get('router_steps', 300)}, "
         "router_tokens=4096, target_sparsity=1-f)`, then `calibrate(adapt_steps=N, adapt_lr=3e-4)` on N "
         f"batches of 2 x {a['seq_len']} train tokens, KL to dense, every weight but the routers trained, "
         "SiLU kept, routers and thresholds fixed. Cells: `ppl ratio @ executed expert compute`, both on the "

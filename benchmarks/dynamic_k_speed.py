@@ -104,7 +104,11 @@ def ffn_times(dense: torch.nn.Module, models: dict, xs: torch.Tensor, repeats: i
 
 def main() -> None:
     ap = parser(
-        __doc__.split("\n")[0], threads=1, out=RESULTS / "dynamic_k_speed", out_help="results path stem"
+        __doc__.split("\n")[0],
+        threads=1,
+        out=RESULTS / "dynamic_k_speed",
+        out_help="results path stem",
+        note=True,
     )
     ap.add_argument("--sizes", type=int, nargs="+", default=[32, 128])
     ap.add_argument("--calib-batches", type=int, default=3)

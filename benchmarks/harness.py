@@ -31,7 +31,7 @@ from condify.methods.dynamic_k.transform import relayout_
 from condify.report import format_value
 
 RESULTS = Path(__file__).parent / "results"
-QUICK = Path(tempfile.gettempdir()) / "condify-bench-quick"  # where --quick writes unless --out is given
+QUICK_DIR = Path(tempfile.gettempdir()) / "condify-bench-quick"  # where --quick writes unless --out is given
 
 Timer = Callable[[Callable[[], object]], float]
 
@@ -46,17 +46,19 @@ def parser(
     out_help: str,
     render: str | None = None,
     model: bool = True,
+    note: bool = False,
 ) -> argparse.ArgumentParser:
-    """Parser with the common options; ``render`` (its help text) adds ``--render [JSON]``, ``model``
-    adds ``--model``."""
+    """Parser with the common options: ``--threads --seed --out --quick``, ``--model`` (with ``model``),
+    ``--note`` (with ``note``) and ``--render [JSON]`` (when ``render``, its help text, is given)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     if model:
         p.add_argument("--model", default=None, help="model for condify.data.load_model (default: SmolLM2)")
     p.add_argument("--threads", type=int, default=threads, help="torch intra-op threads")
     p.add_argument("--seed", type=int, default=0, help="torch seed")
     p.add_argument("--out", type=Path, default=out, help=out_help)
-    p.add_argument("--quick", action="store_true", help=f"smallest settings, a smoke run (into {QUICK})")
-    p.add_argument("--note", default="nothing else running", help="machine state, for the report")
+    p.add_argument("--quick", action="store_true", help=f"smallest settings, a smoke run (into {QUICK_DIR})")
+    if note:
+        p.add_argument("--note", default="nothing else running", help="machine state, for the report")
     if render is not None:
         p.add_argument("--render", nargs="?", const="", default=None, metavar="JSON", help=render)
     return p
@@ -65,16 +67,16 @@ def parser(
 def parse(
     p: argparse.ArgumentParser, quick: Mapping[str, Any], argv: Sequence[str] | None = None
 ) -> argparse.Namespace:
-    """Parse ``argv``; with ``--quick`` the ``quick`` values (and an ``--out`` under ``QUICK``) become
+    """Parse ``argv``; with ``--quick`` the ``quick`` values (and an ``--out`` under ``QUICK_DIR``) become
     the defaults, so options given explicitly still win."""
     args = p.parse_args(argv)
     if args.quick:
         default = p.get_default("out")
         if isinstance(default, Path) and default.is_relative_to(RESULTS):
-            p.set_defaults(out=QUICK / default.relative_to(RESULTS))
+            p.set_defaults(out=QUICK_DIR / default.relative_to(RESULTS))
         p.set_defaults(**quick)
         args = p.parse_args(argv)
-        QUICK.mkdir(parents=True, exist_ok=True)
+        QUICK_DIR.mkdir(parents=True, exist_ok=True)
     return args
 
 
