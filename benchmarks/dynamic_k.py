@@ -15,27 +15,11 @@ import copy
 import time
 from pathlib import Path
 
+import harness
 import torch
-from harness import (
-    RESULTS,
-    decode_speedups,
-    environment,
-    interleaved,
-    medians,
-    mlp_cache,
-    mlp_inputs,
-    parse,
-    parser,
-    per_token,
-    read_json,
-    routed,
-    setup,
-    table,
-    write_json,
-)
 
 import condify
-from condify.data import eval_batches, load_model, train_batches
+from condify.data import eval_batches, train_batches
 from condify.evaluate import executed_flops, perplexity
 from condify.methods.dynamic_k import track_executed
 from condify.methods.dynamic_k.calibrate import fit_tau, measure
@@ -62,8 +46,8 @@ def sweep(model, data, evals, fractions, ppl_dense, oracle_too: bool) -> dict:
 def ffn_decode_ratio(dense, model, x: torch.Tensor, layer: int, repeats: int = 5) -> tuple[float, float]:
     """(dense / converted median time of ``len(x)`` single-token MLP calls, executed fraction)."""
     m_mlp = model.model.layers[layer].mlp
-    calls = {"d": per_token(dense.model.layers[layer].mlp, x), "m": per_token(m_mlp, x)}
-    t = medians(interleaved(calls, repeats, warmup=0, rotate=False))
+    calls = {"d": harness.per_token(dense.model.layers[layer].mlp, x), "m": harness.per_token(m_mlp, x)}
+    t = harness.medians(harness.interleaved(calls, repeats, warmup=0, rotate=False))
     with track_executed(model) as st:
         calls["m"]()
     p = next(iter(k for k in st if k.endswith(f".{layer}.mlp")))
@@ -71,7 +55,7 @@ def ffn_decode_ratio(dense, model, x: torch.Tensor, layer: int, repeats: int = 5
 
 
 def main() -> None:
-    ap = parser(__doc__, threads=1, out=RESULTS, out_help="results folder",
+    ap = harness.parser(__doc__, threads=1, out=harness.RESULTS, out_help="results folder",
                 render="only re-render the markdown from a saved dynamic_k.json (default: the one in --out)")  # fmt: skip
     ap.add_argument("--sizes", default="32,128")
     ap.add_argument("--fractions", default="0.75,0.5,0.3")
@@ -87,16 +71,14 @@ def main() -> None:
     ap.add_argument(
         "--sparsified-only", action="store_true", help="only stage 1 + routers (no SiLU rows, no speed)"
     )
-    args = parse(ap, QUICK)
+    args = harness.parse(ap, QUICK)
     if args.render is not None:
-        write(read_json(Path(args.render or args.out / "dynamic_k.json")), args.out)
+        write(harness.read_json(Path(args.render or args.out / "dynamic_k.json")), args.out)
         return
-    setup(args)
     t0 = time.time()
     sizes = [int(s) for s in args.sizes.split(",")]
     fractions = [float(f) for f in args.fractions.split(",")]
-
-    dense, tok = load_model(args.model)
+    dense, tok = harness.start(args)
     evals = as_batches(eval_batches(tok, "test", args.eval_seqs, args.seq_len, 4))
     calib = as_batches(train_batches(tok, args.calib_batches, 2, args.seq_len))
     ppl_dense = perplexity(dense, evals, progress=False)
@@ -105,10 +87,10 @@ def main() -> None:
     quality: dict[int, dict] = {s: {} for s in sizes}
     act = {"activation": "relu"} if args.activation == "relu" else {}
     fits: dict = {}
-    cache = mlp_cache(dense, calib, sizes[0])
+    cache = harness.mlp_cache(dense, calib, sizes[0])
     print(f"cache {time.time() - t0:.0f}s", flush=True)
     for s in sizes if not args.sparsified_only else []:
-        model, data, fit = routed(dense, s, cache, args.router_steps)
+        model, data, fit = harness.routed(dense, s, cache, args.router_steps)
         quality[s]["orig"] = sweep(model, data, evals, fractions, ppl_dense, True)
         fits[(s, "orig")] = fit
         print(s, "orig", quality[s]["orig"], fit, f"{time.time() - t0:.0f}s", flush=True)
@@ -135,9 +117,9 @@ def main() -> None:
     sparsify = {**{k: v for k, v in sres.items() if k != "tau"}, "ppl_ratio_tau0": sp_ppl / ppl_dense}
 
     speed_models = {}
-    cache = mlp_cache(sp, calib, sizes[0], **act)
+    cache = harness.mlp_cache(sp, calib, sizes[0], **act)
     for s in sizes:
-        model, data, fit = routed(sp, s, cache, args.router_steps, **act)
+        model, data, fit = harness.routed(sp, s, cache, args.router_steps, **act)
         quality[s]["sparse"] = sweep(model, data, evals, fractions, ppl_dense, False)
         fits[(s, "sparse")] = fit
         print(s, "sparse", quality[s]["sparse"], fit, f"{time.time() - t0:.0f}s", flush=True)
@@ -154,13 +136,15 @@ def main() -> None:
             },
             "fits": fits_out,
         }
-        write_json(args.out / f"dynamic_k_{args.activation}.json", extra)
+        harness.write_json(args.out / f"dynamic_k_{args.activation}.json", extra)
         return
 
     # speed, one run: FFN decode on real layer inputs, whole-model decode b=1 and b=8
-    xs = mlp_inputs(dense, evals[0]["input_ids"][:1, :64], LAYER)
+    xs = harness.mlp_inputs(dense, evals[0]["input_ids"][:1, :64], LAYER)
     ffn = {s: ffn_decode_ratio(dense, m, xs, LAYER) for s, m in speed_models.items()}
-    spd = decode_speedups({"dense": dense, **{f"s{s}": m for s, m in speed_models.items()}}, calib, evals, 3)
+    spd = harness.decode_speedups(
+        {"dense": dense, **{f"s{s}": m for s, m in speed_models.items()}}, calib, evals, 3
+    )
     ids = evals[0]["input_ids"][:1, :128]
     dense_mlp = executed_flops(dense, ids)["mlp"]
     flops = {s: executed_flops(m, ids)["mlp"] / dense_mlp for s, m in speed_models.items()}
@@ -191,14 +175,14 @@ def main() -> None:
         },
         "total_s": time.time() - t0,
     }
-    write_json(args.out / "dynamic_k.json", res)
+    harness.write_json(args.out / "dynamic_k.json", res)
     write(res, args.out)
 
 
 def write(res: dict, out: Path) -> None:
     """Render ``res`` (as saved in ``dynamic_k.json``) to ``out/dynamic_k.md`` and the frontier plot."""
     a, sp = res["args"], res["sparsify"]
-    rep = Report("dynamic-k (D2DMoE) on SmolLM2-135M, CPU", environment())
+    rep = Report("dynamic-k (D2DMoE) on SmolLM2-135M, CPU", harness.environment())
     tokens_sp = a["sparsify_steps"] * a["sparsify_batch"] * a["seq_len"]
     rep.add_text(
         f"Machine: 2-core AMD EPYC CPU, {a['threads']} torch thread(s), **shared with 3 other engineers' jobs "
@@ -235,7 +219,7 @@ def write(res: dict, out: Path) -> None:
             )
     rep.add_heading("Held-out perplexity ratio vs dense @ executed expert compute")
     rep.add_text(
-        table(
+        harness.table(
             [
                 "expert size",
                 "target executed",
@@ -247,7 +231,7 @@ def write(res: dict, out: Path) -> None:
         )
     )
     rep.add_text(
-        table(
+        harness.table(
             ["expert size / model", "router MSE before", "after", "R^2 vs per-expert mean"],
             [
                 [k, v["router_mse_before"], v["router_mse_after"], v["router_r2"]]
@@ -264,7 +248,7 @@ def write(res: dict, out: Path) -> None:
         extra = out / f"dynamic_k_{name}.json"
         if not extra.exists():
             continue
-        e = read_json(extra)
+        e = harness.read_json(extra)
         ea, es = e["args"], e["sparsify"]
         rep.add_heading(title)
         rep.add_text(
@@ -276,14 +260,14 @@ def write(res: dict, out: Path) -> None:
             f"{es['ppl_ratio_tau0']:.3f}."
         )
         rep.add_text(
-            table(
+            harness.table(
                 ["expert size", "target executed", "routers after this stage 1"],
                 [[sz, f, cell(v)] for sz, q in e["quality"].items() for f, v in q.items()],
             )
         )
     rep.add_heading("Speed at 50 % target (sparsified model, trained routers)")
     rep.add_text(
-        table(
+        harness.table(
             [
                 "expert size",
                 "layer-15 executed (decode tokens)",

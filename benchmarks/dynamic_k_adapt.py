@@ -18,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-from harness import RESULTS, parse, parser, read_json, setup, table, write_json, write_markdown
+import harness
 
 import condify
 from condify.data import eval_batches, load_model, train_batches
@@ -76,7 +76,7 @@ def run(size: int, frac: float, args: argparse.Namespace) -> dict:
 
 def render(out: Path) -> None:
     """Write ``out/dynamic_k_adapt.md`` from every row JSON in ``out``, keeping its hand-written findings."""
-    rows = [read_json(p) for p in sorted(out.glob(f"{PREFIX}_s*.json"))]
+    rows = [harness.read_json(p) for p in sorted(out.glob(f"{PREFIX}_s*.json"))]
     rows.sort(key=lambda r: (r["size"], -r["target_executed"], r["tokens"]))
     if not rows:
         raise SystemExit(f"no {PREFIX}_s*.json in {out}")
@@ -103,17 +103,19 @@ def render(out: Path) -> None:
         f"Command: `.venv/bin/python benchmarks/{PREFIX}.py --sizes S --fractions f --adapt-steps N` "
         f"(one `{PREFIX}_sS_ff[_nN].json` per row), then `--render`.",
         "",
-        table(headers, cells),
+        harness.table(headers, cells),
     ]
     md = out / f"{PREFIX}.md"
     old = md.read_text() if md.exists() else ""
     notes = old[old.index("## Findings") :] if "## Findings" in old else ""  # hand-written, kept
-    write_markdown(md, [*lines, *(["", notes.rstrip("\n")] if notes else [])])
+    harness.write_markdown(md, [*lines, *(["", notes.rstrip("\n")] if notes else [])])
     print("\n".join(lines))
 
 
 def main() -> None:
-    ap = parser(__doc__, threads=1, out=RESULTS, out_help="results folder", render="only write the markdown")
+    ap = harness.parser(
+        __doc__, threads=1, out=harness.RESULTS, out_help="results folder", render="only write the markdown"
+    )
     ap.add_argument("--sizes", default="32,128")
     ap.add_argument("--fractions", default="0.75,0.5,0.3")
     ap.add_argument("--adapt-steps", type=int, default=100)
@@ -121,17 +123,17 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--eval-seqs", type=int, default=16)
-    args = parse(ap, QUICK)
+    args = harness.parse(ap, QUICK)
     if args.render is not None:
         render(args.out)
         return
-    setup(args)
+    harness.setup(args)
     for s in (int(v) for v in args.sizes.split(",")):
         for f in (float(v) for v in args.fractions.split(",")):
             r = run(s, f, args)
             print(json.dumps(r, default=str), flush=True)
             tag = "" if args.adapt_steps == 100 else f"_n{args.adapt_steps}"
-            write_json(args.out / f"{PREFIX}_s{s}_f{f}{tag}.json", r)
+            harness.write_json(args.out / f"{PREFIX}_s{s}_f{f}{tag}.json", r)
             gc.collect()  # patched forwards make reference cycles: free this run's model and teacher now
 
 

@@ -17,11 +17,11 @@ import json
 import time
 from pathlib import Path
 
+import harness
 import torch
-from harness import RESULTS, environment, parse, parser, patch_info, setup, table, write_json, write_markdown
 
 import condify
-from condify.data import eval_batches, load_model, train_batches
+from condify.data import eval_batches, train_batches
 from condify.evaluate import perplexity
 from condify.methods.dynamic_k import executed_fraction, mode, track_executed
 from condify.methods.dynamic_k.calibrate import _collect_inputs, distill_projections, fit_tau, train_routers
@@ -34,7 +34,7 @@ QUICK = {"width": [1.0], "steps": 1, "tokens": 512, "router_steps": 2, "fraction
 
 def hidden_widths(sites: list[tuple[str, torch.nn.Module]]) -> dict[str, int]:
     """{site name: hidden width} of converted projections. Reads condify internals."""
-    return {patch_info(m)["site"]: m.expert_mlp.up.out_features for _, m in sites}
+    return {harness.patch_info(m)["site"]: m.expert_mlp.up.out_features for _, m in sites}
 
 
 def projection_data(model: torch.nn.Module, calib: list, tokens: int, sites: list) -> dict:
@@ -52,8 +52,8 @@ def attention_ppl(model: torch.nn.Module, evals: list) -> tuple[float, float]:
 
 
 def main() -> None:
-    ap = parser(
-        __doc__.split("\n")[0], threads=1, out=RESULTS / "dynamic_k_attention", out_help="results path stem"
+    ap = harness.parser(
+        __doc__, threads=1, out=harness.RESULTS / "dynamic_k_attention", out_help="results path stem"
     )
     ap.add_argument("--width", type=float, nargs="+", default=[1.0, 2.0])
     ap.add_argument("--expert-size", type=int, default=16, help="neurons per projection expert")
@@ -63,10 +63,9 @@ def main() -> None:
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.75, 0.5])
     ap.add_argument("--eval-seqs", type=int, default=8)
     ap.add_argument("--eval-len", type=int, default=512)
-    args = parse(ap, QUICK)
-    setup(args)
+    args = harness.parse(ap, QUICK)
     t0 = time.time()
-    dense, tok = load_model(args.model)
+    dense, tok = harness.start(args)
     evals = eval_batches(tok, "test", args.eval_seqs, args.eval_len, batch_size=4)
     calib = as_batches(train_batches(tok, max(1, args.tokens // 512), batch_size=2, seq_len=256))
     ppl_dense = perplexity(dense, evals, progress=False)
@@ -98,9 +97,9 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     res = {
         "ppl_dense": ppl_dense, "rows": rows, "args": {k: str(v) for k, v in vars(args).items()},
-        "minutes": (time.time() - t0) / 60, "environment": environment(),
+        "minutes": (time.time() - t0) / 60, "environment": harness.environment(),
     }  # fmt: skip
-    write_json(args.out.with_suffix(".json"), res)
+    harness.write_json(args.out.with_suffix(".json"), res)
     write(res, args.out.with_suffix(".md"))
 
 
@@ -131,9 +130,9 @@ def write(res: dict, path: Path) -> None:
         "dense (tau = 0), so every column is the cost of the attention part alone. Cells: perplexity "
         "ratio vs dense (and executed fraction of projection expert compute).",
         "",
-        table(headers, rows),
+        harness.table(headers, rows),
     ]
-    write_markdown(path, lines)
+    harness.write_markdown(path, lines)
 
 
 if __name__ == "__main__":

@@ -22,27 +22,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import harness
 import torch
-from harness import (
-    RESULTS,
-    decode_speedups,
-    environment,
-    interleaved,
-    medians,
-    mlp_cache,
-    mlp_inputs,
-    parse,
-    parser,
-    patch_info,
-    per_token,
-    routed,
-    setup,
-    table,
-    write_json,
-    write_markdown,
-)
 
-from condify.data import eval_batches, load_model, train_batches
+from condify.data import eval_batches, train_batches
 from condify.methods.dynamic_k import executed_fraction, track_executed
 from condify.methods.dynamic_k.calibrate import fit_tau, order_experts_
 from condify.methods.dynamic_k.modules import converted, select
@@ -57,7 +40,7 @@ QUICK = {"sizes": [128], "calib_batches": 1, "router_steps": 2, "repeats": 1}
 def expert_parts(mlp: torch.nn.Module, xs: torch.Tensor) -> tuple[Callable[[], None], Callable[[], None]]:
     """(router + selection, expert compute) of a converted MLP as two calls over the tokens of ``xs``;
     the second uses the masks of the last run of the first. Reads condify internals."""
-    info = patch_info(mlp)
+    info = harness.patch_info(mlp)
     w = info["adapter"].mlp_weights(mlp)
     tau = float(mlp.expert_layout.tau)
     masks: list[list[bool]] = []
@@ -83,7 +66,7 @@ def expert_parts(mlp: torch.nn.Module, xs: torch.Tensor) -> tuple[Callable[[], N
 def row_major_(model: torch.nn.Module) -> None:
     """Put every converted MLP's ``w_down`` back in nn.Linear layout. Reads condify internals."""
     for _, m in converted(model, "mlp"):
-        block_layout_(_mlp_linears(m, patch_info(m)["adapter"]), False, restore=True)
+        block_layout_(_mlp_linears(m, harness.patch_info(m)["adapter"]), False, restore=True)
 
 
 @torch.inference_mode()
@@ -95,35 +78,30 @@ def ffn_times(dense: torch.nn.Module, models: dict, xs: torch.Tensor, repeats: i
     }
     calls = {}
     for n, mlp in mlps.items():
-        calls[(n, "mlp")] = per_token(mlp, xs)
+        calls[(n, "mlp")] = harness.per_token(mlp, xs)
         if n != "dense":
             calls[(n, "router")], calls[(n, "experts")] = expert_parts(mlp, xs)
-    t = medians(interleaved(calls, repeats, warmup=0, rotate=False))
+    t = harness.medians(harness.interleaved(calls, repeats, warmup=0, rotate=False))
     return {n: {part: v for (m, part), v in t.items() if m == n} for n in mlps}
 
 
 def main() -> None:
-    ap = parser(
-        __doc__.split("\n")[0],
-        threads=1,
-        out=RESULTS / "dynamic_k_speed",
-        out_help="results path stem",
-        note=True,
+    ap = harness.parser(
+        __doc__, threads=1, out=harness.RESULTS / "dynamic_k_speed", out_help="results path stem", note=True
     )
     ap.add_argument("--sizes", type=int, nargs="+", default=[32, 128])
     ap.add_argument("--calib-batches", type=int, default=3)
     ap.add_argument("--router-steps", type=int, default=150)
     ap.add_argument("--repeats", type=int, default=7)
-    args = parse(ap, QUICK)
-    setup(args)
+    args = harness.parse(ap, QUICK)
     t_start = time.time()
-    dense, tok = load_model(args.model)
+    dense, tok = harness.start(args)
     calib = as_batches(train_batches(tok, args.calib_batches, 2, 256))
     evals = as_batches(eval_batches(tok, "test", 2, 256, 4))
-    cache = mlp_cache(dense, calib, args.sizes[0])
+    cache = harness.mlp_cache(dense, calib, args.sizes[0])
     models, runs, executed = {}, {}, {}
     for s in args.sizes:
-        model, data, _ = routed(dense, s, cache, args.router_steps)
+        model, data, _ = harness.routed(dense, s, cache, args.router_steps)
         fit_tau(model, data, 0.5)
         plain = copy.deepcopy(model)
         runs[s] = order_experts_(model, data)
@@ -134,10 +112,10 @@ def main() -> None:
             model(evals[0]["input_ids"][:1])
         executed[s] = executed_fraction(st)
         print(s, runs[s], executed[s], flush=True)
-    xs = mlp_inputs(dense, evals[0]["input_ids"][:1, :64], LAYER)
+    xs = harness.mlp_inputs(dense, evals[0]["input_ids"][:1, :64], LAYER)
     ffn = ffn_times(dense, models, xs, args.repeats)
     ordered = {"dense": dense, **{n: m for n, m in models.items() if "unordered" not in n}}
-    spd = decode_speedups(ordered, calib, evals, args.repeats // 2 + 1)
+    spd = harness.decode_speedups(ordered, calib, evals, args.repeats // 2 + 1)
     res = {
         "args": {k: str(v) for k, v in vars(args).items()},
         "runs": {str(k): v for k, v in runs.items()},
@@ -146,10 +124,10 @@ def main() -> None:
         "decode_b1": spd["b1"],
         "decode_b8": spd["b8"],
         "minutes": (time.time() - t_start) / 60,
-        "environment": environment(),
+        "environment": harness.environment(),
     }
     print(json.dumps(res), flush=True)
-    write_json(args.out.with_suffix(".json"), res)
+    harness.write_json(args.out.with_suffix(".json"), res)
     write(res, args.out.with_suffix(".md"))
 
 
@@ -174,16 +152,15 @@ def write(res: dict, path: Path) -> None:
         "FFN x (ordered)", "FFN x (ordered, row-major w_down)", "router+select us/token",
         "experts us/token (row-major)", "dense MLP us/token", "model decode x b=1 (row-major)", "b=8 (row-major)",
     ]  # fmt: skip
-    lines = [
+    head = [
         "# dynamic-k CPU decode speed on SmolLM2-135M",
         "",
         f"Machine: {env.get('cpu', '?')}, {a['threads']} torch thread(s), torch {env.get('torch', '?')}, "
         f"{res['minutes']:.1f} min; {a.get('note', 'nothing else running')}. Command: `.venv/bin/python benchmarks/dynamic_k_speed.py`.",
         "Thresholds at 50 % executed expert compute on calibration text (SiLU model, trained routers).",
         "",
-        table(headers, rows),
     ]
-    write_markdown(path, lines)
+    harness.write_markdown(path, [*head, harness.table(headers, rows)])
 
 
 if __name__ == "__main__":

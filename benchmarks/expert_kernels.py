@@ -19,9 +19,9 @@ import statistics
 import time
 from collections.abc import Callable
 
+import harness
 import torch
 import torch.nn.functional as F
-from harness import Timer, environment, interleaved, parse, parser, row, setup, table, write_markdown
 
 from condify.ops import expert_mlp, expert_mlp_reference
 from condify.ops import reference as ref_mod
@@ -41,7 +41,7 @@ def make_mask(T: int, E: int, frac: float, pattern: str, g: torch.Generator) -> 
     return order < k
 
 
-def timer(device: torch.device, clock: str = "wall") -> Timer:
+def timer(device: torch.device, clock: str = "wall") -> harness.Timer:
     """Seconds of one call of fn (CUDA: events; CPU: wall clock, or this thread's CPU time, which leaves
     out the time other processes hold the cores; meaningful with one thread)."""
     if device.type == "cuda":
@@ -86,14 +86,16 @@ def bench_one(layers, x, mask, s, strategy, repeats, device, clock) -> tuple[flo
             else:
                 expert_mlp_reference(x, wu, wd, mask, s, "silu", wg, strategy=strategy)
 
-    t = interleaved({"d": dense, "e": expert}, repeats, warmup=2, rotate=False, timer=timer(device, clock))
+    t = harness.interleaved(
+        {"d": dense, "e": expert}, repeats, warmup=2, rotate=False, timer=timer(device, clock)
+    )
     td, te = ([v / len(layers) for v in t[k]] for k in "de")
     ratio = statistics.median(a / b for a, b in zip(td, te, strict=True))
     return statistics.median(td), statistics.median(te), ratio
 
 
 def main() -> None:
-    p = parser(
+    p = harness.parser(
         __doc__, threads=2, out=None, out_help="also write the markdown table to this file", model=False
     )
     p.add_argument("--shape", choices=[*SHAPES, "all"], default="smollm2")
@@ -112,20 +114,20 @@ def main() -> None:
         "--clock", choices=["wall", "cpu"], default="wall", help="CPU: wall clock or thread CPU time"
     )
     p.add_argument("--append", action="store_true", help="append to --out instead of overwriting it")
-    a = parse(p, QUICK)
+    a = harness.parse(p, QUICK)
 
     device = torch.device(a.device)
     dtype = (
         getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     )
-    setup(a)
+    harness.setup(a)
     shapes = list(SHAPES) if a.shape == "all" else [a.shape]
     sizes = [int(v) for v in a.expert_sizes.split(",")]
     fracs = [float(v) for v in a.fractions.split(",")]
     batches = [int(v) for v in a.batches.split(",")]
     g = torch.Generator().manual_seed(a.seed)
 
-    env = environment(device)
+    env = harness.environment(device)
     machine = env["device"] if device.type == "cuda" else f"{env['device']}, {env['cpu_count']} logical cores"
     headers = [
         "shape",
@@ -152,7 +154,7 @@ def main() -> None:
         "speedup = median of per-repeat dense/expert ratios",
         "",
     ]
-    print("\n".join([*head, table(headers, [])]), flush=True)
+    print("\n".join([*head, harness.table(headers, [])]), flush=True)
     rows = []
     for shape in shapes:
         d, inter = SHAPES[shape]
@@ -183,9 +185,9 @@ def main() -> None:
                     cells = [f"{shape} {d}/{inter}", s, T, f"{executed:.0%}", f"{td * 1e6:.0f}", f"{te * 1e6:.0f}",
                              f"{ratio:.2f}x", strat]  # fmt: skip
                     rows.append(cells)
-                    print(row(cells), flush=True)
+                    print(harness.row(cells), flush=True)
     if a.out:
-        write_markdown(a.out, [*head, table(headers, rows)], append=a.append)
+        harness.write_markdown(a.out, [*head, harness.table(headers, rows)], append=a.append)
 
 
 if __name__ == "__main__":

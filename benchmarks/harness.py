@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 import condify
+from condify.data import load_model
 from condify.environment import environment as condify_environment
 from condify.environment import set_threads
 from condify.evaluate import compare_speed
@@ -84,6 +85,12 @@ def setup(args: argparse.Namespace) -> None:
     """Set the torch thread count and seed from ``args``."""
     set_threads(args.threads)
     torch.manual_seed(args.seed)
+
+
+def start(args: argparse.Namespace) -> tuple[torch.nn.Module, Any]:
+    """:func:`setup`, then ``condify.data.load_model(args.model)``: (model, tokenizer)."""
+    setup(args)
+    return load_model(args.model)
 
 
 # --------------------------------------------------------------------------- environment

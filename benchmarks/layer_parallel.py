@@ -12,8 +12,8 @@ from __future__ import annotations
 import copy
 import time
 
+import harness
 import torch
-from harness import RESULTS, environment, parse, parser, setup, table
 
 import condify
 from condify import data, evaluate
@@ -30,7 +30,7 @@ QUICK = {
 
 
 def main() -> None:
-    p = parser(__doc__, threads=2, out=RESULTS, out_help="results folder")
+    p = harness.parser(__doc__, threads=2, out=harness.RESULTS, out_help="results folder")
     p.add_argument("--pairs", type=int, nargs="+", default=[2, 4, 6, 8])
     p.add_argument("--finetune-steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=2)
@@ -38,10 +38,8 @@ def main() -> None:
     p.add_argument("--eval-sequences", type=int, default=16)
     p.add_argument("--start-stride", type=int, default=2, help="sweep every k-th start layer")
     p.add_argument("--repeats", type=int, default=3)
-    args = parse(p, QUICK)
-    setup(args)
-
-    dense, tok = data.load_model(args.model)
+    args = harness.parse(p, QUICK)
+    dense, tok = harness.start(args)
     test = data.eval_batches(tok, "test", num_sequences=args.eval_sequences, seq_len=512, batch_size=4)
     train = data.train_batches(
         tok, max(args.finetune_steps, 2), batch_size=args.batch_size, seq_len=args.seq_len
@@ -86,7 +84,7 @@ def main() -> None:
             flush=True,
         )
 
-    rep = Report("layer-parallel on SmolLM2-135M (embedded)", environment())
+    rep = Report("layer-parallel on SmolLM2-135M (embedded)", harness.environment())
     rep.add_text(
         f"Held-out perplexity on {args.eval_sequences}x512 tokens of the test plays; dense = {ppl_dense:.3f}. "
         f"The start layer is chosen by a perplexity sweep (every {args.start_stride}th start, 4x256 training tokens); "
@@ -95,7 +93,9 @@ def main() -> None:
         "Pairs are fused into one wide attention + one wide MLP per pair."
     )
     rep.add_text(
-        table(["pairs", "layers", "ppl training-free", "ppl fine-tuned", "fine-tune tokens", "seconds"], rows)
+        harness.table(
+            ["pairs", "layers", "ppl training-free", "ppl fine-tuned", "fine-tune tokens", "seconds"], rows
+        )
     )
     srows = []
     for name in models:
@@ -106,7 +106,7 @@ def main() -> None:
                       f"{s8['decode_speedup']:.2f}x", f"{s1['kv_ratio']:.2f}x"])  # fmt: skip
     rep.add_heading("Speed vs dense (same process, interleaved, median of repeats)")
     rep.add_text(
-        table(["variant", "prefill 512", "prefill 2048", "decode b1", "decode b8", "KV bytes"], srows)
+        harness.table(["variant", "prefill 512", "prefill 2048", "decode b1", "decode b8", "KV bytes"], srows)
     )
     pr = [int(r[0]) for r in rows]
     rep.plot_lines(

@@ -18,20 +18,8 @@ import statistics
 import time
 from pathlib import Path
 
+import harness
 import torch
-from harness import (
-    RESULTS,
-    environment,
-    interleaved,
-    medians,
-    parse,
-    parser,
-    read_json,
-    setup,
-    table,
-    write_json,
-    write_markdown,
-)
 
 import condify
 from condify import data, evaluate
@@ -96,13 +84,12 @@ def _prefill_times(
     """Median prefill seconds per model, interleaved (rotating order), after one warm-up round."""
     calls = {n: (lambda m=m: m(input_ids=ids, use_cache=True, logits_to_keep=1)) for n, m in models.items()}
     with torch.inference_mode():
-        return medians(interleaved(calls, repeats, int(warmup)))
+        return harness.medians(harness.interleaved(calls, repeats, int(warmup)))
 
 
 def _setup(args: argparse.Namespace):
     """Threads and seed; the dense model, its tokenizer and the held-out batches."""
-    setup(args)
-    dense, tok = data.load_model(args.model)
+    dense, tok = harness.start(args)
     test = data.eval_batches(tok, "test", args.eval_sequences, args.eval_len, batch_size=4)
     return dense, tok, test
 
@@ -162,10 +149,10 @@ def quality(args: argparse.Namespace) -> None:
             "seconds": time.time() - t0,
             "losses_router": r1["losses"],
             "losses_full": r2["losses"],
-            "environment": environment(),
+            "environment": harness.environment(),
         }
         print(json.dumps({k: v for k, v in row.items() if not k.startswith("losses")}), flush=True)
-        write_json(_quality_file(args, c), row)
+        harness.write_json(_quality_file(args, c), row)
 
 
 def layer_choice(args: argparse.Namespace) -> None:
@@ -197,7 +184,7 @@ def layer_choice(args: argparse.Namespace) -> None:
             ppl.setdefault(name, {})[str(c)] = _ppl(model, test) / dense_ppl
             print(name, c, ppl[name][str(c)], flush=True)
     out = {"sensitivity": sens, "sets": sets, "ppl_ratio": ppl, "seconds": time.time() - t0}
-    write_json(args.out.with_name(args.out.stem + "_layers.json"), out)
+    harness.write_json(args.out.with_name(args.out.stem + "_layers.json"), out)
 
 
 def speed(args: argparse.Namespace) -> None:
@@ -226,9 +213,9 @@ def speed(args: argparse.Namespace) -> None:
         "decode_tok_s": dec,
         "keep_on_prompt": {str(k): v for k, v in kept.items()},
         "seconds": time.time() - t0,
-        "environment": environment(),
+        "environment": harness.environment(),
     }
-    write_json(args.out.with_name(args.out.stem + "_speed.json"), out)
+    harness.write_json(args.out.with_name(args.out.stem + "_speed.json"), out)
     print(json.dumps(out), flush=True)
 
 
@@ -286,19 +273,19 @@ def profile(args: argparse.Namespace) -> None:
         f"sum over layers dense {1e3 * sum(med['dense'].values()):.0f} ms, converted "
         f"{1e3 * sum(med['c=0.5'].values()):.0f} ms",
         "",
-        table(
+        harness.table(
             ["layer", "keep", "dense ms", "converted ms", "ratio"],
             [[i, f"{keep[i]:.2f}" if i in keep else "-", f"{1e3 * med['dense'][i]:.1f}",
               f"{1e3 * med['c=0.5'][i]:.1f}", f"{med['c=0.5'][i] / med['dense'][i]:.3f}"]
              for i in sorted(med["dense"])],
         ),
     ]  # fmt: skip
-    write_markdown(args.out.with_name(args.out.stem + "_profile.md"), lines + summary)
+    harness.write_markdown(args.out.with_name(args.out.stem + "_profile.md"), lines + summary)
     print("\n".join(summary))
 
 
 def main() -> None:
-    p = parser(__doc__.split("\n")[0], threads=2, out=RESULTS / "mod_threshold.md", out_help="report path")
+    p = harness.parser(__doc__, threads=2, out=harness.RESULTS / "mod_threshold.md", out_help="report path")
     p.add_argument(
         "part", choices=["quality", "layers", "speed", "profile", "report", "all"], nargs="?", default="all"
     )
@@ -313,7 +300,7 @@ def main() -> None:
     p.add_argument("--eval-sequences", type=int, default=4)
     p.add_argument("--eval-len", type=int, default=256)
     p.add_argument("--repeats", type=int, default=2)
-    args = parse(p, QUICK)
+    args = harness.parse(p, QUICK)
     if args.part in ("quality", "all"):
         quality(args)
     if args.part in ("speed", "all"):
@@ -333,10 +320,10 @@ def _write(args: argparse.Namespace) -> None:
     import matplotlib.pyplot as plt
 
     out: Path = args.out
-    rows = [read_json(f) for f in out.parent.glob(f"{out.stem}_quality_c*.json")]
+    rows = [harness.read_json(f) for f in out.parent.glob(f"{out.stem}_quality_c*.json")]
     rows.sort(key=lambda r: r["capacity"])
     speed_file = out.with_name(out.stem + "_speed.json")
-    sp = read_json(speed_file) if speed_file.exists() else None
+    sp = harness.read_json(speed_file) if speed_file.exists() else None
     fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
     for r in rows:
         keep = {int(i): v for i, v in r["keep"].items()}
@@ -415,9 +402,9 @@ def _write(args: argparse.Namespace) -> None:
             f"{r['tokens_router']:,} / {r['tokens_full']:,}", f"{r['keep_min']:.3f}–{r['keep_max']:.3f}",
             f"{r['kv_ratio']:.3f} / {r['kv_gated_ratio']:.3f}", ratio(p512, p512), ratio(p2048, p2048), decode,
         ])  # fmt: skip
-    lines += [table(headers, cells), "", "Held-out keep-rate per gated layer after training:", ""]
+    lines += [harness.table(headers, cells), "", "Held-out keep-rate per gated layer after training:", ""]
     lines.append(
-        table(
+        harness.table(
             ["capacity", *map(str, r0["gated_layers"])],
             [[str(r["capacity"]), *(f"{v:.3f}" for v in r["keep"].values())] for r in rows],
         )
@@ -438,7 +425,7 @@ def _write(args: argparse.Namespace) -> None:
         ]
     layers_file = out.with_name(out.stem + "_layers.json")
     if layers_file.exists():
-        lc = read_json(layers_file)
+        lc = harness.read_json(layers_file)
         caps_l = list(next(iter(lc["ppl_ratio"].values())))
         sens = {int(i): v for i, v in lc["sensitivity"].items()}
         lines += [
@@ -449,18 +436,18 @@ def _write(args: argparse.Namespace) -> None:
             "each layer gated alone at capacity 0.5 with the training-free router init, mean per-token KL to "
             "dense on the calibration text (nats):",
             "",
-            table(["layer", *map(str, sens)], [["KL", *(f"{v:.3f}" for v in sens.values())]]),
+            harness.table(["layer", *map(str, sens)], [["KL", *(f"{v:.3f}" for v in sens.values())]]),
             "",
             "Held-out perplexity ratio of whole layer sets, training-free (router init + bias fit only):",
             "",
-            table(
+            harness.table(
                 ["gated layers", *(f"capacity {c}" for c in caps_l)],
                 [[f"{name}: {', '.join(map(str, layers))}", *(f"x{lc['ppl_ratio'][name][c]:.2f}" for c in caps_l)]
                  for name, layers in lc["sets"].items()],
             ),
         ]  # fmt: skip
     lines += ["", f"![keep-rates and perplexity]({png.name})", "", NOTES]
-    write_markdown(out, lines)
+    harness.write_markdown(out, lines)
     print("\n".join(lines))
 
 
