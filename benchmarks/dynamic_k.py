@@ -27,11 +27,18 @@ from condify.report import Report
 from condify.training import as_batches
 
 LAYER = 15
-QUICK = {"sizes": "128", "fractions": "0.5", "eval_seqs": 1, "seq_len": 64, "calib_batches": 1,
-         "router_steps": 2, "sparsify_steps": 1}  # fmt: skip
+QUICK = {"sizes": "128", "fractions": "0.5", "eval_seqs": 1, "seq_len": 128, "calib_batches": 1,
+         "router_steps": 2, "sparsify_steps": 2}  # fmt: skip
 
 
-def sweep(model, data, evals, fractions, ppl_dense, oracle_too: bool) -> dict:
+def sweep(
+    model: torch.nn.Module,
+    data: dict,
+    evals: list,
+    fractions: list[float],
+    ppl_dense: float,
+    oracle_too: bool,
+) -> dict:
     """{(fraction, oracle): (ppl ratio, executed)} with thresholds fitted to each target fraction."""
     out = {}
     for frac in fractions:
@@ -43,7 +50,9 @@ def sweep(model, data, evals, fractions, ppl_dense, oracle_too: bool) -> dict:
 
 
 @torch.inference_mode()
-def ffn_decode_ratio(dense, model, x: torch.Tensor, layer: int, repeats: int = 5) -> tuple[float, float]:
+def ffn_decode_ratio(
+    dense: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor, layer: int, repeats: int = 5
+) -> tuple[float, float]:
     """(dense / converted median time of ``len(x)`` single-token MLP calls, executed fraction)."""
     m_mlp = model.model.layers[layer].mlp
     calls = {"d": harness.per_token(dense.model.layers[layer].mlp, x), "m": harness.per_token(m_mlp, x)}

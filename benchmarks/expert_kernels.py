@@ -56,14 +56,15 @@ def timer(device: torch.device, clock: str = "wall") -> harness.Timer:
 
         return run
 
-    now = time.thread_time if clock == "cpu" else time.perf_counter
+    if clock == "wall":
+        return harness.wall
 
-    def run(fn: Callable[[], object]) -> float:
-        t0 = now()
+    def thread_time(fn: Callable[[], object]) -> float:
+        t0 = time.thread_time()
         fn()
-        return now() - t0
+        return time.thread_time() - t0
 
-    return run
+    return thread_time
 
 
 def strategy_of(mask: torch.Tensor, s: int, d: int) -> str:
@@ -72,7 +73,16 @@ def strategy_of(mask: torch.Tensor, s: int, d: int) -> str:
     return f"spans ({len(spans)})" if strategy == "spans" else strategy
 
 
-def bench_one(layers, x, mask, s, strategy, repeats, device, clock) -> tuple[float, float, float]:
+def bench_one(
+    layers: list[tuple[torch.Tensor, ...]],
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    s: int,
+    strategy: str,
+    repeats: int,
+    device: torch.device,
+    clock: str,
+) -> tuple[float, float, float]:
     """(dense seconds, expert seconds, median speedup) per layer."""
 
     def dense() -> None:

@@ -1,8 +1,9 @@
 """Shared benchmark harness: arguments, environment, interleaved timing, markdown and JSON writers.
 
 Each script in ``benchmarks/`` is a plug-in: ``parser()`` plus its own options, ``parse()``,
-``setup()``, its measurements, then ``write_json`` / ``table`` / ``write_markdown``. The dynamic-k
-helpers at the end are shared by ``dynamic_k.py`` and ``dynamic_k_speed.py``.
+``start()`` (or ``setup()``), its measurements, then ``write_json`` / ``table`` / ``write_markdown``.
+``--quick`` runs a script's smallest settings and writes under ``QUICK_DIR`` unless ``--out`` is given.
+The dynamic-k helpers at the end are shared by ``dynamic_k.py`` and ``dynamic_k_speed.py``.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -35,6 +36,7 @@ RESULTS = Path(__file__).parent / "results"
 QUICK_DIR = Path(tempfile.gettempdir()) / "condify-bench-quick"  # where --quick writes unless --out is given
 
 Timer = Callable[[Callable[[], object]], float]
+K = TypeVar("K", bound=Hashable)
 
 # --------------------------------------------------------------------------- arguments
 
@@ -114,17 +116,17 @@ def wall(fn: Callable[[], object]) -> float:
 
 
 def interleaved(
-    calls: Mapping[str, Callable[[], object]],
+    calls: Mapping[K, Callable[[], object]],
     repeats: int,
     warmup: int = 1,
     *,
     rotate: bool = True,
     timer: Timer = wall,
-) -> dict[str, list[float]]:
+) -> dict[K, list[float]]:
     """Seconds per repeat of each call: every round runs all ``calls`` once, in turn (the order shifted
     by one each round when ``rotate``); the first ``warmup`` rounds are not kept."""
     names = list(calls)
-    times: dict[str, list[float]] = {n: [] for n in names}
+    times: dict[K, list[float]] = {n: [] for n in names}
     for r in range(warmup + repeats):
         s = r % len(names) if rotate else 0
         for n in names[s:] + names[:s]:
@@ -134,7 +136,7 @@ def interleaved(
     return times
 
 
-def medians(times: Mapping[str, Sequence[float]]) -> dict[str, float]:
+def medians(times: Mapping[K, Sequence[float]]) -> dict[K, float]:
     """Median of each non-empty series."""
     return {n: statistics.median(v) for n, v in times.items() if v}
 
