@@ -27,21 +27,17 @@ from condify.report import Report
 from condify.training import as_batches
 
 LAYER = 15
-QUICK = {"sizes": "128", "fractions": "0.5", "eval_seqs": 1, "seq_len": 128, "calib_batches": 1,
-         "router_steps": 2, "sparsify_steps": 2}  # fmt: skip
+QUICK = dict(
+    sizes="128", fractions="0.5", eval_seqs=1, seq_len=128, calib_batches=1, router_steps=2, sparsify_steps=2
+)
 
 
 def sweep(
-    model: torch.nn.Module,
-    data: dict,
-    evals: list,
-    fractions: list[float],
-    ppl_dense: float,
-    oracle_too: bool,
+    model: torch.nn.Module, data: dict, evals: list, fracs: list[float], ppl_dense: float, oracle_too: bool
 ) -> dict:
     """{(fraction, oracle): (ppl ratio, executed)} with thresholds fitted to each target fraction."""
     out = {}
-    for frac in fractions:
+    for frac in fracs:
         for oracle in (True, False) if oracle_too else (False,):
             fit_tau(model, data, 1 - frac, oracle=oracle)
             r = measure(model, evals, oracle=oracle)
@@ -117,9 +113,7 @@ def main() -> None:
     )  # fmt: skip
     sparsify_s = time.time() - t1
     condify.unmodify(sp)
-    relu_dense = condify.modify(
-        copy.deepcopy(sp), "dynamic-k", expert_size=sizes[0], clustering="coactivation", **act
-    )
+    relu_dense = harness.dynamic_k_copy(sp, sizes[0], **act)
     sp_ppl = perplexity(relu_dense, evals, progress=False)  # tau = 0: every expert runs
     del relu_dense
     print("sparsify", sres, sp_ppl / ppl_dense, f"{sparsify_s:.0f}s", flush=True)

@@ -27,14 +27,7 @@ from condify.methods.dynamic_k.calibrate import measure
 from condify.training import as_batches
 
 PREFIX = "dynamic_k_adapt"
-QUICK = {
-    "sizes": "128",
-    "fractions": "0.5",
-    "adapt_steps": 1,
-    "router_steps": 2,
-    "seq_len": 32,
-    "eval_seqs": 1,
-}
+QUICK = dict(sizes="128", fractions="0.5", adapt_steps=1, router_steps=2, seq_len=32, eval_seqs=1)
 
 
 def run(size: int, frac: float, args: argparse.Namespace) -> dict:

@@ -28,8 +28,7 @@ from condify.methods.dynamic_k.calibrate import _collect_inputs, distill_project
 from condify.methods.dynamic_k.modules import converted
 from condify.training import as_batches
 
-QUICK = {"width": [1.0], "steps": 1, "tokens": 512, "router_steps": 2, "fractions": [0.5], "eval_seqs": 1,
-         "eval_len": 64}  # fmt: skip
+QUICK = dict(width=[1.0], steps=1, tokens=512, router_steps=2, fractions=[0.5], eval_seqs=1, eval_len=64)
 
 
 def hidden_widths(sites: list[tuple[str, torch.nn.Module]]) -> dict[str, int]:

@@ -34,7 +34,7 @@ from condify.ops.reference import expert_mlp_decode
 from condify.training import as_batches
 
 LAYER = 15
-QUICK = {"sizes": [128], "calib_batches": 1, "router_steps": 2, "repeats": 1}
+QUICK = dict(sizes=[128], calib_batches=1, router_steps=2, repeats=1)
 
 
 def expert_parts(mlp: torch.nn.Module, xs: torch.Tensor) -> tuple[Callable[[], None], Callable[[], None]]:

@@ -22,12 +22,13 @@ from collections.abc import Callable
 import harness
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from condify.ops import expert_mlp, expert_mlp_reference
 from condify.ops import reference as ref_mod
 
 SHAPES = {"smollm2": (576, 1536), "llama8b": (4096, 14336)}
-QUICK = {"expert_sizes": "64", "fractions": "0.5", "batches": "1", "layers": 1, "repeats": 1}
+QUICK = dict(expert_sizes="64", fractions="0.5", batches="1", layers=1, repeats=1)
 
 
 def make_mask(T: int, E: int, frac: float, pattern: str, g: torch.Generator) -> torch.Tensor:
@@ -74,9 +75,9 @@ def strategy_of(mask: torch.Tensor, s: int, d: int) -> str:
 
 
 def bench_one(
-    layers: list[tuple[torch.Tensor, ...]],
-    x: torch.Tensor,
-    mask: torch.Tensor,
+    layers: list,
+    x: Tensor,
+    mask: Tensor,
     s: int,
     strategy: str,
     repeats: int,

@@ -193,6 +193,13 @@ def patch_info(module: torch.nn.Module) -> dict[str, Any]:
     return module._condify_patch.info
 
 
+def dynamic_k_copy(base: torch.nn.Module, size: int, **opts: Any) -> torch.nn.Module:
+    """Copy of ``base`` converted by dynamic-k with ``size``-neuron co-activation experts."""
+    return condify.modify(
+        copy.deepcopy(base), "dynamic-k", expert_size=size, clustering="coactivation", **opts
+    )
+
+
 @torch.no_grad()
 def mlp_cache(
     base: torch.nn.Module, calib: list, size: int, **opts: Any
@@ -202,9 +209,7 @@ def mlp_cache(
     Shared by all expert sizes (k-means on |h| profiles and the router targets are computed from it),
     so each (model, size) costs no extra forward passes.
     """
-    model = condify.modify(
-        copy.deepcopy(base), "dynamic-k", expert_size=size, clustering="coactivation", **opts
-    )
+    model = dynamic_k_copy(base, size, **opts)
     xs: dict[str, list[torch.Tensor]] = {p: [] for p, _ in converted(model)}
     hooks = [
         m.register_forward_pre_hook(lambda mod, a, p=p: xs[p].append(a[0].reshape(-1, a[0].shape[-1])))
@@ -222,9 +227,7 @@ def routed(
     """Copy of ``base`` converted with ``size``-neuron experts: co-activation k-means, trained routers.
 
     Returns (model, router data per MLP path, router fit statistics)."""
-    model = condify.modify(
-        copy.deepcopy(base), "dynamic-k", expert_size=size, clustering="coactivation", **opts
-    )
+    model = dynamic_k_copy(base, size, **opts)
     data = {}
     with torch.no_grad():
         for p, m in converted(model):

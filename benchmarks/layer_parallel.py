@@ -19,14 +19,7 @@ import condify
 from condify import data, evaluate
 from condify.report import Report
 
-QUICK = {
-    "pairs": [2],
-    "finetune_steps": 1,
-    "seq_len": 32,
-    "eval_sequences": 1,
-    "start_stride": 8,
-    "repeats": 1,
-}
+QUICK = dict(pairs=[2], finetune_steps=1, seq_len=32, eval_sequences=1, start_stride=8, repeats=1)
 
 
 def main() -> None:

@@ -25,8 +25,8 @@ import condify
 from condify import data, evaluate
 from condify.methods.mod_threshold import keep_rates
 
-QUICK = {"capacities": [0.5], "router_steps": 1, "steps": 1, "seq_len": 32, "fit_batches": 1,
-         "eval_sequences": 1, "eval_len": 64, "repeats": 1}  # fmt: skip
+QUICK = dict(capacities=[0.5], router_steps=1, steps=1, seq_len=32, fit_batches=1, eval_sequences=1,
+             eval_len=64, repeats=1)  # fmt: skip
 
 NOTES = """## Notes on this run (targets)
 
