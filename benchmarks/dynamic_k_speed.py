@@ -42,7 +42,7 @@ def expert_parts(mlp: torch.nn.Module, xs: torch.Tensor) -> tuple[Callable[[], N
     the second uses the masks of the last run of the first. Reads condify internals."""
     info = harness.patch_info(mlp)
     w = info["adapter"].mlp_weights(mlp)
-    tau = float(mlp.expert_layout.tau)
+    tau, size, act = float(mlp.expert_layout.tau), info["expert_size"], info["activation"]
     masks: list[list[bool]] = []
 
     def router() -> None:
@@ -50,15 +50,7 @@ def expert_parts(mlp: torch.nn.Module, xs: torch.Tensor) -> tuple[Callable[[], N
 
     def experts() -> None:
         for i in range(xs.shape[0]):
-            expert_mlp_decode(
-                xs[i : i + 1],
-                w["up"],
-                w["down"],
-                masks[i],
-                info["expert_size"],
-                info["activation"],
-                w["gate"],
-            )
+            expert_mlp_decode(xs[i : i + 1], w["up"], w["down"], masks[i], size, act, w["gate"])
 
     return router, experts
 
