@@ -11,74 +11,33 @@ decode tokens/s (batch 1 and 8) vs dense. Executed MLP FLOPs are counted by Flop
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import shutil
-import statistics
-import tempfile
 import time
 from pathlib import Path
 
+import harness
 import torch
 
 import condify
-from condify.data import eval_batches, load_model, train_batches
-from condify.evaluate import compare_speed, executed_flops, perplexity, set_threads
+from condify.data import eval_batches, train_batches
+from condify.evaluate import executed_flops, perplexity
 from condify.methods.dynamic_k import track_executed
-from condify.methods.dynamic_k.calibrate import collect, fit_tau, measure, train_routers
-from condify.methods.dynamic_k.clustering import balanced_kmeans, permutation
-from condify.methods.dynamic_k.modules import converted, expert_norms
-from condify.methods.dynamic_k.transform import relayout_
+from condify.methods.dynamic_k.calibrate import fit_tau, measure
 from condify.report import Report
 from condify.training import as_batches
 
-RESULTS = Path(__file__).parent / "results"
+LAYER = 15
+QUICK = dict(
+    sizes="128", fractions="0.5", eval_seqs=1, seq_len=128, calib_batches=1, router_steps=2, sparsify_steps=2
+)
 
 
-@torch.no_grad()
-def mlp_cache(
-    base: torch.nn.Module, calib: list, size: int, **opts
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """One pass over the calibration data: every MLP's input x and hidden h (original neuron order).
-
-    Shared by all expert sizes (k-means on |h| profiles and the router targets are computed from it),
-    so each (model, size) costs no extra forward passes.
-    """
-    model = condify.modify(
-        copy.deepcopy(base), "dynamic-k", expert_size=size, clustering="coactivation", **opts
-    )
-    xs: dict[str, list[torch.Tensor]] = {p: [] for p, _ in converted(model)}
-    hooks = [
-        m.register_forward_pre_hook(lambda mod, a, p=p: xs[p].append(a[0].reshape(-1, a[0].shape[-1])))
-        for p, m in converted(model)
-    ]
-    hs = collect(model, calib, 1 << 30, "hidden")
-    for h in hooks:
-        h.remove()
-    return {p: (torch.cat(xs[p]), torch.cat(hs[p])) for p in xs}
-
-
-def routed(base: torch.nn.Module, size: int, cache: dict, args: argparse.Namespace, **opts) -> tuple:
-    """Copy of ``base`` converted with ``size``-neuron experts: co-activation k-means, trained routers."""
-    model = condify.modify(
-        copy.deepcopy(base), "dynamic-k", expert_size=size, clustering="coactivation", **opts
-    )
-    data = {}
-    with torch.no_grad():
-        for p, m in converted(model):
-            info = m._condify_patch.info
-            x, h = cache[p]
-            perm = permutation(balanced_kmeans(h.abs().t(), info["experts"], seed=info["layer"]))
-            relayout_(m, info["adapter"], perm)
-            data[p] = (x, expert_norms(h[:, perm], info["adapter"].mlp_weights(m)["down"], size))
-    fit = train_routers(model, data, args.router_steps, batch_size=128, progress=False)
-    return model, data, fit
-
-
-def sweep(model, data, evals, fractions, ppl_dense, oracle_too: bool) -> dict:
+def sweep(
+    model: torch.nn.Module, data: dict, evals: list, fracs: list[float], ppl_dense: float, oracle_too: bool
+) -> dict:
+    """{(fraction, oracle): (ppl ratio, executed)} with thresholds fitted to each target fraction."""
     out = {}
-    for frac in fractions:
+    for frac in fracs:
         for oracle in (True, False) if oracle_too else (False,):
             fit_tau(model, data, 1 - frac, oracle=oracle)
             r = measure(model, evals, oracle=oracle)
@@ -87,26 +46,22 @@ def sweep(model, data, evals, fractions, ppl_dense, oracle_too: bool) -> dict:
 
 
 @torch.inference_mode()
-def ffn_decode_ratio(dense, model, x: torch.Tensor, layer: int, repeats: int = 5) -> tuple[float, float]:
-    """Median over repeats of the time of ``len(x)`` single-token MLP calls: dense / converted."""
-    d_mlp = dense.model.layers[layer].mlp
+def ffn_decode_ratio(
+    dense: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor, layer: int, repeats: int = 5
+) -> tuple[float, float]:
+    """(dense / converted median time of ``len(x)`` single-token MLP calls, executed fraction)."""
     m_mlp = model.model.layers[layer].mlp
-    times = {"d": [], "m": []}
-    for _ in range(repeats):
-        for key, mlp in (("d", d_mlp), ("m", m_mlp)):
-            t = time.perf_counter()
-            for i in range(x.shape[0]):
-                mlp(x[i : i + 1])
-            times[key].append(time.perf_counter() - t)
+    calls = {"d": harness.per_token(dense.model.layers[layer].mlp, x), "m": harness.per_token(m_mlp, x)}
+    t = harness.medians(harness.interleaved(calls, repeats, warmup=0, rotate=False))
     with track_executed(model) as st:
-        for i in range(x.shape[0]):
-            m_mlp(x[i : i + 1])
+        calls["m"]()
     p = next(iter(k for k in st if k.endswith(f".{layer}.mlp")))
-    return statistics.median(times["d"]) / statistics.median(times["m"]), st[p][0] / st[p][1]
+    return t["d"] / t["m"], st[p][0] / st[p][1]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = harness.parser(__doc__, threads=1, out=harness.RESULTS, out_help="results folder",
+                render="only re-render the markdown from a saved dynamic_k.json (default: the one in --out)")  # fmt: skip
     ap.add_argument("--sizes", default="32,128")
     ap.add_argument("--fractions", default="0.75,0.5,0.3")
     ap.add_argument("--eval-seqs", type=int, default=2)
@@ -117,23 +72,18 @@ def main() -> None:
     ap.add_argument("--sparsify-batch", type=int, default=1)
     ap.add_argument("--penalty-weight", type=float, default=3e-5)
     ap.add_argument("--sparsify-lr", type=float, default=3e-4)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--activation", default="relu", choices=["relu", "keep"], help="stage-1 activation")
     ap.add_argument(
         "--sparsified-only", action="store_true", help="only stage 1 + routers (no SiLU rows, no speed)"
     )
-    ap.add_argument("--render", help="only re-render the markdown from a saved dynamic_k.json")
-    args = ap.parse_args()
-    if args.render:
-        write(json.loads(Path(args.render).read_text()), Path(args.out))
+    args = harness.parse(ap, QUICK)
+    if args.render is not None:
+        write(harness.read_json(Path(args.render or args.out / "dynamic_k.json")), args.out)
         return
-    set_threads(args.threads)
     t0 = time.time()
     sizes = [int(s) for s in args.sizes.split(",")]
     fractions = [float(f) for f in args.fractions.split(",")]
-
-    dense, tok = load_model()
+    dense, tok = harness.start(args)
     evals = as_batches(eval_batches(tok, "test", args.eval_seqs, args.seq_len, 4))
     calib = as_batches(train_batches(tok, args.calib_batches, 2, args.seq_len))
     ppl_dense = perplexity(dense, evals, progress=False)
@@ -142,10 +92,10 @@ def main() -> None:
     quality: dict[int, dict] = {s: {} for s in sizes}
     act = {"activation": "relu"} if args.activation == "relu" else {}
     fits: dict = {}
-    cache = mlp_cache(dense, calib, sizes[0])
+    cache = harness.mlp_cache(dense, calib, sizes[0])
     print(f"cache {time.time() - t0:.0f}s", flush=True)
     for s in sizes if not args.sparsified_only else []:
-        model, data, fit = routed(dense, s, cache, args)
+        model, data, fit = harness.routed(dense, s, cache, args.router_steps)
         quality[s]["orig"] = sweep(model, data, evals, fractions, ppl_dense, True)
         fits[(s, "orig")] = fit
         print(s, "orig", quality[s]["orig"], fit, f"{time.time() - t0:.0f}s", flush=True)
@@ -163,64 +113,45 @@ def main() -> None:
     )  # fmt: skip
     sparsify_s = time.time() - t1
     condify.unmodify(sp)
-    relu_dense = condify.modify(
-        copy.deepcopy(sp), "dynamic-k", expert_size=sizes[0], clustering="coactivation", **act
-    )
+    relu_dense = harness.dynamic_k_copy(sp, sizes[0], **act)
     sp_ppl = perplexity(relu_dense, evals, progress=False)  # tau = 0: every expert runs
     del relu_dense
     print("sparsify", sres, sp_ppl / ppl_dense, f"{sparsify_s:.0f}s", flush=True)
+    sparsify = {**{k: v for k, v in sres.items() if k != "tau"}, "ppl_ratio_tau0": sp_ppl / ppl_dense}
 
     speed_models = {}
-    cache = mlp_cache(sp, calib, sizes[0], **act)
+    cache = harness.mlp_cache(sp, calib, sizes[0], **act)
     for s in sizes:
-        model, data, fit = routed(sp, s, cache, args, **act)
+        model, data, fit = harness.routed(sp, s, cache, args.router_steps, **act)
         quality[s]["sparse"] = sweep(model, data, evals, fractions, ppl_dense, False)
         fits[(s, "sparse")] = fit
         print(s, "sparse", quality[s]["sparse"], fit, f"{time.time() - t0:.0f}s", flush=True)
         fit_tau(model, data, 0.5)
         speed_models[s] = model
+    fits_out = {f"{sz} {k}": v for (sz, k), v in fits.items()}
     if args.sparsified_only:
         extra = {
             "args": vars(args),
-            "sparsify": {
-                **{k: v for k, v in sres.items() if k != "tau"},
-                "ppl_ratio_tau0": sp_ppl / ppl_dense,
-            },
+            "sparsify": sparsify,
             "sparsify_s": sparsify_s,
             "quality": {
                 str(sz): {str(f): quality[sz]["sparse"][(f, False)] for f in fractions} for sz in sizes
             },
-            "fits": {f"{sz} {k}": v for (sz, k), v in fits.items()},
+            "fits": fits_out,
         }
-        Path(args.out, f"dynamic_k_{args.activation}.json").write_text(json.dumps(extra, indent=1))
+        harness.write_json(args.out / f"dynamic_k_{args.activation}.json", extra)
         return
 
     # speed, one run: FFN decode on real layer inputs, whole-model decode b=1 and b=8
-    layer = 15
-    xs = []
-    h = dense.model.layers[layer].mlp.register_forward_pre_hook(lambda m, a: xs.append(a[0][0, :32].clone()))
-    with torch.inference_mode():
-        dense(evals[0]["input_ids"][:1, :64])
-    h.remove()
-    ffn = {s: ffn_decode_ratio(dense, m, xs[0], layer) for s, m in speed_models.items()}
-    prompt1 = calib[0]["input_ids"][:1, :32]
-    prompt8 = torch.cat([b["input_ids"] for b in calib + evals])[:8, :32]
-    spd1 = compare_speed(
-        {"dense": dense, **{f"s{s}": m for s, m in speed_models.items()}}, prompt1, new_tokens=16, repeats=3
-    )
-    spd8 = compare_speed(
-        {"dense": dense, **{f"s{s}": m for s, m in speed_models.items()}}, prompt8, new_tokens=16, repeats=3
+    xs = harness.mlp_inputs(dense, evals[0]["input_ids"][:1, :64], LAYER)
+    ffn = {s: ffn_decode_ratio(dense, m, xs, LAYER) for s, m in speed_models.items()}
+    spd = harness.decode_speedups(
+        {"dense": dense, **{f"s{s}": m for s, m in speed_models.items()}}, calib, evals, 3
     )
     ids = evals[0]["input_ids"][:1, :128]
     dense_mlp = executed_flops(dense, ids)["mlp"]
     flops = {s: executed_flops(m, ids)["mlp"] / dense_mlp for s, m in speed_models.items()}
-    print(
-        ffn,
-        {k: v["decode_speedup"] for k, v in spd1.items()},
-        {k: v["decode_speedup"] for k, v in spd8.items()},
-        flops,
-        flush=True,
-    )
+    print(ffn, spd["b1"], spd["b8"], flops, flush=True)
     res = {
         "args": vars(args),
         "ppl_dense": ppl_dense,
@@ -232,31 +163,29 @@ def main() -> None:
             }
             for sz, q in quality.items()
         },
-        "fits": {f"{sz} {k}": v for (sz, k), v in fits.items()},
-        "sparsify": {**{k: v for k, v in sres.items() if k != "tau"}, "ppl_ratio_tau0": sp_ppl / ppl_dense},
+        "fits": fits_out,
+        "sparsify": sparsify,
         "sparsify_s": sparsify_s,
         "speed": {
             str(sz): {
                 "layer_executed": ffn[sz][1],
                 "mlp_flops_ratio": flops[sz],
                 "ffn_decode_speedup": ffn[sz][0],
-                "model_decode_speedup_b1": spd1[f"s{sz}"]["decode_speedup"],
-                "model_decode_speedup_b8": spd8[f"s{sz}"]["decode_speedup"],
+                "model_decode_speedup_b1": spd["b1"][f"s{sz}"],
+                "model_decode_speedup_b8": spd["b8"][f"s{sz}"],
             }
             for sz in speed_models
         },
         "total_s": time.time() - t0,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "dynamic_k.json").write_text(json.dumps(res, indent=1))
-    write(res, out)
+    harness.write_json(args.out / "dynamic_k.json", res)
+    write(res, args.out)
 
 
 def write(res: dict, out: Path) -> None:
     """Render ``res`` (as saved in ``dynamic_k.json``) to ``out/dynamic_k.md`` and the frontier plot."""
     a, sp = res["args"], res["sparsify"]
-    rep = Report("dynamic-k (D2DMoE) on SmolLM2-135M, CPU")
+    rep = Report("dynamic-k (D2DMoE) on SmolLM2-135M, CPU", harness.environment())
     tokens_sp = a["sparsify_steps"] * a["sparsify_batch"] * a["seq_len"]
     rep.add_text(
         f"Machine: 2-core AMD EPYC CPU, {a['threads']} torch thread(s), **shared with 3 other engineers' jobs "
@@ -292,20 +221,27 @@ def write(res: dict, out: Path) -> None:
                 [size, f, cell(q["oracle"][f]), cell(q["routers"][f]), cell(q["routers_sparsified"][f])]
             )
     rep.add_heading("Held-out perplexity ratio vs dense @ executed expert compute")
-    rep.add_table(
-        [
-            "expert size",
-            "target executed",
-            "oracle (SiLU)",
-            "routers (SiLU)",
-            "routers (after sparsification)",
-        ],
-        rows,
+    rep.add_text(
+        harness.table(
+            [
+                "expert size",
+                "target executed",
+                "oracle (SiLU)",
+                "routers (SiLU)",
+                "routers (after sparsification)",
+            ],
+            rows,
+        )
     )
-    rep.add_table(
-        ["expert size / model", "router MSE before", "after", "R^2 vs per-expert mean"],
-        [[k, v["router_mse_before"], v["router_mse_after"], v["router_r2"]] for k, v in res["fits"].items()],
-        caption="router regression on held-out calibration tokens (mean over layers)",
+    rep.add_text(
+        harness.table(
+            ["expert size / model", "router MSE before", "after", "R^2 vs per-expert mean"],
+            [
+                [k, v["router_mse_before"], v["router_mse_after"], v["router_r2"]]
+                for k, v in res["fits"].items()
+            ],
+            caption="router regression on held-out calibration tokens (mean over layers)",
+        )
     )
     titles = {
         "keep": "Variant: keep SiLU, square-Hoyer fine-tune only",
@@ -315,7 +251,7 @@ def write(res: dict, out: Path) -> None:
         extra = out / f"dynamic_k_{name}.json"
         if not extra.exists():
             continue
-        e = json.loads(extra.read_text())
+        e = harness.read_json(extra)
         ea, es = e["args"], e["sparsify"]
         rep.add_heading(title)
         rep.add_text(
@@ -326,31 +262,35 @@ def write(res: dict, out: Path) -> None:
             f"{es.get('activation_sparsity_after', float('nan')):.3f}; cost of the step (tau = 0): ppl ratio "
             f"{es['ppl_ratio_tau0']:.3f}."
         )
-        rep.add_table(
-            ["expert size", "target executed", "routers after this stage 1"],
-            [[sz, f, cell(v)] for sz, q in e["quality"].items() for f, v in q.items()],
+        rep.add_text(
+            harness.table(
+                ["expert size", "target executed", "routers after this stage 1"],
+                [[sz, f, cell(v)] for sz, q in e["quality"].items() for f, v in q.items()],
+            )
         )
     rep.add_heading("Speed at 50 % target (sparsified model, trained routers)")
-    rep.add_table(
-        [
-            "expert size",
-            "layer-15 executed (decode tokens)",
-            "MLP FLOPs vs dense (FlopCounterMode, 128 tokens, router incl.)",
-            "FFN decode speedup (layer 15, 32 tokens)",
-            "model decode speedup b=1",
-            "b=8",
-        ],
-        [
+    rep.add_text(
+        harness.table(
             [
-                size,
-                v["layer_executed"],
-                v["mlp_flops_ratio"],
-                v["ffn_decode_speedup"],
-                v["model_decode_speedup_b1"],
-                v["model_decode_speedup_b8"],
-            ]
-            for size, v in res["speed"].items()
-        ],
+                "expert size",
+                "layer-15 executed (decode tokens)",
+                "MLP FLOPs vs dense (FlopCounterMode, 128 tokens, router incl.)",
+                "FFN decode speedup (layer 15, 32 tokens)",
+                "model decode speedup b=1",
+                "b=8",
+            ],
+            [
+                [
+                    size,
+                    v["layer_executed"],
+                    v["mlp_flops_ratio"],
+                    v["ffn_decode_speedup"],
+                    v["model_decode_speedup_b1"],
+                    v["model_decode_speedup_b8"],
+                ]
+                for size, v in res["speed"].items()
+            ],
+        )
     )
     series = {}
     for size, q in res["quality"].items():
@@ -376,12 +316,7 @@ def write(res: dict, out: Path) -> None:
     if res.get("findings"):  # written by hand for the recorded run, stored next to its numbers
         rep.add_heading("Findings (this run)")
         rep.add_text(res["findings"])
-    tmp = Path(tempfile.mkdtemp())
-    rep.write(tmp)
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(tmp / "report.md", out / "dynamic_k.md")
-    shutil.copy(tmp / "dynamic_k_frontier.png", out / "dynamic_k_frontier.png")
-    print(f"wrote {out / 'dynamic_k.md'}")
+    print(f"wrote {rep.write(out, 'dynamic_k.md')}")
 
 
 if __name__ == "__main__":

@@ -12,23 +12,34 @@ kept dense (tau = 0), so every row isolates the attention part. Held-out perplex
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import time
 from pathlib import Path
 
+import harness
 import torch
 
 import condify
-from condify.data import eval_batches, load_model, train_batches
-from condify.evaluate import environment, perplexity, set_threads
+from condify.data import eval_batches, train_batches
+from condify.evaluate import perplexity
 from condify.methods.dynamic_k import executed_fraction, mode, track_executed
 from condify.methods.dynamic_k.calibrate import _collect_inputs, distill_projections, fit_tau, train_routers
 from condify.methods.dynamic_k.modules import converted
 from condify.training import as_batches
 
-RESULTS = Path(__file__).parent / "results"
+QUICK = dict(width=[1.0], steps=1, tokens=512, router_steps=2, fractions=[0.5], eval_seqs=1, eval_len=64)
+
+
+def hidden_widths(sites: list[tuple[str, torch.nn.Module]]) -> dict[str, int]:
+    """{site name: hidden width} of converted projections. Reads condify internals."""
+    return {harness.patch_info(m)["site"]: m.expert_mlp.up.out_features for _, m in sites}
+
+
+def projection_data(model: torch.nn.Module, calib: list, tokens: int, sites: list) -> dict:
+    """Router data (inputs, expert norms) of the converted projections only. Uses a private condify helper."""
+    data = _collect_inputs(model, calib, tokens)
+    return {p: data[p] for p, _ in sites}
 
 
 def attention_ppl(model: torch.nn.Module, evals: list) -> tuple[float, float]:
@@ -40,7 +51,9 @@ def attention_ppl(model: torch.nn.Module, evals: list) -> tuple[float, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = harness.parser(
+        __doc__, threads=1, out=harness.RESULTS / "dynamic_k_attention", out_help="results path stem"
+    )
     ap.add_argument("--width", type=float, nargs="+", default=[1.0, 2.0])
     ap.add_argument("--expert-size", type=int, default=16, help="neurons per projection expert")
     ap.add_argument("--steps", type=int, default=1000, help="distillation steps per projection")
@@ -49,13 +62,9 @@ def main() -> None:
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.75, 0.5])
     ap.add_argument("--eval-seqs", type=int, default=8)
     ap.add_argument("--eval-len", type=int, default=512)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=RESULTS / "dynamic_k_attention")
-    args = ap.parse_args()
-    set_threads(args.threads)
-    torch.manual_seed(0)
+    args = harness.parse(ap, QUICK)
     t0 = time.time()
-    dense, tok = load_model()
+    dense, tok = harness.start(args)
     evals = eval_batches(tok, "test", args.eval_seqs, args.eval_len, batch_size=4)
     calib = as_batches(train_batches(tok, max(1, args.tokens // 512), batch_size=2, seq_len=256))
     ppl_dense = perplexity(dense, evals, progress=False)
@@ -67,7 +76,7 @@ def main() -> None:
         )  # fmt: skip
         row: dict = {"width": width, "seconds": {}}
         sites = converted(model, "attention")
-        row["hidden"] = {m._condify_patch.info["site"]: m.expert_mlp.up.out_features for _, m in sites[:4]}
+        row["hidden"] = hidden_widths(sites[:4])
         with torch.no_grad(), mode(model, "original"):
             assert abs(perplexity(model, evals, progress=False) / ppl_dense - 1) < 1e-4
         row["ppl_init"] = attention_ppl(model, evals)[0] / ppl_dense
@@ -76,8 +85,7 @@ def main() -> None:
         row["seconds"]["distill"] = time.time() - t
         row["ppl_distilled"] = attention_ppl(model, evals)[0] / ppl_dense
         t = time.time()
-        data = _collect_inputs(model, calib, args.tokens)
-        data = {p: data[p] for p, _ in sites}  # route the projections only; the FFNs keep tau = 0
+        data = projection_data(model, calib, args.tokens, sites)  # the FFNs keep tau = 0
         row.update(train_routers(model, data, args.router_steps, batch_size=128, progress=False))
         row["seconds"]["routers"] = time.time() - t
         for f in args.fractions:
@@ -88,15 +96,25 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     res = {
         "ppl_dense": ppl_dense, "rows": rows, "args": {k: str(v) for k, v in vars(args).items()},
-        "minutes": (time.time() - t0) / 60, "environment": environment(),
+        "minutes": (time.time() - t0) / 60, "environment": harness.environment(),
     }  # fmt: skip
-    args.out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    harness.write_json(args.out.with_suffix(".json"), res)
     write(res, args.out.with_suffix(".md"))
 
 
 def write(res: dict, path: Path) -> None:
+    """Render ``res`` (as saved in ``dynamic_k_attention.json``) to the markdown file ``path``."""
     env = res["environment"]
     a = res["args"]
+    fracs = [float(k.split("@")[1]) for k in res["rows"][0] if k.startswith("ppl@")]
+    headers = ["width (x param-matched)", "hidden q/k/v/o", "rank-h/2 init", "distilled (rel. error before -> after)",
+               *(f"routed, target {f}" for f in fracs)]  # fmt: skip
+    rows = [
+        [str(r["width"]), "/".join(str(v) for v in r["hidden"].values()), f"{r['ppl_init']:.3g}",
+         f"{r['ppl_distilled']:.3g} ({r['attention_rel_error_before']:.3f} -> {r['attention_rel_error_after']:.3f})",
+         *(f"{r[f'ppl@{f}'][0]:.3g} @ {r[f'ppl@{f}'][1]:.2f}" for f in fracs)]
+        for r in res["rows"]
+    ]  # fmt: skip
     lines = [
         "# dynamic-k `attention=True` on SmolLM2-135M, CPU",
         "",
@@ -111,23 +129,9 @@ def write(res: dict, path: Path) -> None:
         "dense (tau = 0), so every column is the cost of the attention part alone. Cells: perplexity "
         "ratio vs dense (and executed fraction of projection expert compute).",
         "",
-        "| width (x param-matched) | hidden q/k/v/o | rank-h/2 init | distilled (rel. error before -> after) "
-        + "".join(f"| routed, target {f} " for f in a_fractions(res))
-        + "|",
-        "|---|---|---|---" + "|---" * len(a_fractions(res)) + "|",
+        harness.table(headers, rows),
     ]
-    for r in res["rows"]:
-        hid = "/".join(str(v) for v in r["hidden"].values())
-        cells = "".join(f"| {r[f'ppl@{f}'][0]:.3g} @ {r[f'ppl@{f}'][1]:.2f} " for f in a_fractions(res))
-        lines.append(
-            f"| {r['width']} | {hid} | {r['ppl_init']:.3g} | {r['ppl_distilled']:.3g} "
-            f"({r['attention_rel_error_before']:.3f} -> {r['attention_rel_error_after']:.3f}) {cells}|"
-        )
-    path.write_text("\n".join(lines) + "\n")
-
-
-def a_fractions(res: dict) -> list[float]:
-    return [float(k.split("@")[1]) for k in res["rows"][0] if k.startswith("ppl@")]
+    harness.write_markdown(path, lines)
 
 
 if __name__ == "__main__":

@@ -16,27 +16,49 @@ are laid out, not on quality). Measured in one process, interleaved with dense, 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import harness
 import torch
-from dynamic_k import mlp_cache, routed
 
-from condify.data import eval_batches, load_model, train_batches
-from condify.evaluate import compare_speed, environment, set_threads
-from condify.methods.dynamic_k import track_executed
+from condify.data import eval_batches, train_batches
+from condify.methods.dynamic_k import executed_fraction, track_executed
 from condify.methods.dynamic_k.calibrate import fit_tau, order_experts_
 from condify.methods.dynamic_k.modules import converted, select
 from condify.methods.dynamic_k.transform import _mlp_linears, block_layout_
 from condify.ops.reference import expert_mlp_decode
 from condify.training import as_batches
 
-RESULTS = Path(__file__).parent / "results"
 LAYER = 15
+QUICK = dict(sizes=[128], calib_batches=1, router_steps=2, repeats=1)
+
+
+def expert_parts(mlp: torch.nn.Module, xs: torch.Tensor) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(router + selection, expert compute) of a converted MLP as two calls over the tokens of ``xs``;
+    the second uses the masks of the last run of the first. Reads condify internals."""
+    info = harness.patch_info(mlp)
+    w = info["adapter"].mlp_weights(mlp)
+    tau, size, act = float(mlp.expert_layout.tau), info["expert_size"], info["activation"]
+    masks: list[list[bool]] = []
+
+    def router() -> None:
+        masks[:] = [select(mlp.router(xs[i : i + 1]), tau)[0].tolist() for i in range(xs.shape[0])]
+
+    def experts() -> None:
+        for i in range(xs.shape[0]):
+            expert_mlp_decode(xs[i : i + 1], w["up"], w["down"], masks[i], size, act, w["gate"])
+
+    return router, experts
+
+
+def row_major_(model: torch.nn.Module) -> None:
+    """Put every converted MLP's ``w_down`` back in nn.Linear layout. Reads condify internals."""
+    for _, m in converted(model, "mlp"):
+        block_layout_(_mlp_linears(m, harness.patch_info(m)["adapter"]), False, restore=True)
 
 
 @torch.inference_mode()
@@ -46,122 +68,91 @@ def ffn_times(dense: torch.nn.Module, models: dict, xs: torch.Tensor, repeats: i
         "dense": dense.model.layers[LAYER].mlp,
         **{n: m.model.layers[LAYER].mlp for n, m in models.items()},
     }
-    t: dict[str, dict[str, list[float]]] = {n: {"mlp": [], "router": [], "experts": []} for n in mlps}
-    for _ in range(repeats):
-        for n, mlp in mlps.items():
-            t0 = time.perf_counter()
-            for i in range(xs.shape[0]):
-                mlp(xs[i : i + 1])
-            t[n]["mlp"].append(time.perf_counter() - t0)
-            if n == "dense":
-                continue
-            info = mlp._condify_patch.info
-            w = info["adapter"].mlp_weights(mlp)
-            tau = float(mlp.expert_layout.tau)
-            t0 = time.perf_counter()
-            masks = [select(mlp.router(xs[i : i + 1]), tau)[0].tolist() for i in range(xs.shape[0])]
-            t[n]["router"].append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            for i in range(xs.shape[0]):
-                expert_mlp_decode(
-                    xs[i : i + 1],
-                    w["up"],
-                    w["down"],
-                    masks[i],
-                    info["expert_size"],
-                    info["activation"],
-                    w["gate"],
-                )
-            t[n]["experts"].append(time.perf_counter() - t0)
-    return {n: {k: statistics.median(v) for k, v in parts.items() if v} for n, parts in t.items()}
+    calls = {}
+    for n, mlp in mlps.items():
+        calls[(n, "mlp")] = harness.per_token(mlp, xs)
+        if n != "dense":
+            calls[(n, "router")], calls[(n, "experts")] = expert_parts(mlp, xs)
+    t = harness.medians(harness.interleaved(calls, repeats, warmup=0, rotate=False))
+    return {n: {part: v for (m, part), v in t.items() if m == n} for n in mlps}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = harness.parser(
+        __doc__, threads=1, out=harness.RESULTS / "dynamic_k_speed", out_help="results path stem", note=True
+    )
     ap.add_argument("--sizes", type=int, nargs="+", default=[32, 128])
     ap.add_argument("--calib-batches", type=int, default=3)
     ap.add_argument("--router-steps", type=int, default=150)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=RESULTS / "dynamic_k_speed")
-    ap.add_argument("--note", default="nothing else running", help="machine state, for the report")
-    args = ap.parse_args()
-    set_threads(args.threads)
-    torch.manual_seed(0)
+    args = harness.parse(ap, QUICK)
     t_start = time.time()
-    dense, tok = load_model()
+    dense, tok = harness.start(args)
     calib = as_batches(train_batches(tok, args.calib_batches, 2, 256))
     evals = as_batches(eval_batches(tok, "test", 2, 256, 4))
-    cache = mlp_cache(dense, calib, args.sizes[0])
+    cache = harness.mlp_cache(dense, calib, args.sizes[0])
     models, runs, executed = {}, {}, {}
     for s in args.sizes:
-        model, data, _ = routed(dense, s, cache, args)
+        model, data, _ = harness.routed(dense, s, cache, args.router_steps)
         fit_tau(model, data, 0.5)
         plain = copy.deepcopy(model)
         runs[s] = order_experts_(model, data)
         row_major = copy.deepcopy(model)
-        for _, m in converted(row_major, "mlp"):
-            block_layout_(_mlp_linears(m, m._condify_patch.info["adapter"]), False, restore=True)
+        row_major_(row_major)
         models[f"{s}"], models[f"{s} unordered"], models[f"{s} row-major"] = model, plain, row_major
         with torch.inference_mode(), track_executed(model) as st:
             model(evals[0]["input_ids"][:1])
-        executed[s] = sum(v[0] for v in st.values()) / sum(v[1] for v in st.values())
+        executed[s] = executed_fraction(st)
         print(s, runs[s], executed[s], flush=True)
-    xs = []
-    hook = dense.model.layers[LAYER].mlp.register_forward_pre_hook(
-        lambda m, a: xs.append(a[0][0, :32].clone())
-    )
-    with torch.inference_mode():
-        dense(evals[0]["input_ids"][:1, :64])
-    hook.remove()
-    ffn = ffn_times(dense, models, xs[0], args.repeats)
+    xs = harness.mlp_inputs(dense, evals[0]["input_ids"][:1, :64], LAYER)
+    ffn = ffn_times(dense, models, xs, args.repeats)
     ordered = {"dense": dense, **{n: m for n, m in models.items() if "unordered" not in n}}
-    prompt1 = calib[0]["input_ids"][:1, :32]
-    prompt8 = torch.cat([b["input_ids"] for b in calib + evals])[:8, :32]
-    spd1 = compare_speed(ordered, prompt1, new_tokens=16, repeats=args.repeats // 2 + 1)
-    spd8 = compare_speed(ordered, prompt8, new_tokens=16, repeats=args.repeats // 2 + 1)
+    spd = harness.decode_speedups(ordered, calib, evals, args.repeats // 2 + 1)
     res = {
         "args": {k: str(v) for k, v in vars(args).items()},
         "runs": {str(k): v for k, v in runs.items()},
         "executed": {str(k): v for k, v in executed.items()},
         "ffn_s": ffn,
-        "decode_b1": {k: v["decode_speedup"] for k, v in spd1.items()},
-        "decode_b8": {k: v["decode_speedup"] for k, v in spd8.items()},
+        "decode_b1": spd["b1"],
+        "decode_b8": spd["b8"],
         "minutes": (time.time() - t_start) / 60,
-        "environment": environment(),
+        "environment": harness.environment(),
     }
     print(json.dumps(res), flush=True)
-    args.out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    harness.write_json(args.out.with_suffix(".json"), res)
     write(res, args.out.with_suffix(".md"))
 
 
 def write(res: dict, path: Path) -> None:
+    """Render ``res`` (as saved in ``dynamic_k_speed.json``) to the markdown file ``path``."""
     env, a = res["environment"], res["args"]
     d = res["ffn_s"]["dense"]["mlp"]
-    lines = [
+    n = 32
+    rows = []
+    for s in res["runs"]:
+        f, fu, fr = res["ffn_s"][s], res["ffn_s"][f"{s} unordered"], res["ffn_s"][f"{s} row-major"]
+        b1, b8 = res["decode_b1"], res["decode_b8"]
+        r = res["runs"][s]
+        rows.append([
+            s, f"{res['executed'][s]:.2f}", f"{r['runs_per_token_before']:.1f} -> {r['runs_per_token_after']:.1f}",
+            f"{d / fu['mlp']:.2f}", f"**{d / f['mlp']:.2f}**", f"{d / fr['mlp']:.2f}", f"{1e6 * f['router'] / n:.0f}",
+            f"{1e6 * f['experts'] / n:.0f} ({1e6 * fr['experts'] / n:.0f})", f"{1e6 * d / n:.0f}",
+            f"**{b1[s]:.2f}** ({b1[s + ' row-major']:.2f})", f"**{b8[s]:.2f}** ({b8[s + ' row-major']:.2f})",
+        ])  # fmt: skip
+    headers = [
+        "experts", "executed (prompt)", "runs/token before -> after ordering", "FFN decode x (unordered)",
+        "FFN x (ordered)", "FFN x (ordered, row-major w_down)", "router+select us/token",
+        "experts us/token (row-major)", "dense MLP us/token", "model decode x b=1 (row-major)", "b=8 (row-major)",
+    ]  # fmt: skip
+    head = [
         "# dynamic-k CPU decode speed on SmolLM2-135M",
         "",
         f"Machine: {env.get('cpu', '?')}, {a['threads']} torch thread(s), torch {env.get('torch', '?')}, "
         f"{res['minutes']:.1f} min; {a.get('note', 'nothing else running')}. Command: `.venv/bin/python benchmarks/dynamic_k_speed.py`.",
         "Thresholds at 50 % executed expert compute on calibration text (SiLU model, trained routers).",
         "",
-        "| experts | executed (prompt) | runs/token before -> after ordering | FFN decode x (unordered) | FFN x (ordered) "
-        "| FFN x (ordered, row-major w_down) | router+select us/token | experts us/token (row-major) "
-        "| dense MLP us/token | model decode x b=1 (row-major) | b=8 (row-major) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    n = 32
-    for s in res["runs"]:
-        f, fu, fr = res["ffn_s"][s], res["ffn_s"][f"{s} unordered"], res["ffn_s"][f"{s} row-major"]
-        b1, b8 = res["decode_b1"], res["decode_b8"]
-        r = res["runs"][s]
-        lines.append(
-            f"| {s} | {res['executed'][s]:.2f} | {r['runs_per_token_before']:.1f} -> {r['runs_per_token_after']:.1f} "
-            f"| {d / fu['mlp']:.2f} | **{d / f['mlp']:.2f}** | {d / fr['mlp']:.2f} | {1e6 * f['router'] / n:.0f} "
-            f"| {1e6 * f['experts'] / n:.0f} ({1e6 * fr['experts'] / n:.0f}) | {1e6 * d / n:.0f} "
-            f"| **{b1[s]:.2f}** ({b1[s + ' row-major']:.2f}) | **{b8[s]:.2f}** ({b8[s + ' row-major']:.2f}) |"
-        )
-    path.write_text("\n".join(lines) + "\n")
+    harness.write_markdown(path, [*head, harness.table(headers, rows)])
 
 
 if __name__ == "__main__":

@@ -15,25 +15,24 @@ first ones (``--pattern contiguous``: one run per token, the best case for the C
 
 from __future__ import annotations
 
-import argparse
-import os
-import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
-from pathlib import Path
 
+import harness
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from condify.ops import expert_mlp, expert_mlp_reference
 from condify.ops import reference as ref_mod
 
 SHAPES = {"smollm2": (576, 1536), "llama8b": (4096, 14336)}
+QUICK = dict(expert_sizes="64", fractions="0.5", batches="1", layers=1, repeats=1)
 
 
 def make_mask(T: int, E: int, frac: float, pattern: str, g: torch.Generator) -> torch.Tensor:
+    """(T, E) mask with exactly round(frac * E) experts per token: the first ones or random ones."""
     k = max(0, min(E, round(frac * E)))
     if pattern == "contiguous":
         mask = torch.zeros(T, E, dtype=torch.bool)
@@ -43,12 +42,12 @@ def make_mask(T: int, E: int, frac: float, pattern: str, g: torch.Generator) -> 
     return order < k
 
 
-def timer(device: torch.device, clock: str = "wall") -> Callable[[Callable[[], object]], float]:
-    """Seconds of one call of fn (CPU: wall clock, or this thread's CPU time, which leaves out the time
-    other processes hold the cores; meaningful with one thread)."""
+def timer(device: torch.device, clock: str = "wall") -> harness.Timer:
+    """Seconds of one call of fn (CUDA: events; CPU: wall clock, or this thread's CPU time, which leaves
+    out the time other processes hold the cores; meaningful with one thread)."""
     if device.type == "cuda":
 
-        def run(fn):
+        def run(fn: Callable[[], object]) -> float:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
@@ -58,62 +57,58 @@ def timer(device: torch.device, clock: str = "wall") -> Callable[[Callable[[], o
 
         return run
 
-    now = time.thread_time if clock == "cpu" else time.perf_counter
+    if clock == "wall":
+        return harness.wall
 
-    def run(fn):
-        t0 = now()
+    def thread_time(fn: Callable[[], object]) -> float:
+        t0 = time.thread_time()
         fn()
-        return now() - t0
+        return time.thread_time() - t0
 
-    return run
+    return thread_time
 
 
 def strategy_of(mask: torch.Tensor, s: int, d: int) -> str:
+    """The CPU reference path's strategy for ``mask``. Uses a private condify helper."""
     strategy, spans = ref_mod._choose_strategy(mask, s, d)
     return f"spans ({len(spans)})" if strategy == "spans" else strategy
 
 
-def bench_one(layers, x, mask, s, strategy, repeats, device, clock) -> tuple[float, float, float]:
+def bench_one(
+    layers: list,
+    x: Tensor,
+    mask: Tensor,
+    s: int,
+    strategy: str,
+    repeats: int,
+    device: torch.device,
+    clock: str,
+) -> tuple[float, float, float]:
     """(dense seconds, expert seconds, median speedup) per layer."""
-    tm, L = timer(device, clock), len(layers)
 
-    def dense():
+    def dense() -> None:
         for wg, wu, wd in layers:
             F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
 
-    def expert():
+    def expert() -> None:
         for wg, wu, wd in layers:
             if device.type == "cuda":
                 expert_mlp(x, wu, wd, mask, s, "silu", wg)
             else:
                 expert_mlp_reference(x, wu, wd, mask, s, "silu", wg, strategy=strategy)
 
-    for _ in range(2):
-        dense(), expert()
-    td, te = [], []
-    for _ in range(repeats):
-        td.append(tm(dense) / L)
-        te.append(tm(expert) / L)
+    t = harness.interleaved(
+        {"d": dense, "e": expert}, repeats, warmup=2, rotate=False, timer=timer(device, clock)
+    )
+    td, te = ([v / len(layers) for v in t[k]] for k in "de")
     ratio = statistics.median(a / b for a, b in zip(td, te, strict=True))
     return statistics.median(td), statistics.median(te), ratio
 
 
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name()
-    cpu = platform.processor() or platform.machine()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        cpu = next(
-            line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")
-        )
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} logical cores"
-
-
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.parser(
+        __doc__, threads=2, out=None, out_help="also write the markdown table to this file", model=False
+    )
     p.add_argument("--shape", choices=[*SHAPES, "all"], default="smollm2")
     p.add_argument("--expert-sizes", default="8,16,32,64,128")
     p.add_argument("--fractions", default="1,0.75,0.5,0.25")
@@ -124,35 +119,43 @@ def main() -> None:
         "--dtype", default=None, help="float32 / bfloat16 / float16 (default: fp32 CPU, bf16 CUDA)"
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=2, help="CPU intra-op threads")
     p.add_argument("--layers", type=int, default=0, help="weight copies to rotate (0: enough for 128 MiB)")
     p.add_argument("--repeats", type=int, default=0, help="0: 25 for T<=8, 9 for T=64, 5 for prefill")
     p.add_argument(
         "--clock", choices=["wall", "cpu"], default="wall", help="CPU: wall clock or thread CPU time"
     )
-    p.add_argument("--out", default=None, help="also write the markdown table to this file")
     p.add_argument("--append", action="store_true", help="append to --out instead of overwriting it")
-    a = p.parse_args()
+    a = harness.parse(p, QUICK)
 
     device = torch.device(a.device)
     dtype = (
         getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     )
-    if device.type == "cpu":
-        torch.set_num_threads(a.threads)
+    harness.setup(a)
     shapes = list(SHAPES) if a.shape == "all" else [a.shape]
     sizes = [int(v) for v in a.expert_sizes.split(",")]
     fracs = [float(v) for v in a.fractions.split(",")]
     batches = [int(v) for v in a.batches.split(",")]
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(a.seed)
 
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    env = harness.environment(device)
+    machine = env["device"] if device.type == "cuda" else f"{env['device']}, {env['cpu_count']} logical cores"
+    headers = [
+        "shape",
+        "expert size",
+        "tokens",
+        "executed",
+        "dense (us)",
+        "expert_mlp (us)",
+        "speedup",
+        "strategy",
+    ]
     head = [
         f"# expert_mlp vs dense MLP ({device.type})",
         "",
-        f"- machine: {machine(device)}; torch {torch.__version__}; {dtype}; "
+        f"- machine: {machine}; torch {env['torch']}; {dtype}; "
         + (
-            f"{a.threads} threads; load average at start {load:.1f}"
+            f"{a.threads} threads; load average at start {float(env['load_average']):.1f}"
             if device.type == "cpu"
             else "CUDA events"
         ),
@@ -161,10 +164,8 @@ def main() -> None:
         "- times are per MLP, median over repeats, weights rotated over several copies (cold caches); "
         "speedup = median of per-repeat dense/expert ratios",
         "",
-        "| shape | expert size | tokens | executed | dense (us) | expert_mlp (us) | speedup | strategy |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    print("\n".join(head), flush=True)
+    print("\n".join([*head, harness.table(headers, [])]), flush=True)
     rows = []
     for shape in shapes:
         d, inter = SHAPES[shape]
@@ -192,16 +193,12 @@ def main() -> None:
                         strat = "triton " + ("grouped" if T > 32 else "decode")
                     else:
                         strat = strategy_of(mask.cpu(), s, d) if a.strategy == "auto" else a.strategy
-                    row = (
-                        f"| {shape} {d}/{inter} | {s} | {T} | {executed:.0%} | {td * 1e6:.0f} | "
-                        f"{te * 1e6:.0f} | {ratio:.2f}x | {strat} |"
-                    )
-                    rows.append(row)
-                    print(row, flush=True)
+                    cells = [f"{shape} {d}/{inter}", s, T, f"{executed:.0%}", f"{td * 1e6:.0f}", f"{te * 1e6:.0f}",
+                             f"{ratio:.2f}x", strat]  # fmt: skip
+                    rows.append(cells)
+                    print(harness.row(cells), flush=True)
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(a.out, "a" if a.append else "w") as f:
-            f.write(("\n" if a.append else "") + "\n".join(head + rows) + "\n")
+        harness.write_markdown(a.out, [*head, harness.table(headers, rows)], append=a.append)
 
 
 if __name__ == "__main__":

@@ -9,32 +9,30 @@ against dense in one interleaved run (prefill 512 / 2048 tokens, decode at batch
 
 from __future__ import annotations
 
-import argparse
 import copy
 import time
 
+import harness
 import torch
 
 import condify
 from condify import data, evaluate
 from condify.report import Report
 
+QUICK = dict(pairs=[2], finetune_steps=1, seq_len=32, eval_sequences=1, start_stride=8, repeats=1)
+
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.parser(__doc__, threads=2, out=harness.RESULTS, out_help="results folder")
     p.add_argument("--pairs", type=int, nargs="+", default=[2, 4, 6, 8])
     p.add_argument("--finetune-steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--eval-sequences", type=int, default=16)
     p.add_argument("--start-stride", type=int, default=2, help="sweep every k-th start layer")
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default="benchmarks/results")
-    args = p.parse_args()
-    evaluate.set_threads(args.threads)
-
-    dense, tok = data.load_model()
+    args = harness.parse(p, QUICK)
+    dense, tok = harness.start(args)
     test = data.eval_batches(tok, "test", num_sequences=args.eval_sequences, seq_len=512, batch_size=4)
     train = data.train_batches(
         tok, max(args.finetune_steps, 2), batch_size=args.batch_size, seq_len=args.seq_len
@@ -79,7 +77,7 @@ def main() -> None:
             flush=True,
         )
 
-    rep = Report("layer-parallel on SmolLM2-135M (embedded)", evaluate.environment())
+    rep = Report("layer-parallel on SmolLM2-135M (embedded)", harness.environment())
     rep.add_text(
         f"Held-out perplexity on {args.eval_sequences}x512 tokens of the test plays; dense = {ppl_dense:.3f}. "
         f"The start layer is chosen by a perplexity sweep (every {args.start_stride}th start, 4x256 training tokens); "
@@ -87,8 +85,10 @@ def main() -> None:
         f"{args.batch_size}x{args.seq_len} tokens, KL to the dense model, lr 1e-4. "
         "Pairs are fused into one wide attention + one wide MLP per pair."
     )
-    rep.add_table(
-        ["pairs", "layers", "ppl training-free", "ppl fine-tuned", "fine-tune tokens", "seconds"], rows
+    rep.add_text(
+        harness.table(
+            ["pairs", "layers", "ppl training-free", "ppl fine-tuned", "fine-tune tokens", "seconds"], rows
+        )
     )
     srows = []
     for name in models:
@@ -98,7 +98,9 @@ def main() -> None:
         srows.append([name, f"{s1['prefill_speedup']:.2f}x", f"{s2k['prefill_speedup']:.2f}x", f"{s1['decode_speedup']:.2f}x",
                       f"{s8['decode_speedup']:.2f}x", f"{s1['kv_ratio']:.2f}x"])  # fmt: skip
     rep.add_heading("Speed vs dense (same process, interleaved, median of repeats)")
-    rep.add_table(["variant", "prefill 512", "prefill 2048", "decode b1", "decode b8", "KV bytes"], srows)
+    rep.add_text(
+        harness.table(["variant", "prefill 512", "prefill 2048", "decode b1", "decode b8", "KV bytes"], srows)
+    )
     pr = [int(r[0]) for r in rows]
     rep.plot_lines(
         "layer_parallel_ppl", pr,

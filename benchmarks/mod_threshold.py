@@ -18,13 +18,15 @@ import statistics
 import time
 from pathlib import Path
 
+import harness
 import torch
 
 import condify
 from condify import data, evaluate
 from condify.methods.mod_threshold import keep_rates
 
-OUT = Path(__file__).parent / "results"
+QUICK = dict(capacities=[0.5], router_steps=1, steps=1, seq_len=32, fit_batches=1, eval_sequences=1,
+             eval_len=64, repeats=1)  # fmt: skip
 
 NOTES = """## Notes on this run (targets)
 
@@ -64,7 +66,7 @@ def _ppl(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
 
 
 def _kv(model: torch.nn.Module, ids: torch.Tensor, gated: list[int] | None = None) -> tuple[int, int]:
-    """(all layers, gated layers only) KV bytes after a prefill of ``ids``."""
+    """(all layers, gated layers only) KV bytes after a prefill of ``ids``. Reads the cache's layers."""
     with torch.inference_mode():
         cache = evaluate.output_cache(model(input_ids=ids, use_cache=True, logits_to_keep=1))
     total = evaluate.kv_cache_bytes(cache)
@@ -80,23 +82,14 @@ def _prefill_times(
     models: dict[str, torch.nn.Module], ids: torch.Tensor, repeats: int, warmup: bool = True
 ) -> dict[str, float]:
     """Median prefill seconds per model, interleaved (rotating order), after one warm-up round."""
-    times: dict[str, list[float]] = {n: [] for n in models}
-    names = list(models)
-    w = int(warmup)
+    calls = {n: (lambda m=m: m(input_ids=ids, use_cache=True, logits_to_keep=1)) for n, m in models.items()}
     with torch.inference_mode():
-        for r in range(repeats + w):
-            for n in names[r % len(names) :] + names[: r % len(names)]:
-                t0 = time.perf_counter()
-                models[n](input_ids=ids, use_cache=True, logits_to_keep=1)
-                if r >= w:
-                    times[n].append(time.perf_counter() - t0)
-    return {n: statistics.median(v) for n, v in times.items()}
+        return harness.medians(harness.interleaved(calls, repeats, int(warmup)))
 
 
 def _setup(args: argparse.Namespace):
-    torch.manual_seed(0)
-    evaluate.set_threads(args.threads)
-    dense, tok = data.load_model()
+    """Threads and seed; the dense model, its tokenizer and the held-out batches."""
+    dense, tok = harness.start(args)
     test = data.eval_batches(tok, "test", args.eval_sequences, args.eval_len, batch_size=4)
     return dense, tok, test
 
@@ -156,10 +149,10 @@ def quality(args: argparse.Namespace) -> None:
             "seconds": time.time() - t0,
             "losses_router": r1["losses"],
             "losses_full": r2["losses"],
-            "environment": evaluate.environment(),
+            "environment": harness.environment(),
         }
         print(json.dumps({k: v for k, v in row.items() if not k.startswith("losses")}), flush=True)
-        _quality_file(args, c).write_text(json.dumps(row, indent=1))
+        harness.write_json(_quality_file(args, c), row)
 
 
 def layer_choice(args: argparse.Namespace) -> None:
@@ -191,7 +184,7 @@ def layer_choice(args: argparse.Namespace) -> None:
             ppl.setdefault(name, {})[str(c)] = _ppl(model, test) / dense_ppl
             print(name, c, ppl[name][str(c)], flush=True)
     out = {"sensitivity": sens, "sets": sets, "ppl_ratio": ppl, "seconds": time.time() - t0}
-    args.out.with_name(args.out.stem + "_layers.json").write_text(json.dumps(out, indent=1))
+    harness.write_json(args.out.with_name(args.out.stem + "_layers.json"), out)
 
 
 def speed(args: argparse.Namespace) -> None:
@@ -220,9 +213,9 @@ def speed(args: argparse.Namespace) -> None:
         "decode_tok_s": dec,
         "keep_on_prompt": {str(k): v for k, v in kept.items()},
         "seconds": time.time() - t0,
-        "environment": evaluate.environment(),
+        "environment": harness.environment(),
     }
-    args.out.with_name(args.out.stem + "_speed.json").write_text(json.dumps(out, indent=1))
+    harness.write_json(args.out.with_name(args.out.stem + "_speed.json"), out)
     print(json.dumps(out), flush=True)
 
 
@@ -270,7 +263,7 @@ def profile(args: argparse.Namespace) -> None:
     med = {n: {i: statistics.median(v[1:]) for i, v in t.items()} for n, t in layer_t.items()}
     g = [med["c=0.5"][i] / med["dense"][i] for i in gated]
     u = [med["c=0.5"][i] / med["dense"][i] for i in med["dense"] if i not in gated]
-    lines += [
+    summary = [
         "## per-layer time, converted / dense (median over repeats)",
         "",
         f"- gated layers (keep ~{statistics.mean(keep.values()):.2f}): mean ratio {statistics.mean(g):.3f} "
@@ -280,22 +273,19 @@ def profile(args: argparse.Namespace) -> None:
         f"sum over layers dense {1e3 * sum(med['dense'].values()):.0f} ms, converted "
         f"{1e3 * sum(med['c=0.5'].values()):.0f} ms",
         "",
-        "| layer | keep | dense ms | converted ms | ratio |",
-        "|---|---|---|---|---|",
-    ]
-    for i in sorted(med["dense"]):
-        k = f"{keep[i]:.2f}" if i in keep else "-"
-        lines.append(
-            f"| {i} | {k} | {1e3 * med['dense'][i]:.1f} | {1e3 * med['c=0.5'][i]:.1f} | "
-            f"{med['c=0.5'][i] / med['dense'][i]:.3f} |"
-        )
-    out = args.out.with_name(args.out.stem + "_profile.md")
-    out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[-40:]))
+        harness.table(
+            ["layer", "keep", "dense ms", "converted ms", "ratio"],
+            [[i, f"{keep[i]:.2f}" if i in keep else "-", f"{1e3 * med['dense'][i]:.1f}",
+              f"{1e3 * med['c=0.5'][i]:.1f}", f"{med['c=0.5'][i] / med['dense'][i]:.3f}"]
+             for i in sorted(med["dense"])],
+        ),
+    ]  # fmt: skip
+    harness.write_markdown(args.out.with_name(args.out.stem + "_profile.md"), lines + summary)
+    print("\n".join(summary))
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = harness.parser(__doc__, threads=2, out=harness.RESULTS / "mod_threshold.md", out_help="report path")
     p.add_argument(
         "part", choices=["quality", "layers", "speed", "profile", "report", "all"], nargs="?", default="all"
     )
@@ -310,9 +300,7 @@ def main() -> None:
     p.add_argument("--eval-sequences", type=int, default=4)
     p.add_argument("--eval-len", type=int, default=256)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=OUT / "mod_threshold.md")
-    args = p.parse_args()
+    args = harness.parse(p, QUICK)
     if args.part in ("quality", "all"):
         quality(args)
     if args.part in ("speed", "all"):
@@ -332,10 +320,10 @@ def _write(args: argparse.Namespace) -> None:
     import matplotlib.pyplot as plt
 
     out: Path = args.out
-    rows = [json.loads(f.read_text()) for f in out.parent.glob(f"{out.stem}_quality_c*.json")]
+    rows = [harness.read_json(f) for f in out.parent.glob(f"{out.stem}_quality_c*.json")]
     rows.sort(key=lambda r: r["capacity"])
     speed_file = out.with_name(out.stem + "_speed.json")
-    sp = json.loads(speed_file.read_text()) if speed_file.exists() else None
+    sp = harness.read_json(speed_file) if speed_file.exists() else None
     fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
     for r in rows:
         keep = {int(i): v for i, v in r["keep"].items()}
@@ -397,11 +385,11 @@ def _write(args: argparse.Namespace) -> None:
         f"fitted to the target on {args.fit_batches} calibration batches at the end of each stage. "
         "Keep-rates: hard threshold on the held-out text.",
         "",
-        "| capacity | ppl ×, router-only | ppl ×, + training | training tokens (router / total) | "
-        "keep-rate held-out, min–max over layers | KV bytes × (all layers / gated layers) | prefill 512 × "
-        "| prefill 2048 × | decode × |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
+    headers = ["capacity", "ppl ×, router-only", "ppl ×, + training", "training tokens (router / total)",
+               "keep-rate held-out, min–max over layers", "KV bytes × (all layers / gated layers)", "prefill 512 ×",
+               "prefill 2048 ×", "decode ×"]  # fmt: skip
+    cells = []
     for r in rows:
         n = f"c={r['capacity']}"
 
@@ -409,17 +397,18 @@ def _write(args: argparse.Namespace) -> None:
             return f"{num['dense'] / den[n]:.2f}" if n in den and "dense" in num else "n/a"
 
         decode = f"{dec[n] / dec['dense']:.2f}" if n in dec else "n/a"
-        lines.append(
-            f"| {r['capacity']} | {r['ppl_router']:.2f} | {r['ppl_full']:.3f} | {r['tokens_router']:,} / "
-            f"{r['tokens_full']:,} | {r['keep_min']:.3f}–{r['keep_max']:.3f} | {r['kv_ratio']:.3f} / "
-            f"{r['kv_gated_ratio']:.3f} | {ratio(p512, p512)} | {ratio(p2048, p2048)} | "
-            f"{decode} |"
+        cells.append([
+            str(r["capacity"]), f"{r['ppl_router']:.2f}", f"{r['ppl_full']:.3f}",
+            f"{r['tokens_router']:,} / {r['tokens_full']:,}", f"{r['keep_min']:.3f}–{r['keep_max']:.3f}",
+            f"{r['kv_ratio']:.3f} / {r['kv_gated_ratio']:.3f}", ratio(p512, p512), ratio(p2048, p2048), decode,
+        ])  # fmt: skip
+    lines += [harness.table(headers, cells), "", "Held-out keep-rate per gated layer after training:", ""]
+    lines.append(
+        harness.table(
+            ["capacity", *map(str, r0["gated_layers"])],
+            [[str(r["capacity"]), *(f"{v:.3f}" for v in r["keep"].values())] for r in rows],
         )
-    lines += ["", "Held-out keep-rate per gated layer after training:", ""]
-    lines += ["| capacity | " + " | ".join(map(str, r0["gated_layers"])) + " |"]
-    lines += ["|---|" + "---|" * len(r0["gated_layers"])]
-    for r in rows:
-        lines.append(f"| {r['capacity']} | " + " | ".join(f"{v:.3f}" for v in r["keep"].values()) + " |")
+    )
     if sp:
         lines += [
             "",
@@ -436,7 +425,7 @@ def _write(args: argparse.Namespace) -> None:
         ]
     layers_file = out.with_name(out.stem + "_layers.json")
     if layers_file.exists():
-        lc = json.loads(layers_file.read_text())
+        lc = harness.read_json(layers_file)
         caps_l = list(next(iter(lc["ppl_ratio"].values())))
         sens = {int(i): v for i, v in lc["sensitivity"].items()}
         lines += [
@@ -447,20 +436,18 @@ def _write(args: argparse.Namespace) -> None:
             "each layer gated alone at capacity 0.5 with the training-free router init, mean per-token KL to "
             "dense on the calibration text (nats):",
             "",
-            "| layer | " + " | ".join(map(str, sens)) + " |",
-            "|---|" + "---|" * len(sens),
-            "| KL | " + " | ".join(f"{v:.3f}" for v in sens.values()) + " |",
+            harness.table(["layer", *map(str, sens)], [["KL", *(f"{v:.3f}" for v in sens.values())]]),
             "",
             "Held-out perplexity ratio of whole layer sets, training-free (router init + bias fit only):",
             "",
-            "| gated layers | " + " | ".join(f"capacity {c}" for c in caps_l) + " |",
-            "|---|" + "---|" * len(caps_l),
-        ]
-        for name, layers in lc["sets"].items():
-            vals = " | ".join(f"x{lc['ppl_ratio'][name][c]:.2f}" for c in caps_l)
-            lines.append(f"| {name}: {', '.join(map(str, layers))} | {vals} |")
+            harness.table(
+                ["gated layers", *(f"capacity {c}" for c in caps_l)],
+                [[f"{name}: {', '.join(map(str, layers))}", *(f"x{lc['ppl_ratio'][name][c]:.2f}" for c in caps_l)]
+                 for name, layers in lc["sets"].items()],
+            ),
+        ]  # fmt: skip
     lines += ["", f"![keep-rates and perplexity]({png.name})", "", NOTES]
-    out.write_text("\n".join(lines) + "\n")
+    harness.write_markdown(out, lines)
     print("\n".join(lines))
 
 
