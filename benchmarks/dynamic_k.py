@@ -109,7 +109,7 @@ def main() -> None:
     sres = condify.calibrate(
         sp, [*sp_batches, {"input_ids": evals[0]["input_ids"][:1]}], sparsify=True, sparsify_steps=args.sparsify_steps,
         penalty_weight=args.penalty_weight, sparsify_lr=args.sparsify_lr, cluster=False, router_steps=0,
-        activation=act.get("activation"),
+        activation=act.get("activation"), holdout=1,
     )  # fmt: skip
     sparsify_s = time.time() - t1
     condify.unmodify(sp)

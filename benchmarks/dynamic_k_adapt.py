@@ -43,6 +43,7 @@ def run(size: int, frac: float, args: argparse.Namespace) -> dict:
         "router_tokens": 4096,
         "target_sparsity": 1 - frac,
         "progress": False,
+        "holdout": 1,
     }
     res = condify.calibrate(model, fit, **opts, adapt_steps=0)
     routers = measure(model, held)
@@ -54,6 +55,7 @@ def run(size: int, frac: float, args: argparse.Namespace) -> dict:
         router_steps=0,
         adapt_steps=args.adapt_steps,
         adapt_lr=args.lr,
+        holdout=1,
         progress=False,
     )
     adapted = measure(model, held)

@@ -33,7 +33,7 @@ QUICK = dict(width=[1.0], steps=1, tokens=512, router_steps=2, fractions=[0.5], 
 
 def hidden_widths(sites: list[tuple[str, torch.nn.Module]]) -> dict[str, int]:
     """{site name: hidden width} of converted projections. Reads condify internals."""
-    return {harness.patch_info(m)["site"]: m.expert_mlp.up.out_features for _, m in sites}
+    return {harness.site_state(m).site: m.expert_mlp.up.out_features for _, m in sites}
 
 
 def projection_data(model: torch.nn.Module, calib: list, tokens: int, sites: list) -> dict:

@@ -40,9 +40,9 @@ QUICK = dict(sizes=[128], calib_batches=1, router_steps=2, repeats=1)
 def expert_parts(mlp: torch.nn.Module, xs: torch.Tensor) -> tuple[Callable[[], None], Callable[[], None]]:
     """(router + selection, expert compute) of a converted MLP as two calls over the tokens of ``xs``;
     the second uses the masks of the last run of the first. Reads condify internals."""
-    info = harness.patch_info(mlp)
-    w = info["adapter"].mlp_weights(mlp)
-    tau, size, act = float(mlp.expert_layout.tau), info["expert_size"], info["activation"]
+    info = harness.site_state(mlp)
+    w = info.adapter.mlp_weights(mlp)
+    tau, size, act = float(mlp.expert_layout.tau), info.expert_size, info.activation
     masks: list[list[bool]] = []
 
     def router() -> None:
@@ -58,7 +58,7 @@ def expert_parts(mlp: torch.nn.Module, xs: torch.Tensor) -> tuple[Callable[[], N
 def row_major_(model: torch.nn.Module) -> None:
     """Put every converted MLP's ``w_down`` back in nn.Linear layout. Reads condify internals."""
     for _, m in converted(model, "mlp"):
-        block_layout_(_mlp_linears(m, harness.patch_info(m)["adapter"]), False, restore=True)
+        block_layout_(_mlp_linears(m, harness.site_state(m).adapter), False, restore=True)
 
 
 @torch.inference_mode()

@@ -188,9 +188,9 @@ def read_json(path: Path) -> Any:
 # --------------------------------------------------------------------------- dynamic-k (shared)
 
 
-def patch_info(module: torch.nn.Module) -> dict[str, Any]:
-    """The condify patch record of a converted module (the one place the benchmarks read it)."""
-    return module._condify_patch.info
+def site_state(module: torch.nn.Module) -> Any:
+    """The typed condify state of a converted module (the one place the benchmarks read it)."""
+    return condify.convert.state(module)
 
 
 def dynamic_k_copy(base: torch.nn.Module, size: int, **opts: Any) -> torch.nn.Module:
@@ -231,11 +231,11 @@ def routed(
     data = {}
     with torch.no_grad():
         for p, m in converted(model):
-            info = patch_info(m)
+            info = site_state(m)
             x, h = cache[p]
-            perm = permutation(balanced_kmeans(h.abs().t(), info["experts"], seed=info["layer"]))
-            relayout_(m, info["adapter"], perm)
-            data[p] = (x, expert_norms(h[:, perm], info["adapter"].mlp_weights(m)["down"], size))
+            perm = permutation(balanced_kmeans(h.abs().t(), info.experts, seed=info.layer))
+            relayout_(m, info.adapter, perm)
+            data[p] = (x, expert_norms(h[:, perm], info.adapter.mlp_weights(m)["down"], size))
     fit = train_routers(model, data, router_steps, batch_size=128, progress=False)
     return model, data, fit
 

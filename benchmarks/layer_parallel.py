@@ -46,11 +46,20 @@ def main() -> None:
         model = copy.deepcopy(dense)
         condify.modify(model, "layer-parallel", pairs=pairs)
         starts = list(range(1, n - 2 * pairs, args.start_stride))
-        res = condify.calibrate(model, sweep, pairs=pairs, starts=starts, progress=False)
+        res = condify.calibrate(
+            model,
+            sweep,
+            pairs=pairs,
+            starts=starts,
+            placement="contiguous",
+            finetune_steps=0,
+            holdout=0,
+            progress=False,
+        )
         ppl_free = evaluate.perplexity(model, test, progress=False)
         res_ft = condify.calibrate(
             model, sweep + train, pairs=pairs, starts=[res["start"]], sweep_batches=1, finetune_steps=args.finetune_steps, lr=1e-4,
-            progress=False,
+            placement="contiguous", holdout=0, progress=False,
         )  # fmt: skip
         ppl_ft = evaluate.perplexity(model, test, progress=False)
         flops = evaluate.flops_ratio(model, dense, test[0][:1])

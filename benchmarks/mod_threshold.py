@@ -117,13 +117,13 @@ def quality(args: argparse.Namespace) -> None:
         gated = condify.applied_configs(model)[0].resolve(len(model.model.layers))
         r1 = condify.calibrate(
             model, train, capacity=c, train="routers", steps=args.router_steps,
-            fit_batches=args.fit_batches, progress=False,
+            fit_batches=args.fit_batches, holdout=0, progress=False,
         )  # fmt: skip
         ppl_router = _ppl(model, test)
         held_router = keep_rates(model, test)
         r2 = condify.calibrate(
             model, train[args.router_steps :], capacity=c, train="all", steps=args.steps, lr=args.lr,
-            fit_batches=args.fit_batches, progress=False,
+            fit_batches=args.fit_batches, holdout=0, progress=False,
         )  # fmt: skip
         ppl_full = _ppl(model, test)
         held = keep_rates(model, test)
@@ -180,7 +180,7 @@ def layer_choice(args: argparse.Namespace) -> None:
         for c in args.capacities:
             model = copy.deepcopy(dense)
             condify.modify(model, "mod-threshold", capacity=c, layers=layers, sink_tokens=args.sink_tokens)
-            condify.calibrate(model, fit, capacity=c, steps=0, progress=False)
+            condify.calibrate(model, fit, capacity=c, steps=0, holdout=0, progress=False)
             ppl.setdefault(name, {})[str(c)] = _ppl(model, test) / dense_ppl
             print(name, c, ppl[name][str(c)], flush=True)
     out = {"sensitivity": sens, "sets": sets, "ppl_ratio": ppl, "seconds": time.time() - t0}
@@ -197,7 +197,7 @@ def speed(args: argparse.Namespace) -> None:
     for c in args.capacities:
         model = copy.deepcopy(dense)
         condify.modify(model, method="mod-threshold", capacity=c)
-        condify.calibrate(model, fit, capacity=c, steps=0, progress=False)
+        condify.calibrate(model, fit, capacity=c, steps=0, holdout=0, progress=False)
         kept[c] = statistics.mean(keep_rates(model, ids512).values())
         models[f"c={c}"] = model
     t0 = time.time()
@@ -231,7 +231,7 @@ def profile(args: argparse.Namespace) -> None:
     ids512 = torch.cat(data.eval_batches(tok, "test", 1, 512, batch_size=1)).flatten()[:512][None]
     model = copy.deepcopy(dense)
     condify.modify(model, method="mod-threshold", capacity=0.5)
-    condify.calibrate(model, fit, capacity=0.5, steps=0, progress=False)
+    condify.calibrate(model, fit, capacity=0.5, steps=0, holdout=0, progress=False)
     keep = keep_rates(model, ids512)
     layer_t: dict[str, dict[int, list[float]]] = {"dense": {}, "c=0.5": {}}
     lines = [f"# mod-threshold prefill profile, 512 tokens, capacity 0.5 (mean keep on the prompt "
