@@ -104,8 +104,11 @@ def run(
         f"condify {method} on {model_name or 'SmolLM2-135M-Instruct (embedded)'}", evaluate.environment()
     )
     rep.add_text(
-        f"Budget `{budget}`: modify {mod_opts}, calibrate {cal_opts} on {len(train)} training batches "
-        f"of {tuple(train[0].shape)} tokens. Calibration took {t2 - t1:.0f} s, evaluation {t3 - t2:.0f} s."
+        f"Budget `{budget}`, as a user would write it, on {len(train)} batches of {tuple(train[0].shape)} "
+        f"training tokens (calibrate holds out the last 10 %):\n\n```python\n"
+        f"{call('condify.modify', ['model', repr(method)], mod_opts)}\n"
+        f"{call('condify.calibrate', ['model', 'batches'], cal_opts)}\n```\n\n"
+        f"Calibration took {t2 - t1:.0f} s, evaluation {t3 - t2:.0f} s."
     )
     rep.add_heading("Quality and compute")
     f, fd = ev["flops"], ev["flops_dense"]
@@ -138,18 +141,20 @@ def run(
                 [name, f"{c['prefill_speedup']:.2f}x", f"{c['decode_speedup']:.2f}x", f"{c['kv_ratio']:.2f}x"]
             )
         rep.add_table(["decode batch", "prefill 512 speed-up", "decode speed-up", "KV bytes ratio"], srows)
-        labels = ["ppl ratio", "FLOPs ratio", *[f"decode {k}" for k in ev["speed"]]]
-        vals = [
-            ev["ratio"],
-            f["total"] / fd["total"],
-            *[r["condify"]["decode_speedup"] for r in ev["speed"].values()],
-        ]
         rep.plot_bars(
-            "quality_speed",
-            labels,
-            vals,
-            ylabel="ratio to dense",
-            title="quality and speed vs dense",
+            "quality",
+            ["perplexity", "executed FLOPs"],
+            [ev["ratio"], f["total"] / fd["total"]],
+            ylabel="ratio to dense (lower is better)",
+            title="quality and compute vs dense",
+            reference=1.0,
+        )
+        rep.plot_bars(
+            "speed",
+            [f"{kind} {k}" for k in ev["speed"] for kind in ("prefill", "decode")],
+            [r["condify"][f"{kind}_speedup"] for r in ev["speed"].values() for kind in ("prefill", "decode")],
+            ylabel="speed-up vs dense (higher is better)",
+            title="speed vs dense",
             reference=1.0,
         )
     rep.add_heading("Calibration")
@@ -163,6 +168,20 @@ def run(
         "evaluation": ev,
         "seconds": {"load+modify": t1 - t0, "calibrate": t2 - t1, "evaluate": t3 - t2},
     }
+
+
+def _literal(v: Any) -> str:
+    """``v`` as Python source, with arithmetic progressions as ``range(...)``."""
+    if isinstance(v, list) and len(v) > 3 and all(isinstance(x, int) for x in v):
+        step = v[1] - v[0]
+        if step > 0 and all(b - a == step for a, b in zip(v, v[1:], strict=False)):
+            return f"range({v[0]}, {v[-1] + 1}{f', {step}' if step != 1 else ''})"
+    return repr(v)
+
+
+def call(fn: str, args: list[str], options: dict[str, Any]) -> str:
+    """The call a user would write, e.g. ``condify.calibrate(model, batches, pairs=2)``."""
+    return f"{fn}({', '.join([*args, *(f'{k}={_literal(v)}' for k, v in options.items())])})"
 
 
 def _short(v: Any) -> str:
