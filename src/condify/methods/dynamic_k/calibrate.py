@@ -17,8 +17,9 @@
 4. **Thresholds** (``target_sparsity``, or the config's): per layer, so that a fraction
    ``1 - target_sparsity`` of expert compute runs on the calibration tokens, spread by ``allocation``:
    the same fraction in every layer, one global ``tau``, or a greedy allocation by dropped output
-   energy (:func:`allocate`) (router scores, or true norms with ``oracle=True``: then the reported ``ppl`` and
-   ``executed`` are for oracle selection too; evaluate that way later with ``mode(model, "oracle")``).
+   energy (:func:`allocate`). Selection by router scores, or by true norms with ``oracle=True`` (then the
+   reported ``ppl`` and ``executed`` are for oracle selection too; evaluate that way later with
+   ``mode(model, "oracle")``).
    Then (``reorder=True``, router selection only) the experts of each site are renumbered so that
    co-selected experts are neighbours (:func:`order_experts_`; same function, fewer runs of selected
    experts per token for the CPU decode path).
