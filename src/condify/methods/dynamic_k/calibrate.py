@@ -16,8 +16,7 @@
    L2 norms (MSE, Adam) on up to ``router_tokens`` dense-model MLP inputs.
 4. **Thresholds** (``target_sparsity``, or the config's): per layer, so that a fraction
    ``1 - target_sparsity`` of expert compute runs on the calibration tokens, spread by ``allocation``:
-   the same fraction in every layer, one global ``tau``, or a greedy allocation by dropped output
-   energy (:func:`allocate`). Selection by router scores, or by true norms with ``oracle=True`` (then the
+   the same fraction in every layer (the default, measured best) or one global ``tau``. Selection by router scores, or by true norms with ``oracle=True`` (then the
    reported ``ppl`` and ``executed`` are for oracle selection too; evaluate that way later with
    ``mode(model, "oracle")``).
    Then (``reorder=True``, router selection only) the experts of each site are renumbered so that
@@ -61,7 +60,7 @@ from .losses import PENALTIES
 from .modules import METHOD, Sites, converted, expert_norms, mode, select
 from .transform import gate_features, relayout_
 
-ALLOCATIONS = ("uniform", "sensitivity", "global")
+ALLOCATIONS = ("uniform", "global")
 MIN_TOKENS = 256  # calibration tokens (outside the hold-out) below which calibrate refuses to run
 
 
@@ -262,55 +261,6 @@ def _bisect(f: Any, target: float, iters: int = 40) -> float:
     return hi
 
 
-def _curve(scores: torch.Tensor, norms: torch.Tensor, taus: list[float]) -> list[tuple[float, float]]:
-    """(executed fraction, dropped share of the experts' output energy) of one site at each tau."""
-    energy = norms.double() ** 2
-    total = float(energy.sum().clamp(min=1e-30))
-    out = []
-    for t in taus:
-        mask = select(scores, t)
-        out.append((float(mask.float().mean()), float(energy[~mask].sum()) / total))
-    return out
-
-
-def allocate(
-    scores: dict[str, torch.Tensor], norms: dict[str, torch.Tensor], goal: float, grid: int = 41
-) -> dict[str, float]:
-    """Per-site tau so that the mean executed fraction is ``goal`` at the least dropped energy.
-
-    Greedy over a tau grid (the spirit of TEAL's block-wise search): every site starts dense and the
-    site whose next tau step drops the least output energy per unit of compute saved moves, until the
-    mean executed fraction reaches ``goal``; the last site moved is then bisected to hit it.
-    """
-    taus = [i / (grid - 1) for i in range(grid)]
-    curves = {p: _curve(scores[p], norms[p], taus) for p in scores}
-    pos = dict.fromkeys(scores, 0)
-
-    def mean_fraction() -> float:
-        return sum(curves[p][pos[p]][0] for p in scores) / len(scores)
-
-    last = None
-    while mean_fraction() > goal:
-        movable = [p for p in scores if pos[p] < grid - 1]
-        if not movable:
-            break
-
-        def price(p: str) -> float:
-            (f0, e0), (f1, e1) = curves[p][pos[p]], curves[p][pos[p] + 1]
-            return (e1 - e0) / max(f0 - f1, 1e-9)
-
-        last = min(movable, key=price)
-        pos[last] += 1
-    out = {p: taus[pos[p]] for p in scores}
-    if last is not None:  # the last step overshot: find the tau between the two grid points that hits goal
-        rest = sum(curves[p][pos[p]][0] for p in scores if p != last)
-        want = goal * len(scores) - rest
-        lo = taus[pos[last] - 1]
-        out[last] = _bisect(lambda t: _fraction(scores[last], lo + t * (taus[pos[last]] - lo)), want)
-        out[last] = lo + out[last] * (taus[pos[last]] - lo)
-    return out
-
-
 @torch.no_grad()
 def fit_tau(
     model: nn.Module,
@@ -321,8 +271,10 @@ def fit_tau(
     oracle: bool = False,
 ) -> dict[str, float]:
     """Set ``expert_layout.tau`` of every site in ``data`` so that ``1 - target_sparsity`` of the expert
-    compute runs on ``data``: the same fraction at every site (``"uniform"``), one global tau
-    (``"global"``), or fractions spread over the sites by :func:`allocate` (``"sensitivity"``)."""
+    compute runs on ``data``: the same fraction at every site (``"uniform"``) or one global tau
+    (``"global"``). Measured on SmolLM2 (32-neuron experts, routers only, 4 x 256 held-out tokens):
+    uniform x4.23 @ 55 % executed, global x6.13 @ 53 %; a greedy allocation by dropped expert-output
+    energy (TEAL-style, tried and removed) x5.57 @ 55 %, and x2.36 vs uniform x1.24 at 75 %."""
     in_range("target_sparsity", target_sparsity, 0.0, 1.0, hi_open=True)
     goal = 1.0 - target_sparsity
     sites = [(p, m) for p, m in converted(model) if p in data]
@@ -334,11 +286,9 @@ def fit_tau(
         taus = dict.fromkeys(scores, 0.0)
     elif allocation == "uniform":
         taus = {p: _bisect(lambda t, s=s: _fraction(s, t), goal) for p, s in scores.items()}
-    elif allocation == "global":
+    else:
         t = _bisect(lambda t: sum(_fraction(s, t) for s in scores.values()) / len(scores), goal)
         taus = dict.fromkeys(scores, t)
-    else:
-        taus = allocate(scores, {p: data[p][1] for p in scores}, goal)
     for p, m in sites:
         m.expert_layout.tau.fill_(taus[p])
     return taus
