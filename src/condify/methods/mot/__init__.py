@@ -1,0 +1,61 @@
+"""mot: dense FFNs -> Mixture of Tokens, then transition-tuned to a token-choice MoE (arXiv 2310.15961).
+
+``modify`` slices each converted MLP (default: the second half of the blocks) into ``num_experts``
+contiguous neuron blocks (after a balanced k-means permutation, in place) and adds a controller
+``router``. In the ``"mot"`` stage, tokens at one position across ``group_size`` sequences are mixed
+per expert (continuous, causal, needs batch % G == 0). ``calibrate(stage="mot")`` trains it;
+``calibrate(stage="transition")`` turns it into a sparse token-choice MoE (top-k through
+``condify.ops.expert_mlp``, any batch size, ``generate`` with the cache) and fine-tunes it; the stage is
+saved in the config. ``stage="full"`` does both in one call.
+
+Start from a dense model (SmolLM2-135M, default 4 x 16 experts in layers 15-29; numbers in
+``benchmarks/results/mot.md``): the conversion is not dense at init (each token gets a 1/G share of
+mixed-input experts), so training is part of the method.
+"""
+
+from __future__ import annotations
+
+from ... import registry
+from ...registry import Data, Recipe
+from .calibrate import MoTCalibration, calibrate
+from .config import MoTConfig
+from .modules import converted, set_temperature, stage
+from .transform import patch_target, remove, targets
+
+# Budgets. "quick": CI smoke (seconds); "cpu": the main job on a 2-core CPU (a few minutes), ending
+# in the transitioned model; "long": GPU-sized (not run). Each holds out 10 % of its batches; batch
+# sizes are multiples of the group size.
+RECIPES = {
+    "quick": Recipe(
+        {"group_size": 2, "num_experts": 8},
+        {"stage": "full", "steps": 4, "transition_steps": 2},
+        Data(2, 64, 4),
+    ),
+    "cpu": Recipe(
+        {"group_size": 2, "num_experts": 16},
+        {"stage": "full", "steps": 60, "transition_steps": 8, "lr": 1e-4, "temperature_end": 0.3},
+        Data(4, 128, 34),
+    ),
+    "long": Recipe(
+        {"group_size": 4, "num_experts": 32},
+        {"stage": "full", "steps": 4000, "transition_steps": 400, "lr": 1e-4, "params": "all",
+         "temperature_end": 0.1},
+        Data(32, 512, 4400),
+    ),
+}  # fmt: skip
+
+registry.register(
+    registry.Method(
+        name="mot",
+        description="FFNs -> Mixture of Tokens (cross-example mixing), transition-tuned to a token-choice MoE",
+        config_cls=MoTConfig,
+        targets=targets,
+        patch=patch_target,
+        remove=remove,
+        calibrate=calibrate,
+        options=MoTCalibration,
+        recipes=RECIPES,
+    )
+)
+
+__all__ = ["MoTCalibration", "MoTConfig", "converted", "set_temperature", "stage"]
