@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Phi3Config
 
 import condify
-from condify.methods.mot import MoTCalibration, MoTConfig, set_temperature, stage
-from condify.methods.mot import RECIPES
+from condify.methods.mot import RECIPES, MoTCalibration, MoTConfig, set_temperature, stage
 from condify.methods.mot.modules import converted
 from condify.methods.mot.transform import set_stage
 from condify.ops.reference import ACTIVATIONS
@@ -110,15 +108,14 @@ def naive_mot(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def naive_moe(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Loop over tokens: top-k experts of ``x . W_c``, gates k * softmax over the selected scores."""
+    """Loop over tokens: the top-k experts of ``x . W_c``, outputs summed with weight 1."""
     st = mlp._condify_patch.state
     xf = x.reshape(-1, x.shape[-1])
     out = []
     for tok in xf:
         scores = mlp.router.weight @ tok
         top = scores.topk(st.top_k)
-        gates = torch.softmax(top.values, 0) * st.top_k
-        out.append(sum(g * expert(mlp, int(e), tok) for g, e in zip(gates, top.indices)))
+        out.append(sum(expert(mlp, int(e), tok) for e in top.indices))
     return (torch.stack(out) + bias(mlp)).reshape(*x.shape[:-1], -1)
 
 
@@ -331,8 +328,9 @@ def test_unmodify_exact_at_every_stage(kind: str) -> None:
     condify.modify(model, "mot", group_size=2, num_experts=4)
     set_stage(model, condify.applied_configs(model)[0], "moe")  # transition without training
     condify.unmodify(model)
-    assert same_state(snapshot(model), before) and not hasattr(model.get_submodule(
-        "transformer.h.1.mlp" if kind == "gpt2" else "model.layers.1.mlp"), "router")
+    assert same_state(snapshot(model), before) and not hasattr(
+        model.get_submodule("transformer.h.1.mlp" if kind == "gpt2" else "model.layers.1.mlp"), "router"
+    )
     # after training: the unmodified model is the trained weights in the original neuron order
     model = _transitioned(kind)
     x = ids(4)

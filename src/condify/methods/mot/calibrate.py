@@ -106,7 +106,9 @@ def _train_mot(model: nn.Module, run: Run, opts: MoTCalibration, steps: int) -> 
     teacher = run.teacher() if opts.loss == "kl" else None
     groups = param_groups(model, opts.params, opts.lr, opts.router_lr)
     loss = distill_loss(teacher, lm_weight=opts.lm_weight)
-    return run.train(groups, steps, loss, after_step=_annealer(model, steps, opts.temperature_end), desc="mot")
+    return run.train(
+        groups, steps, loss, after_step=_annealer(model, steps, opts.temperature_end), desc="mot"
+    )
 
 
 def _transition(model: nn.Module, run: Run, opts: MoTCalibration, steps: int) -> dict[str, Any]:
@@ -145,11 +147,17 @@ def calibrate(model: nn.Module, run: Run, opts: MoTCalibration) -> dict[str, Any
         result["losses"] = _train_mot(model, run, opts, opts.steps)
     if opts.stage in ("transition", "full"):
         if opts.stage == "full":
-            steps = opts.transition_steps if opts.transition_steps is not None else max(1, round(0.1 * opts.steps))
+            steps = (
+                opts.transition_steps
+                if opts.transition_steps is not None
+                else max(1, round(0.1 * opts.steps))
+            )
         else:
             steps = opts.steps
         if run.held:
             _check_batches(run.held, G, "held-out")
         result.update(_transition(model, run, opts, steps))
-    result["temperature"] = {m._condify_patch.state.layer: float(m.router.temperature) for _, m in converted(model)}
+    result["temperature"] = {
+        m._condify_patch.state.layer: float(m.router.temperature) for _, m in converted(model)
+    }
     return result

@@ -61,7 +61,9 @@ def centroid_router(mlp: nn.Module, adapter: Adapter, experts: int, scale: float
     return F.normalize(c.float(), dim=-1).to(rows.dtype) * scale
 
 
-def patch_target(model: nn.Module, adapter: Adapter, cfg: MoTConfig, t: Target, from_checkpoint: bool) -> None:
+def patch_target(
+    model: nn.Module, adapter: Adapter, cfg: MoTConfig, t: Target, from_checkpoint: bool
+) -> None:
     mlp, i = t.module, t.layer
     up = adapter.mlp_weights(mlp)["up"]
     inter, d = up.shape
