@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def embedded(args) -> dict:
     train = data.train_batches(tok, n, batch_size=args.batch_size, seq_len=args.seq_len)
     tokens_per_step = args.batch_size * args.seq_len
     out: dict = {"sizes": {"train_batch": args.batch_size, "seq_len": args.seq_len, "mot_steps": args.steps,
-                           "transition_steps": args.transition_steps,
+                           "transition_steps": args.transition_steps, "lr": args.lr,
                            "eval_tokens": args.eval_sequences * args.eval_len}}  # fmt: skip
     ppl = {}
     ppl["dense"] = evaluate.perplexity(model, test, progress=False)
@@ -274,6 +275,108 @@ def plot(res: dict, path: Path) -> None:
     fig.savefig(path, dpi=80)
 
 
+def _f(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def write_md(res: dict, path: Path, command: str) -> None:
+    L = [
+        "# mot (Mixture of Tokens): results",
+        "",
+        f"Command: `{command}` (machine: 2 shared CPU cores, {res['threads']} torch threads, torch {res['torch']}; "
+        f"other jobs were running, load average ~8-10, so absolute speeds are low and noisy; ratios are from "
+        f"the same process). Total wall time {res['total_seconds'] / 60:.1f} min (budget 30 min). "
+        "Raw numbers: `mot.json`; plot: `mot.png`.",
+        "",
+    ]
+    if "embedded" in res:
+        e = res["embedded"]
+        p, z, t = e["ppl"], e["sizes"], e["train_tokens_per_s"]
+        d = p["dense"]
+        cfg = e["config"]
+        tok = z["train_batch"] * z["seq_len"]
+        L += [
+            "## (a) Converting the embedded SmolLM2-135M",
+            "",
+            f"`modify(method='mot', group_size={cfg['group_size']}, num_experts={cfg['num_experts']}, "
+            f"temperature={cfg['temperature']})` on layers {cfg['layers'][0]}-{cfg['layers'][-1]} (the default "
+            f"second half), top_k={cfg['top_k']} after the transition (executed MLP fraction "
+            f"{e['executed_mlp_fraction_transitioned']:.3f} in the converted layers, tracked). Training: LM loss, "
+            f"AdamW lr {z.get('lr', 3e-4)}, the MLPs (+controllers) of the converted layers, "
+            f"batches of {z['train_batch']}x{z['seq_len']} tokens: {z['mot_steps']} MoT steps (temperature annealed "
+            f"to {list(e['temperature_end'].values())[0]:.3g}) + {z['transition_steps']} transition step(s) "
+            f"({(z['mot_steps'] + z['transition_steps']) * tok} tokens); the dense baseline trains the same "
+            f"parameters on the same {(z['mot_steps'] + z['transition_steps']) * tok} tokens with the same loop. "
+            f"Held-out: {z['eval_tokens']} tokens of the test plays.",
+            "",
+            "| model | held-out perplexity | x dense |",
+            "|---|---|---|",
+            f"| dense | {_f(d)} | 1 |",
+            f"| dense, fine-tuned on the same tokens | {_f(p['dense_finetuned'])} | x{p['dense_finetuned'] / d:.3g} |",
+            f"| MoT right after modify | {_f(p['mot_init'])} | x{p['mot_init'] / d:.3g} |",
+            f"| MoT after {z['mot_steps']} steps | {_f(p['mot_trained'])} | x{p['mot_trained'] / d:.3g} |",
+            f"| transitioned MoE (+{z['transition_steps']} step) | {_f(p['transitioned'])} | x{p['transitioned'] / d:.3g} |",
+            f"| same, evaluated at batch 1 (first eval batch) | {_f(p['transitioned_batch1'])} | - |",
+            "",
+            "Training throughput, tokens/s (same loop, steps after the first; the machine was shared, so these are "
+            "noisy):",
+            "",
+            "| | tokens/s | x dense |",
+            "|---|---|---|",
+            f"| dense (MLPs of the same layers trained) | {t['dense']:.3g} | 1 |",
+            f"| MoT stage | {t['mot']:.3g} | x{t['mot'] / t['dense']:.3g} |",
+            f"| `calibrate(stage='mot')` call (incl. snapshot) | {t['mot_calibrate_call']:.3g} | x{t['mot_calibrate_call'] / t['dense']:.3g} |",
+            f"| `calibrate(stage='transition')` call (incl. snapshot, conversion) | {t['transition_calibrate_call']:.3g} | x{t['transition_calibrate_call'] / t['dense']:.3g} |",
+            "",
+        ]
+    if "scratch" in res:
+        sc = res["scratch"]
+        z, C, fl, pr = sc["sizes"], sc["curves"], sc["ffn_flops_per_token"], sc["params"]
+        L += [
+            "## (b) From scratch: MoT vs dense at matched FLOPs per token",
+            "",
+            f"Llama, d={z['d']}, {z['layers']} layers, 4 heads, vocabulary = the {z['vocab'] - 1} most frequent "
+            f"SmolLM2 tokens of the training plays + one unknown id; batches of {z['batch']}x{z['seq_len']} random "
+            f"windows of the training plays, {z['steps']} steps ({z['steps'] * z['batch'] * z['seq_len']} tokens), "
+            f"AdamW lr {z['lr']} (cosine, 5 % warm-up, wd 0.1); eval loss on 4 fixed batches of the validation plays. "
+            f"Dense: I={z['dense_inter']}. MoT: every FFN, G={z['group_size']}, {z['experts']} experts of "
+            f"{z['expert_size']} neurons (I={z['expert_size'] * z['experts']}): FFN FLOPs/token "
+            f"{fl['mot']['total'] / 1e3:.0f}k (experts {fl['mot']['experts'] / 1e3:.0f}k + controller/mixing "
+            f"{(fl['mot']['controller'] + fl['mot']['mixing']) / 1e3:.0f}k) vs dense {fl['dense'] / 1e3:.0f}k; "
+            f"parameters {pr['mot'] / 1e6:.2f}M vs {pr['dense'] / 1e6:.2f}M.",
+            "",
+            "| step | " + " | ".join(k for k in ("dense", "mot", "dense_wide") if k in C) + " |",
+            "|---|" + "---|" * len([k for k in ("dense", "mot", "dense_wide") if k in C]),
+        ]
+        for i, st in enumerate(C["dense"]["step"]):
+            L.append(
+                f"| {st} | "
+                + " | ".join(f"{C[k]['eval'][i]:.3f}" for k in ("dense", "mot", "dense_wide") if k in C)
+                + " |"
+            )
+        L += [
+            "",
+            "| | final eval loss | training wall time (s) | s/step |",
+            "|---|---|---|---|",
+        ]
+        for k in ("dense", "mot", "dense_wide"):
+            if k in C:
+                L.append(
+                    f"| {k} | {C[k]['eval'][-1]:.3f} | {C[k]['wall'][-1]:.0f} | {C[k]['wall'][-1] / z['steps']:.2f} |"
+                )
+        if "transition" in C:
+            tr = C["transition"]
+            L += [
+                "",
+                f"Transition of the MoT model to a top-{z['experts'] // z['group_size']} token-choice MoE: eval loss "
+                f"{C['mot']['eval'][-1]:.3f} (MoT) -> {tr['before']:.3f} right after the switch -> {tr['eval'][-1]:.3f} after "
+                f"{tr['step'][-1]} more steps (lr x0.3); at batch 1: {tr['batch1']:.3f}.",
+            ]
+        L.append("")
+    L += ["## Reading", "", res.get("reading", "(see the final report)"), ""]
+    path.write_text("\n".join(L))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
@@ -303,14 +406,25 @@ def main() -> None:
     p.add_argument("--scratch-lr", type=float, default=3e-3)
     p.add_argument("--scratch-eval-batches", type=int, default=4)
     p.add_argument("--no-wide", dest="wide", action="store_false")
+    p.add_argument("--report-only", action="store_true", help="rewrite mot.md / mot.png from mot.json")
+    p.add_argument("--reading", default="", help="a paragraph of interpretation for mot.md")
     args = p.parse_args()
+    command = "python benchmarks/mot.py " + " ".join(sys.argv[1:])
+    out = Path(args.out)
+    if args.report_only:
+        res = json.loads((out / "mot.json").read_text())
+        if args.reading:
+            res["reading"] = args.reading
+            (out / "mot.json").write_text(json.dumps(res, indent=1))
+        plot(res, out / "mot.png")
+        write_md(res, out / "mot.md", res.get("command", command))
+        return
     if args.quick:
         args.steps, args.transition_steps, args.eval_sequences, args.seq_len = 2, 1, 4, 32
         args.scratch_steps, args.scratch_eval_batches = 16, 1
     evaluate.set_threads(args.threads)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    res: dict = {"threads": args.threads, "torch": torch.__version__}
+    res: dict = {"threads": args.threads, "torch": torch.__version__, "command": command}
     start = time.perf_counter()
     if not args.skip_embedded:
         res["embedded"] = embedded(args)
@@ -322,6 +436,7 @@ def main() -> None:
     res["total_seconds"] = time.perf_counter() - start
     (out / "mot.json").write_text(json.dumps(res, indent=1))
     plot(res, out / "mot.png")
+    write_md(res, out / "mot.md", command)
     print(json.dumps({k: v for k, v in res.items() if k != "scratch"}, indent=1)[:3000])
     if "scratch" in res:
         C = res["scratch"]["curves"]
