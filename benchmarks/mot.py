@@ -316,7 +316,7 @@ def write_md(res: dict, path: Path, command: str) -> None:
             f"| MoT right after modify | {_f(p['mot_init'])} | x{p['mot_init'] / d:.3g} |",
             f"| MoT after {z['mot_steps']} steps | {_f(p['mot_trained'])} | x{p['mot_trained'] / d:.3g} |",
             f"| transitioned MoE (+{z['transition_steps']} step) | {_f(p['transitioned'])} | x{p['transitioned'] / d:.3g} |",
-            f"| same, evaluated at batch 1 (first eval batch) | {_f(p['transitioned_batch1'])} | - |",
+            f"| same model, one sequence at a time, first eval batch only (a different token subset: not comparable to the row above) | {_f(p['transitioned_batch1'])} | - |",
             "",
             "Training throughput, tokens/s (same loop, steps after the first; the machine was shared, so these are "
             "noisy):",
