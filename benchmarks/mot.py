@@ -256,7 +256,9 @@ def plot(res: dict, path: Path) -> None:
         n = len(L["mot"])
         ax[0].plot(range(1, len(L["dense"]) + 1), L["dense"], label="dense fine-tune")
         ax[0].plot(range(1, n + 1), L["mot"], label="MoT")
-        ax[0].plot(range(n + 1, n + len(L["transition"]) + 1), L["transition"], label="transition (MoE)")
+        ax[0].plot(
+            range(n + 1, n + len(L["transition"]) + 1), L["transition"], "o-", label="transition (MoE)"
+        )
         ax[0].set(title="(a) SmolLM2-135M: train LM loss", xlabel="step", ylabel="loss")
         ax[0].legend()
     if "scratch" in res:
