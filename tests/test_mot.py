@@ -356,3 +356,21 @@ def test_recipes_are_valid_and_quick_ends_transitioned() -> None:
     condify.modify(model, "mot", **q.modify)
     condify.calibrate(model, data(q.data.num_batches, q.data.batch_size), progress=False, **q.calibrate)
     assert stage(model) == "moe" and "mot" in condify.list_methods()
+
+
+def test_failed_transition_leaves_the_mot_model(monkeypatch) -> None:
+    """calibrate is transactional: an error after the switch to the MoE puts the MoT model back."""
+    model = tiny("llama")
+    condify.modify(model, "mot", group_size=2, num_experts=4)
+    before, x = snapshot(model), ids(4)
+    ref = logits(model, x)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("condify.training.train", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        condify.calibrate(model, data(), stage="transition", steps=2, progress=False)
+    assert stage(model) == "mot" and condify.applied_configs(model)[0].stage == "mot"
+    assert same_state(snapshot(model), before)
+    torch.testing.assert_close(logits(model, x), ref, atol=0, rtol=0)
