@@ -374,3 +374,20 @@ def test_failed_transition_leaves_the_mot_model(monkeypatch) -> None:
     assert stage(model) == "mot" and condify.applied_configs(model)[0].stage == "mot"
     assert same_state(snapshot(model), before)
     torch.testing.assert_close(logits(model, x), ref, atol=0, rtol=0)
+
+
+def test_hf_trainer_trains_the_mot_model(tmp_path) -> None:
+    """The HF Trainer (fused AdamW, its own loop) trains the MoT stage; batches are multiples of G."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    model = tiny("llama")
+    condify.modify(model, "mot", group_size=2, num_experts=4)
+    w0 = site(model).router.weight.detach().clone()
+    rows = [{"input_ids": r, "labels": r} for r in ids(8, 16)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2,
+        report_to=[], save_strategy="no", dataloader_drop_last=True, use_cpu=True, logging_strategy="no",
+    )  # fmt: skip
+    transformers.Trainer(model=model, args=args, train_dataset=rows).train()
+    assert not torch.equal(site(model).router.weight.detach(), w0)
+    assert logits(model.eval(), ids(4)).isfinite().all()
