@@ -13,6 +13,10 @@ the mixed input ``m_e = sum_i w_ie x_i`` runs through the expert (the dense MLP 
 and token i receives ``y_i = sum_e w_ie expert_e(m_e)``. Mixing is across sequences at one position,
 so a later token never changes an earlier output (causal), but the batch size must be a multiple of G.
 Executed expert compute: E expert evaluations per group of G tokens, i.e. 1/G of the dense MLP.
+The MLP does not see the attention mask: padded positions take part in the mixing of their group, so
+train the MoT stage on unpadded batches (the corpus windows are) and pad only after the transition.
+The t -> 0 limit of the softmax over the group is expert choice (each expert runs its group's
+highest-scoring token alone), not token choice; the token-choice model is what the transition builds.
 
 Stage ``"moe"`` (transitioned). Token-choice: token x takes the top-k experts of ``x . W_c`` and sums
 their outputs with weight 1 (what an expert's winning token gets in MoT at t -> 0), executed through
