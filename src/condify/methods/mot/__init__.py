@@ -11,7 +11,7 @@ saved in the config. ``stage="full"`` does both in one call.
 The conversion is far from dense at init (each token receives about 1/G of the expert compute, on
 mixed inputs): on SmolLM2-135M, G=2 and 16 experts in layers 15-29, held-out perplexity is x29 of dense
 at t=1 and x12 at t=0.01, and x2.4 for the untrained top-8 transitioned MoE (x243 / x4.1 with G=4).
-Training is part of the method (``benchmarks/results/mot.md``).
+(validation plays, 512 tokens). Training is part of the method (``benchmarks/results/mot.md``).
 """
 
 from __future__ import annotations
