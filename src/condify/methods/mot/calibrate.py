@@ -1,0 +1,163 @@
+"""Training of mot: MoT training (KL to the dense teacher or LM loss), then transition tuning.
+
+Stages (``condify.calibrate(model, data, stage=...)``):
+
+- ``"mot"``: ``steps`` steps of the continuous MoT model. ``temperature_end`` anneals every layer's
+  mixing temperature geometrically from its current value to ``temperature_end`` over the steps (the
+  paper's schedule before the transition: t toward 0, where MoT becomes one-token-per-expert routing).
+- ``"transition"``: every MoT layer becomes a token-choice top-k MoE initialised from the MoT weights
+  (the controller is the router; the experts are the same blocks), recorded in the saved config, then
+  ``steps`` steps of fine-tuning (the paper: ~10 % of the MoT steps). The KL target is the MoT model as
+  it was before the switch (``transition_teacher="mot"``, a frozen copy) or the dense reading of the
+  weights (``"dense"``).
+- ``"full"``: ``"mot"`` for ``steps``, then ``"transition"`` for ``transition_steps`` (default 10 % of
+  ``steps``, at least 1). One call that ends in the batch-independent model (the ``cpu`` recipe).
+
+``params``: what trains: ``"mlp"`` (the converted MLPs and their controllers), ``"layers"`` (the whole
+converted decoder layers), ``"all"``. Controllers train at ``router_lr``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+from torch import nn
+
+from ...adapters import get_adapter
+from ...config import ConfigError, Options, option
+from ...convert import applied_configs
+from ...training import Batch, Run, distill_loss, mean_nll
+from .config import MoTConfig
+from .modules import METHOD, converted, stage
+from .transform import set_stage
+
+STAGES = ("mot", "transition", "full")
+
+
+@dataclasses.dataclass
+class MoTCalibration(Options):
+    owner: ClassVar[str] = "mot calibrate"
+
+    stage: str = option("mot", choices=STAGES)
+    steps: int = option(100, ge=0)
+    transition_steps: int | None = option(None, ge=0)
+    lr: float = option(1e-4, gt=0.0)
+    router_lr: float = option(1e-3, gt=0.0)
+    loss: str = option("kl", choices=("kl", "lm"))
+    lm_weight: float = option(0.0, ge=0.0)
+    params: str = option("mlp", choices=("mlp", "layers", "all"))
+    temperature_end: float | None = option(None, gt=0.0)
+    transition_teacher: str = option("mot", choices=("mot", "dense"))
+
+    def validate(self) -> None:
+        if self.transition_steps is not None and self.stage != "full":
+            raise ConfigError("mot calibrate: `transition_steps` is for stage='full'; use `steps` otherwise")
+
+
+def _config(model: nn.Module) -> MoTConfig:
+    return next(c for c in applied_configs(model) if c.method == METHOD)  # type: ignore[return-value]
+
+
+def _check_batches(batches: list[Batch], group_size: int, what: str) -> None:
+    bad = sorted({b["input_ids"].shape[0] for b in batches if b["input_ids"].shape[0] % group_size})
+    if bad:
+        raise ConfigError(
+            f"mot calibrate: {what} batches of size {bad} are not multiples of group_size={group_size}; "
+            f"MoT mixes the tokens at one position across {group_size} sequences, so every batch must "
+            f"hold a multiple of {group_size} sequences"
+        )
+
+
+def param_groups(model: nn.Module, which: str, lr: float, router_lr: float) -> list[dict[str, Any]]:
+    """AdamW groups: the controllers at ``router_lr``, the rest of ``which`` at ``lr``."""
+    sites = converted(model)
+    routers = [p for _, m in sites for p in m.router.parameters()]
+    if which == "all":
+        pool = list(model.parameters())
+    elif which == "layers":
+        layers = get_adapter(model).layer_list(model)
+        pool = [p for _, m in sites for p in layers[m._condify_patch.state.layer].parameters()]
+    else:
+        pool = [p for _, m in sites for p in m.parameters()]
+    ids = {id(p) for p in routers}
+    rest = list({id(p): p for p in pool if id(p) not in ids}.values())
+    return [{"params": rest, "lr": lr}, {"params": routers, "lr": router_lr}]
+
+
+def _annealer(model: nn.Module, steps: int, t_end: float | None):
+    if t_end is None:
+        return None
+    routers = [m.router for _, m in converted(model)]
+    start = [float(r.temperature) for r in routers]
+
+    def after(step: int, loss: float) -> str:
+        f = (step + 1) / steps
+        for r, t0 in zip(routers, start, strict=True):
+            r.temperature.fill_(t0 * math.exp(f * (math.log(t_end) - math.log(t0))))
+        return f"t={float(routers[0].temperature):.3g}"
+
+    return after
+
+
+def _train_mot(model: nn.Module, run: Run, opts: MoTCalibration, steps: int) -> list[float]:
+    teacher = run.teacher() if opts.loss == "kl" else None
+    groups = param_groups(model, opts.params, opts.lr, opts.router_lr)
+    loss = distill_loss(teacher, lm_weight=opts.lm_weight)
+    return run.train(
+        groups, steps, loss, after_step=_annealer(model, steps, opts.temperature_end), desc="mot"
+    )
+
+
+def _transition(model: nn.Module, run: Run, opts: MoTCalibration, steps: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if run.held:
+        out["mot_ppl"] = math.exp(mean_nll(model, run.held))
+    teacher = None
+    if opts.loss == "kl":
+        if opts.transition_teacher == "mot":
+            teacher = copy.deepcopy(model).eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+        else:
+            teacher = run.teacher()
+    set_stage(model, _config(model), "moe")
+    groups = param_groups(model, opts.params, opts.lr, opts.router_lr)
+    out["transition_losses"] = run.train(groups, steps, distill_loss(teacher, lm_weight=opts.lm_weight),
+                                         desc="transition")  # fmt: skip
+    return out
+
+
+def calibrate(model: nn.Module, run: Run, opts: MoTCalibration) -> dict[str, Any]:
+    cfg = _config(model)
+    G = cfg.group_size
+    current = stage(model)
+    if current != "mot":
+        raise ConfigError(
+            f"mot calibrate: the model is already transitioned (stage {current!r}); there is no further "
+            "stage (train it as an ordinary model, or unmodify and modify again)"
+        )
+    _check_batches(run.fit, G, "calibration")
+    if opts.stage == "mot":
+        _check_batches(run.held, G, "held-out")
+    result: dict[str, Any] = {"stage": opts.stage}
+    if opts.stage in ("mot", "full"):
+        result["losses"] = _train_mot(model, run, opts, opts.steps)
+    if opts.stage in ("transition", "full"):
+        if opts.stage == "full":
+            steps = (
+                opts.transition_steps
+                if opts.transition_steps is not None
+                else max(1, round(0.1 * opts.steps))
+            )
+        else:
+            steps = opts.steps
+        if run.held:
+            _check_batches(run.held, G, "held-out")
+        result.update(_transition(model, run, opts, steps))
+    result["temperature"] = {
+        m._condify_patch.state.layer: float(m.router.temperature) for _, m in converted(model)
+    }
+    return result

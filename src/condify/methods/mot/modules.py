@@ -1,0 +1,215 @@
+"""Modules and the patched MLP forward of mot (Mixture of Tokens, arXiv 2310.15961).
+
+Each converted MLP keeps its class, parameter names and weights (neurons permuted in place into E
+contiguous expert blocks of ``s = I / E`` neurons) and gains two children:
+
+- ``router``: the controller ``W_c`` (:class:`Controller`: ``weight`` (E, d), buffer ``temperature``);
+- ``expert_layout``: the persistent buffer ``perm`` (position -> original neuron), so ``unmodify``
+  restores the original order exactly.
+
+Stage ``"mot"`` (continuous). The batch (B, T, d) is split into B/G groups of G consecutive sequences;
+a group is the G tokens at one position. For expert e and a group, ``w_ie = softmax_i(x_i . W_c[e] / t)``,
+the mixed input ``m_e = sum_i w_ie x_i`` runs through the expert (the dense MLP restricted to block e),
+and token i receives ``y_i = sum_e w_ie expert_e(m_e)``. Mixing is across sequences at one position,
+so a later token never changes an earlier output (causal), but the batch size must be a multiple of G.
+Executed expert compute: E expert evaluations per group of G tokens, i.e. 1/G of the dense MLP.
+The MLP does not see the attention mask: padded positions take part in the mixing of their group, so
+train the MoT stage on unpadded batches (the corpus windows are) and pad only after the transition.
+The t -> 0 limit of the softmax over the group is expert choice (each expert runs its group's
+highest-scoring token alone), not token choice; the token-choice model is what the transition builds.
+
+Stage ``"moe"`` (transitioned). Token-choice: token x takes the top-k experts of ``x . W_c`` and sums
+their outputs with weight 1 (what an expert's winning token gets in MoT at t -> 0), executed through
+``condify.ops.expert_mlp`` (only the selected blocks run), so it works at any batch size, batch 1
+included, and with the KV cache. The router learns through a straight-through gate
+``1 + p_e - stopgrad(p_e)`` with ``p`` the softmax over the k selected scores (value exactly 1; no
+router gradient when k = 1). Weighting the outputs by ``k * softmax`` instead was measured to blow up
+the converted SmolLM2 (held-out perplexity 1.4e5 right after the switch: a peaked softmax gives one
+expert weight k).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...convert import SiteState, patched
+from ...ops import expert_mlp
+from ...ops.reference import ACTIVATIONS
+
+METHOD = "mot"
+
+
+@dataclass
+class MoTSite(SiteState):
+    """State of one converted MLP (its controller and layout are children)."""
+
+    kind: ClassVar[str] = "mlp"
+
+    adapter: Any = field(default=None, repr=False)
+    group_size: int = 1
+    experts: int = 1
+    expert_size: int = 1
+    top_k: int = 1
+    activation: str = "silu"
+    stage: str = "mot"  # mirrors the saved config ("mot" | "moe")
+
+    def describe(self) -> dict[str, Any]:
+        return {"stage": self.stage, "experts": self.experts, "expert_size": self.expert_size,
+                "group_size": self.group_size, "top_k": self.top_k}  # fmt: skip
+
+
+class Controller(nn.Module):
+    """The MoT controller ``W_c`` (E, d) and the mixing temperature; after the transition, the router."""
+
+    def __init__(self, d: int, experts: int, temperature: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(experts, d))
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class MoTLayout(nn.Module):
+    """Persistent neuron order of one converted MLP (``perm[j]`` = original index of neuron j)."""
+
+    def __init__(self, perm: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("perm", perm.to(torch.int64))
+
+
+def _blocks(t: torch.Tensor | None, E: int, s: int) -> torch.Tensor | None:
+    """(I, d) rows or (I,) bias as (E, s, ...) expert blocks (a view for the stored layouts)."""
+    return None if t is None else t.reshape(E, s, *t.shape[1:])
+
+
+def mixing_weights(logits: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
+    """Softmax over the group (dim 1 of (N, G, T, E) logits) at ``temperature``, in fp32 at least."""
+    z = logits.float() / temperature
+    return torch.softmax(z, dim=1).to(logits.dtype)
+
+
+def mot_mlp(
+    x: torch.Tensor,
+    w: dict[str, torch.Tensor | None],
+    wc: torch.Tensor,
+    temperature: float | torch.Tensor,
+    group_size: int,
+    expert_size: int,
+    act: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoT over a (B, T, d) batch; returns the output (B, T, d_out) and the mixing weights (N, G, T, E)."""
+    B, T, d = x.shape
+    G, s, E = group_size, expert_size, wc.shape[0]
+    if B % G:
+        raise ValueError(
+            f"mot: the batch size {B} is not a multiple of group_size={G} (a group is the tokens at one "
+            f"position across {G} sequences); pass a batch of {G}*n sequences, or transition the model "
+            f"(condify.calibrate(model, data, stage='transition')) to run any batch size"
+        )
+    xg = x.reshape(B // G, G, T, d)
+    wts = mixing_weights(F.linear(xg, wc), temperature)  # (N, G, T, E)
+    m = torch.einsum("ngte,ngtd->nted", wts, xg)  # one mixed input per expert and group
+    up = torch.einsum("nted,esd->ntes", m, _blocks(w["up"], E, s))
+    if w["b_up"] is not None:
+        up = up + _blocks(w["b_up"], E, s)
+    fn = ACTIVATIONS[act]
+    if w["gate"] is None:
+        h = fn(up)
+    else:
+        gate = torch.einsum("nted,esd->ntes", m, _blocks(w["gate"], E, s))
+        if w["b_gate"] is not None:
+            gate = gate + _blocks(w["b_gate"], E, s)
+        h = fn(gate) * up
+    down = w["down"]
+    o = torch.einsum("ntes,oes->nteo", h, down.unflatten(1, (E, s)))  # (N, T, E, d_out)
+    y = torch.einsum("ngte,nteo->ngto", wts, o).reshape(B, T, down.shape[0])
+    return (y if w["b_down"] is None else y + w["b_down"]), wts
+
+
+def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-choice routing of (T, E) scores: top-k expert indices (T, k) and gates (T, k), value 1,
+    gradient of the softmax over the selected scores (straight-through)."""
+    top = logits.topk(k, dim=-1)
+    p = torch.softmax(top.values.float(), dim=-1)
+    return top.indices, (1.0 + p - p.detach()).to(logits.dtype)
+
+
+def moe_mlp(
+    xf: torch.Tensor,
+    w: dict[str, torch.Tensor | None],
+    wc: torch.Tensor,
+    k: int,
+    expert_size: int,
+    act: str,
+) -> torch.Tensor:
+    """Transitioned token-choice MoE over (T, d) tokens through ``condify.ops.expert_mlp``.
+
+    The k choices of every token are laid out as k*T rows with one expert each, so one ``expert_mlp``
+    call runs exactly the selected (token, expert) pairs (decode: the k selected blocks; prefill: tokens
+    grouped per expert), and the gates weight each choice's output. The down bias is not included.
+    """
+    T, E = xf.shape[0], wc.shape[0]
+    idx, gates = route(F.linear(xf, wc), k)
+    rows = xf.repeat(k, 1) if k > 1 else xf  # row j*T + t: choice j of token t
+    mask = F.one_hot(idx.t().reshape(-1), E).bool()
+    out = expert_mlp(rows, w["up"], w["down"], mask, expert_size, act,
+                     w_gate=w["gate"], b_up=w["b_up"], b_gate=w["b_gate"])  # fmt: skip
+    out = out.reshape(k, T, -1) * gates.t()[:, :, None]
+    return out.sum(0)
+
+
+def _contig(name: str, t: torch.Tensor | None) -> torch.Tensor | None:
+    """``expert_mlp`` reads blocks of contiguous up/gate rows and a contiguous or column-major down."""
+    if t is None or t.is_contiguous() or (name == "down" and t.t().is_contiguous()):
+        return t
+    return t.contiguous()
+
+
+def mot_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Forward of a converted MLP (installed as an instance method)."""
+    st: MoTSite = self._condify_patch.state
+    w = st.adapter.mlp_weights(self)
+    router: Controller = self.router
+    if st.stage == "mot":
+        if x.dim() != 3:
+            raise ValueError(f"mot: expected hidden states (batch, seq, d), got shape {tuple(x.shape)}")
+        t = router.temperature if torch.compiler.is_compiling() else float(router.temperature)
+        y, _ = mot_mlp(x, w, router.weight, t, st.group_size, st.expert_size, st.activation)
+        if st.counter is not None:  # E expert evaluations per group of G tokens
+            n = x.shape[0] * x.shape[1]
+            st.count(n // st.group_size * st.experts, n * st.experts)
+        return y
+    shape = x.shape
+    xf = x.reshape(-1, shape[-1])
+    c = {k: _contig(k, v) for k, v in w.items()}
+    out = moe_mlp(xf, c, router.weight, st.top_k, st.expert_size, st.activation)
+    if st.counter is not None:
+        st.count(xf.shape[0] * st.top_k, xf.shape[0] * st.experts)
+    if w["b_down"] is not None:
+        out = out + w["b_down"]
+    return out.reshape(*shape[:-1], -1)
+
+
+def converted(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) of every MLP converted by mot."""
+    return patched(model, METHOD)
+
+
+def stage(model: nn.Module) -> str | None:
+    """The stage of the converted MLPs (``"mot"`` or ``"moe"``), None if the model has none."""
+    sites = converted(model)
+    return sites[0][1]._condify_patch.state.stage if sites else None
+
+
+def set_temperature(model: nn.Module, t: float) -> None:
+    """Set the mixing temperature of every converted MLP."""
+    if not t > 0:
+        raise ValueError(f"mot: temperature must be > 0, got {t}")
+    for _, m in converted(model):
+        m.router.temperature.fill_(float(t))
