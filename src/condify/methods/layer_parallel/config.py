@@ -25,6 +25,18 @@ class LayerParallelConfig(MethodConfig):
 
     def validate(self) -> None:
         if self.layers is not None:
+            derived = {"pairs": len(self.layers) // 2, "start": self.layers[0] if self.layers else None}
+            clash = [
+                f"{k}={getattr(self, k)!r}"
+                for k, v in derived.items()
+                if self.given(k) and getattr(self, k) != v
+            ]
+            if clash:
+                raise ConfigError(
+                    f"layer-parallel: `layers={self.layers}` conflicts with {', '.join(clash)} "
+                    f"(`layers` means pairs={derived['pairs']}, start={derived['start']}); give either "
+                    f"`layers` or `pairs`/`start`"
+                )
             if (
                 not self.layers
                 or len(self.layers) % 2
@@ -39,6 +51,12 @@ class LayerParallelConfig(MethodConfig):
     def resolve(self, num_layers: int) -> list[int]:
         """The paired layer indices for a model with ``num_layers`` layers (raises if they don't fit)."""
         start = num_layers - 1 - 2 * self.pairs if self.start is None else self.start
+        if 2 * self.pairs > num_layers:
+            raise ConfigError(
+                f"layer-parallel: `pairs={self.pairs}` pairs ({2 * self.pairs} layers) do not fit in a model "
+                f"with {num_layers} layers; `pairs` must be in 1..{num_layers // 2}"
+                + ("" if num_layers >= 2 else " (a model needs at least 2 layers to pair)")
+            )
         if start < 0 or start + 2 * self.pairs > num_layers:
             raise ConfigError(
                 f"layer-parallel: {self.pairs} pairs starting at layer {start} do not fit in a model with "
