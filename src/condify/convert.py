@@ -123,6 +123,7 @@ def patched(model: nn.Module, method: str | None = None) -> list[tuple[str, nn.M
 
 def applied_configs(model: nn.Module) -> list[MethodConfig]:
     """The method configs applied to ``model``, in order."""
+    check_model(model, "condify")
     state = getattr(model.config, CONFIG_KEY, None) or {}
     check_state(state, "config.condify")
     return [method_spec(d["method"]).config_cls.from_dict(d) for d in state.get("methods", [])]
@@ -233,6 +234,9 @@ def modify(
         raise ModifyError(
             f"{cfg.method}: the options {cfg.to_dict()} select nothing to convert in this model"
         )
+    if not _from_checkpoint:  # a checkpoint's weights are loaded right after
+        for t in targets:  # what the method converts (and may initialise from) must be finite
+            check_finite_weights(t.module, f"modify ({cfg.method})", prefix=t.path)
     taken = _targets(model)
     for t in targets:
         for other, owner in taken.items():
