@@ -27,7 +27,16 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .config import ConfigError
-from .convert import CONFIG_KEY, FORMAT_VERSION, applied_configs, check_model, check_state, modify, patched
+from .convert import (
+    CONFIG_KEY,
+    FORMAT_VERSION,
+    applied_configs,
+    check_model,
+    check_state,
+    method_spec,
+    modify,
+    patched,
+)
 
 
 class CheckpointError(ValueError):
@@ -159,6 +168,11 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{cfg_file}: `{CONFIG_KEY}` has no format `version` (expected 1..{FORMAT_VERSION})"
         )
+    for d in (state or {}).get("methods", []):
+        try:
+            method_spec(d["method"])
+        except ConfigError as e:
+            raise CheckpointError(f"{cfg_file}: {e}") from None
     return config
 
 
