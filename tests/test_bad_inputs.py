@@ -971,3 +971,43 @@ def test_cli_error_exit_status_from_a_subprocess(tmp_path):
     assert r.stderr.strip().splitlines() == [
         "condify: error: layer-parallel: `pairs` must be an integer >= 1, got 0"
     ]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a failure half way through modify rolls back everything
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("where", ["second-target", "attach"])
+def test_modify_failing_half_way_rolls_back(monkeypatch, method, where):
+    import dataclasses
+
+    spec = registry.get(method)
+    calls = []
+
+    def patch(model, adapter, cfg, target, from_checkpoint):
+        calls.append(target.path)
+        if where == "second-target" and len(calls) == 2:
+            raise condify.ModifyError("injected failure")
+        spec.patch(model, adapter, cfg, target, from_checkpoint)
+
+    def attach(model, adapter, cfg, targets):
+        if spec.attach is not None:
+            spec.attach(model, adapter, cfg, targets)
+        raise condify.ModifyError("injected failure")
+
+    broken = dataclasses.replace(spec, patch=patch, attach=attach if where == "attach" else spec.attach)
+    monkeypatch.setitem(registry._METHODS, method, broken)
+    model = tiny("llama")
+    opts = TINY_OPTIONS.get(method, {})
+    if method == "layer-parallel":
+        opts = {"pairs": 2, "start": 1}  # at least two targets
+    x = ids()
+    with torch.no_grad():
+        dense = model(x).logits
+    refused(condify.ModifyError, "injected failure", condify.modify, model, method, model=model, **opts)
+    if where == "second-target":
+        assert len(calls) == 2, "needs at least two targets"
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, dense)
