@@ -766,6 +766,17 @@ def test_missing_original_tensor_dense_checkpoint(tmp_path):
             files=[tmp_path])  # fmt: skip
 
 
+@pytest.mark.parametrize("dense", [False, True], ids=["condify", "dense"])
+def test_original_tensor_of_another_shape(saved, tmp_path, dense):
+    """Unclear before: transformers' "look at the above report" with the report silenced."""
+    path = _copy(saved, tmp_path)
+    if dense:
+        _edit_config(path, lambda c: c.pop("condify"))
+    _rewrite_weights(path, lambda w: w.update({"model.norm.weight": torch.ones(3)}))
+    refused(condify.CheckpointError, "1 tensor\\(s\\) of the original model have another shape .*model.norm.weight",
+            condify.from_pretrained, path, files=[path])  # fmt: skip
+
+
 def test_unexpected_tensor(saved, tmp_path):
     path = _copy(saved, tmp_path)
     _rewrite_weights(path, lambda w: w.update({"model.layers.0.extra.weight": torch.zeros(2)}))

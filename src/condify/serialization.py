@@ -192,13 +192,24 @@ def from_pretrained(path: str | Path, **hf_kwargs: Any) -> nn.Module:
     level = tl.level
     if state:  # the load report would list condify's extra keys as unexpected; we report the rest below
         tl.setLevel(logging.ERROR)
+    strict_sizes = not hf_kwargs.pop("ignore_mismatched_sizes", False)
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(str(path), output_loading_info=True, **hf_kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(path), output_loading_info=True, ignore_mismatched_sizes=True, **hf_kwargs
+        )
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: transformers could not load the checkpoint ({e})") from None
     finally:
         tl.setLevel(level)
-    missing = sorted(info.get("missing_keys") or [])
+    mismatched = [m if isinstance(m, str) else m[0] for m in info.get("mismatched_keys") or []]
+    if mismatched and strict_sizes:
+        shapes = {str(m[0]): tuple(m[1:]) for m in info["mismatched_keys"] if not isinstance(m, str)}
+        shown = [f"{k} {shapes.get(k, '')}".strip() for k in sorted(mismatched)[:5]]
+        raise CheckpointError(
+            f"{path}: {len(mismatched)} tensor(s) of the original model have another shape in the weights "
+            f"than config.json implies (name (checkpoint shape, model shape)): {shown}"
+        )
+    missing = sorted(set(info.get("missing_keys") or []) - set(mismatched))
     if missing:
         raise CheckpointError(
             f"{path}: {len(missing)} tensor(s) of the original model are missing from the weights "
