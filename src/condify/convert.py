@@ -193,18 +193,15 @@ def check_model(model: Any, what: str) -> None:
 
 
 def check_finite_weights(model: nn.Module, what: str, prefix: str = "") -> None:
-    """Raise :class:`ModifyError` naming the first parameter or buffer holding NaN/inf (before any change)."""
-    for kind, named in (
-        ("parameter", model.named_parameters(prefix)),
-        ("buffer", model.named_buffers(prefix)),
-    ):
-        for name, t in named:
-            if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
-                bad = int((~torch.isfinite(t)).sum())
-                raise ModifyError(
-                    f"{what}: {kind} {name!r} holds {bad} non-finite value(s) (NaN/inf); the model's "
-                    f"weights are broken (check how it was loaded or trained); nothing was changed"
-                )
+    """Raise :class:`ModifyError` naming the first parameter holding NaN/inf (checked before any change;
+    buffers are not weights: masks may hold -inf on purpose)."""
+    for name, t in model.named_parameters(prefix):
+        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ModifyError(
+                f"{what}: parameter {name!r} holds {bad} non-finite value(s) (NaN/inf); the model's "
+                f"weights are broken (check how it was loaded or trained); nothing was changed"
+            )
 
 
 def modify(

@@ -51,7 +51,7 @@ class DynamicKConfig(MethodConfig):
     attention_expert_size: int | None = option(None, ge=1)
 
     def validate(self) -> None:
-        if not self.attention:
+        if not self.attention and not self.given("version"):  # a saved config is read as it was
             unused = [f"{k}={getattr(self, k)!r}" for k, d in (("attention_width", 1.0), ("attention_expert_size", None))
                       if self.given(k) and getattr(self, k) != d]  # fmt: skip
             if unused:
