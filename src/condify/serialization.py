@@ -193,6 +193,7 @@ def from_pretrained(path: str | Path, **hf_kwargs: Any) -> nn.Module:
     if state:  # the load report would list condify's extra keys as unexpected; we report the rest below
         tl.setLevel(logging.ERROR)
     strict_sizes = not hf_kwargs.pop("ignore_mismatched_sizes", False)
+    hf_kwargs.pop("output_loading_info", None)  # condify reads the loading info itself
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             str(path), output_loading_info=True, ignore_mismatched_sizes=True, **hf_kwargs
