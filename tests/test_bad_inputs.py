@@ -30,7 +30,7 @@ TINY_OPTIONS = {
     "layer-parallel": {"pairs": 1, "start": 2},
     "dynamic-k": {"expert_size": 8},
     "lte": {"expert_size": 8},
-    "mot": {"num_experts": 4},
+    "mot": {"num_experts": 4, "stage": "moe"},  # token choice: any batch size
 }
 VOCAB = 128
 

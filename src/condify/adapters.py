@@ -8,6 +8,7 @@ Unknown ``model_type`` values go through a structural fallback; when neither wor
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -166,9 +167,16 @@ def get_adapter(model: nn.Module) -> Adapter:
             f"two norms. Supported model types: {supported()}."
         )
     _check(model, adapter)
-    if structural:
+    # a model condify already converted runs its forwards, not the original blocks (which may need
+    # particular inputs): it was verified when it was converted, and unmodify needs the adapter
+    converted = any(hasattr(m, "_condify_patch") for m in model.modules())
+    if structural and _VERIFIED.get(model) != adapter.name and not converted:
         verify(model, adapter)
+        _VERIFIED[model] = adapter.name
     return adapter
+
+
+_VERIFIED: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 
 
 _ACTS = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu, "relu": torch.nn.functional.relu}
@@ -212,13 +220,7 @@ def verify(model: nn.Module, a: Adapter, *, tokens: int = 6, seed: int = 0) -> N
 
         return f
 
-    # layers condify already converted run its forwards, not the original block: they were checked when
-    # they were converted (the adapter is needed again to undo them)
-    check = [
-        i for i, layer in enumerate(layers) if not any(hasattr(m, "_condify_patch") for m in layer.modules())
-    ]
-    for i in check:
-        layer = layers[i]
+    for i, layer in enumerate(layers):
         for part, mod in (
             ("layer", layer),
             ("attn", layer.get_submodule(a.attn)),
@@ -231,8 +233,8 @@ def verify(model: nn.Module, a: Adapter, *, tokens: int = 6, seed: int = 0) -> N
         model.eval()
         with torch.no_grad():
             model(input_ids=ids, use_cache=False)
-            for i in check:
-                _verify_layer(a, layers[i], i, rec)
+            for i, layer in enumerate(layers):
+                _verify_layer(a, layer, i, rec)
     except UnsupportedModelError:
         raise
     except Exception as e:
