@@ -336,7 +336,11 @@ OPTION_CASES = [
     ("layer-parallel", {"pairs": 4}, "`pairs=4` pairs \\(8 layers\\) do not fit in a model with 6 layers"),
     ("layer-parallel", {"start": -1}, "`start` must be an integer >= 0, got -1"),
     ("layer-parallel", {"pairs": 1, "start": 5}, "1 pairs starting at layer 5 do not fit"),
-    ("layer-parallel", {"layers": [1, 2, 4]}, "contiguous range of even length"),
+    (
+        "layer-parallel",
+        {"layers": [1, 2, 4]},
+        "contiguous range of even length|must list pairs of adjacent layers",
+    ),
     ("layer-parallel", {"layers": [8, 9]}, "1 pairs starting at layer 8 do not fit in a model with 6 layers"),
     ("mod-threshold", {"init_bias": float("inf")}, "`init_bias` must be a finite number, got inf"),
     ("mod-threshold", {"init_bias": "5"}, "`init_bias` must be float .*got '5' \\(str\\)"),
@@ -378,9 +382,12 @@ def test_bad_option(method, options, match):
         ({"layers": []}, "`layers` is empty"),
         (
             {"layers": [99]},
-            "layer indices \\[99\\] are out of range|contiguous range of even length, got \\[99\\]",
+            "layer indices \\[99\\] are out of range|contiguous range of even length, got \\[99\\]|pairs of adjacent layers .*got \\[99\\]",
         ),
-        ({"layers": [-1]}, "layer indices \\[-1\\] are out of range|contiguous range of even length"),
+        (
+            {"layers": [-1]},
+            "layer indices \\[-1\\] are out of range|contiguous range of even length|pairs of adjacent layers",
+        ),
         ({"layers": "0"}, "`layers` must be a list of layer indices"),
         ({"version": 99}, "unknown options \\['version'\\]"),
     ],

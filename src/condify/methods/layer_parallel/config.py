@@ -31,6 +31,8 @@ class LayerParallelConfig(MethodConfig):
                 for k, v in derived.items()
                 if self.given(k) and getattr(self, k) != v
             ]
+            if self.given("version"):  # a copy (dataclasses.replace) or a saved config: `layers` wins
+                clash = []
             if clash:
                 raise ConfigError(
                     f"layer-parallel: `layers={self.layers}` conflicts with {', '.join(clash)} "
