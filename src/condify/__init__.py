@@ -21,12 +21,14 @@ from .convert import ModifyError, applied_configs, describe, modify, unmodify
 from .registry import list_methods
 from .serialization import CheckpointError, from_pretrained, save_pretrained
 from .tracking import track
+from .training import DataError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "DataError",
     "MethodConfig",
     "ModifyError",
     "QualityWarning",
@@ -72,7 +74,7 @@ def calibrate(
     ``seconds``, and the method's own entries. A ratio above 1.5 is logged and warned
     (:class:`QualityWarning`). On any error the model is left exactly as it came.
     """
-    from .training import Run, as_batches, restore, snapshot, split_holdout
+    from .training import Run, as_batches, restore, snapshot, split_holdout, vocab_size
 
     configs = applied_configs(model)
     if not configs:
@@ -87,7 +89,8 @@ def calibrate(
         raise ConfigError(f"{cfg.method!r} has no calibration step")
     opts = spec.options.from_options(**options)
     device = next(model.parameters()).device
-    fit, held = split_holdout(as_batches(data, device), holdout)
+    vocab = vocab_size(model)
+    fit, held = split_holdout(as_batches(data, device, vocab), holdout, vocab)
     run = Run(model, fit, held, progress=progress)
     start = time.perf_counter()
     snap = snapshot(model)

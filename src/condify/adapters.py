@@ -8,6 +8,7 @@ Unknown ``model_type`` values go through a structural fallback; when neither wor
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -155,7 +156,10 @@ def _structural(model: nn.Module) -> Adapter | None:
 def get_adapter(model: nn.Module) -> Adapter:
     """The adapter for ``model`` (by ``config.model_type``, else structural), validated against it."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    adapter = ADAPTERS.get(model_type) or _structural(model)
+    adapter = ADAPTERS.get(model_type)
+    structural = adapter is None
+    if structural:
+        adapter = _structural(model)
     if adapter is None:
         raise UnsupportedModelError(
             f"condify does not know how to convert model_type {model_type!r} ({type(model).__name__}): "
@@ -163,7 +167,124 @@ def get_adapter(model: nn.Module) -> Adapter:
             f"two norms. Supported model types: {supported()}."
         )
     _check(model, adapter)
+    # a model condify already converted runs its forwards, not the original blocks (which may need
+    # particular inputs): it was verified when it was converted, and unmodify needs the adapter
+    converted = any(hasattr(m, "_condify_patch") for m in model.modules())
+    if structural and _VERIFIED.get(model) != adapter.name and not converted:
+        verify(model, adapter)
+        _VERIFIED[model] = adapter.name
     return adapter
+
+
+_VERIFIED: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+_ACTS = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu, "relu": torch.nn.functional.relu}
+
+
+def _first(x: object) -> torch.Tensor:
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def verify(model: nn.Module, a: Adapter, *, tokens: int = 6, seed: int = 0) -> None:
+    """Check that ``a``'s view of every decoder layer is exact on a small random input; raise
+    :class:`UnsupportedModelError` otherwise (what the structural fallback must pass).
+
+    One forward of ``tokens`` random ids records each layer's input and output and its attention and
+    MLP calls; the adapter's view must reproduce them: attention input = ``attn_norm(x)``, MLP input =
+    ``mlp_norm(x + attn)``, MLP output = ``down(act(gate(u)) * up(u))`` from :meth:`Adapter.mlp_weights`
+    and the named activation, layer output = ``x + attn + mlp``. The model's weights, modes and flags
+    are untouched."""
+    layers = a.layer_list(model)
+    ref = next((p for p in model.parameters()), None)
+    if ref is None or ref.device.type == "meta":
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: condify cannot check the structural adapter on a model without "
+            f"materialised weights (meta device); load its weights first"
+        )
+    vocab = getattr(model.config, "vocab_size", None) or model.get_input_embeddings().num_embeddings
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (1, tokens), generator=gen).to(ref.device)
+    rec: dict[tuple[int, str], torch.Tensor] = {}
+    hooks = []
+
+    def pre(key: tuple[int, str]):
+        def f(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            rec[key] = args[0] if args else kwargs["hidden_states"]
+
+        return f
+
+    def post(key: tuple[int, str]):
+        def f(mod: nn.Module, args: tuple, kwargs: dict, out: object) -> None:
+            rec[key] = _first(out)
+
+        return f
+
+    for i, layer in enumerate(layers):
+        for part, mod in (
+            ("layer", layer),
+            ("attn", layer.get_submodule(a.attn)),
+            ("mlp", layer.get_submodule(a.mlp)),
+        ):
+            hooks.append(mod.register_forward_pre_hook(pre((i, part + "_in")), with_kwargs=True))
+            hooks.append(mod.register_forward_hook(post((i, part + "_out")), with_kwargs=True))
+    modes = {n: m.training for n, m in model.named_modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+            for i, layer in enumerate(layers):
+                _verify_layer(a, layer, i, rec)
+    except UnsupportedModelError:
+        raise
+    except Exception as e:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: the structural adapter {a.name!r} could not be checked on a random "
+            f"input ({type(e).__name__}: {e}); supported model types: {supported()}"
+        ) from None
+    finally:
+        for h in hooks:
+            h.remove()
+        for n, m in model.named_modules():
+            m.training = modes.get(n, m.training)
+
+
+def _verify_layer(a: Adapter, layer: nn.Module, i: int, rec: dict[tuple[int, str], torch.Tensor]) -> None:
+    x, out = rec[(i, "layer_in")], rec[(i, "layer_out")]
+    attn_in, attn_out = rec[(i, "attn_in")], rec[(i, "attn_out")]
+    mlp_in, mlp_out = rec[(i, "mlp_in")], rec[(i, "mlp_out")]
+    mlp = layer.get_submodule(a.mlp)
+    w = a.mlp_weights(mlp)
+    act_mod = getattr(mlp, a.act, None)
+    act = act_mod if callable(act_mod) else _ACTS.get(str(act_mod))
+    if act is None:
+        raise UnsupportedModelError(f"layer {i}: the MLP activation {a.act!r} is not a callable")
+    lin = torch.nn.functional.linear
+    u = mlp_in
+    hidden = (
+        act(lin(u, w["gate"], w["b_gate"])) * lin(u, w["up"], w["b_up"])
+        if w["gate"] is not None
+        else act(lin(u, w["up"], w["b_up"]))
+    )
+    checks = {
+        "attention input = attn_norm(x)": (attn_in, layer.get_submodule(a.attn_norm)(x)),
+        "MLP input = mlp_norm(x + attention)": (mlp_in, layer.get_submodule(a.mlp_norm)(x + attn_out)),
+        "MLP output = down(act(gate) * up)": (mlp_out, lin(hidden, w["down"], w["b_down"])),
+        "layer output = x + attention + MLP": (out, x + attn_out + mlp_out),
+    }
+    for what, (got, want) in checks.items():
+        if got.shape != want.shape or not _close(got, want):
+            raise UnsupportedModelError(
+                f"the structural adapter {a.name!r} does not reproduce decoder layer {i} on a random input "
+                f"({what} does not hold); condify refuses to convert an architecture it cannot reproduce "
+                f"exactly. Supported model types: {supported()}."
+            )
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    tol = 1e-4 if got.dtype in (torch.float32, torch.float64) else 2e-2
+    scale = float(want.abs().max()) + 1e-6
+    return float((got.float() - want.float()).abs().max()) <= tol * scale
 
 
 def _check(model: nn.Module, a: Adapter) -> None:

@@ -65,11 +65,33 @@ def _type_name(hint: Any) -> str:
     return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
+_OPS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
+def _allowed(meta: Any) -> str:
+    """The allowed values of a field, for messages (``" (one of ('a', 'b'))"``, ``" (>= 1)"``, or "")."""
+    if "choices" in meta:
+        return f" (one of {meta['choices']})"
+    bounds = [f"{_OPS[k]} {meta[k]}" for k in _OPS if k in meta]
+    return f" ({' and '.join(bounds)})" if bounds else ""
+
+
 @dataclasses.dataclass
 class Options:
     """Base of every options dataclass: type and range checks in ``__post_init__``, then :meth:`validate`."""
 
     owner: ClassVar[str] = ""  # who the options belong to, for messages ("dynamic-k calibrate")
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        self = super().__new__(cls)
+        # the options the caller gave explicitly (positionally or by name), for consistency checks
+        names = [f.name for f in dataclasses.fields(cls) if f.init]
+        object.__setattr__(self, "_given", frozenset(names[: len(args)]) | frozenset(kwargs))
+        return self
+
+    def given(self, name: str) -> bool:
+        """Whether option ``name`` was passed explicitly when this object was built."""
+        return name in getattr(self, "_given", ())
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -83,7 +105,8 @@ class Options:
             hint = hints[f.name]
             if not _matches(value, hint):
                 raise ConfigError(
-                    f"{self.owner}: `{f.name}` must be {_type_name(hint)}, got {value!r} ({type(value).__name__})"
+                    f"{self.owner}: `{f.name}` must be {_type_name(hint)}{_allowed(f.metadata)}, "
+                    f"got {value!r} ({type(value).__name__})"
                 )
             self._check_bounds(f, value)
         self.validate()
@@ -160,6 +183,11 @@ class MethodConfig(Options):
                 raise ConfigError(
                     f"{self.method}: `layers` must be a list of layer indices, got {self.layers!r}"
                 )
+            if not self.layers:
+                raise ConfigError(
+                    f"{self.method}: `layers` is empty (selects no layer); pass at least one layer index, "
+                    f"or None for the method's default set"
+                )
             if len(set(self.layers)) != len(self.layers):
                 raise ConfigError(f"{self.method}: `layers` has duplicates: {self.layers}")
             self.layers = sorted(self.layers)
@@ -171,6 +199,15 @@ class MethodConfig(Options):
         if bad:
             raise ConfigError(
                 f"{self.method}: layer indices {bad} are out of range; this model has layers 0..{num_layers - 1}"
+            )
+
+    def check_selection(self, indices: list[int], num_layers: int) -> None:
+        """Raise if the layer set a config resolved to (``indices``) selects nothing."""
+        if not indices:
+            which = f"`layers={self.layers}`" if self.layers is not None else "the default layer set"
+            raise ConfigError(
+                f"{self.method}: {which} selects no layer in a model with {num_layers} layer(s); "
+                f"pass `layers=` with indices in 0..{num_layers - 1}"
             )
 
     def resolved(self, num_layers: int) -> MethodConfig:

@@ -123,8 +123,28 @@ def patched(model: nn.Module, method: str | None = None) -> list[tuple[str, nn.M
 
 def applied_configs(model: nn.Module) -> list[MethodConfig]:
     """The method configs applied to ``model``, in order."""
+    check_model(model, "condify")
     state = getattr(model.config, CONFIG_KEY, None) or {}
-    return [registry.get(d["method"]).config_cls.from_dict(d) for d in state.get("methods", [])]
+    check_state(state, "config.condify")
+    return [method_spec(d["method"]).config_cls.from_dict(d) for d in state.get("methods", [])]
+
+
+def check_state(state: Any, where: str) -> None:
+    """Raise :class:`ConfigError` unless ``state`` is a condify record this version reads:
+    ``{"version": 1..FORMAT_VERSION, "methods": [{"method": name, ...}, ...]}``."""
+    if not state:
+        return
+    if not isinstance(state, dict) or not isinstance(state.get("methods"), list):
+        raise ConfigError(f"{where} must be a dict with a list of `methods`, got {state!r:.200}")
+    version = state.get("version", FORMAT_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
+        raise ConfigError(
+            f"{where}: format version {version!r} is not one this condify understands (1..{FORMAT_VERSION}); "
+            f"upgrade condify"
+        )
+    for i, d in enumerate(state["methods"]):
+        if not isinstance(d, dict) or not isinstance(d.get("method"), str):
+            raise ConfigError(f"{where}: methods[{i}] must be a dict with a `method` name, got {d!r:.200}")
 
 
 def _set_configs(model: nn.Module, configs: list[MethodConfig]) -> None:
@@ -150,7 +170,38 @@ def _as_config(method: str | MethodConfig, options: dict[str, Any]) -> MethodCon
         if options:
             raise ConfigError("pass either a config object or keyword options, not both")
         return method
-    return registry.get(method).config_cls.from_options(**options)
+    return method_spec(method).config_cls.from_options(**options)
+
+
+def method_spec(method: Any) -> registry.Method:
+    """The registered method ``method`` names; :class:`ConfigError` (listing the known ones) otherwise."""
+    if not isinstance(method, str):
+        raise ConfigError(
+            f"`method` must be a method name (str) or a method config, got {method!r} "
+            f"({type(method).__name__}); known methods: {sorted(registry.list_methods())}"
+        )
+    try:
+        return registry.get(method)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def check_model(model: Any, what: str) -> None:
+    """Raise :class:`ModifyError` unless ``model`` is a transformers model (an ``nn.Module`` with a config)."""
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise ModifyError(f"{what}: expected a transformers PreTrainedModel, got {type(model).__name__}")
+
+
+def check_finite_weights(model: nn.Module, what: str, prefix: str = "") -> None:
+    """Raise :class:`ModifyError` naming the first parameter holding NaN/inf (checked before any change;
+    buffers are not weights: masks may hold -inf on purpose)."""
+    for name, t in model.named_parameters(prefix):
+        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ModifyError(
+                f"{what}: parameter {name!r} holds {bad} non-finite value(s) (NaN/inf); the model's "
+                f"weights are broken (check how it was loaded or trained); nothing was changed"
+            )
 
 
 def modify(
@@ -162,8 +213,7 @@ def modify(
     config object (not changed: the resolved copy is what gets recorded). Every check runs before the
     model is touched: on error it is left as it was.
     """
-    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
-        raise ModifyError(f"expected a transformers PreTrainedModel, got {type(model).__name__}")
+    check_model(model, "modify")
     cfg = _as_config(method, options)
     spec = registry.get(cfg.method)
     adapter = get_adapter(model)
@@ -177,6 +227,13 @@ def modify(
         )
     cfg = cfg.resolved(n)
     targets = spec.targets(model, adapter, cfg)
+    if not targets:
+        raise ModifyError(
+            f"{cfg.method}: the options {cfg.to_dict()} select nothing to convert in this model"
+        )
+    if not _from_checkpoint:  # a checkpoint's weights are loaded right after
+        for t in targets:  # what the method converts (and may initialise from) must be finite
+            check_finite_weights(t.module, f"modify ({cfg.method})", prefix=t.path)
     taken = _targets(model)
     for t in targets:
         for other, owner in taken.items():
@@ -206,13 +263,33 @@ def _remove(model: nn.Module, adapter: Adapter, cfg: MethodConfig) -> None:
 
 
 def unmodify(model: nn.Module, method: str | None = None) -> nn.Module:
-    """Undo ``modify`` (all methods, or only ``method``): original modules and weights, exactly."""
+    """Undo ``modify`` (all methods, or only ``method``): original modules and weights, exactly.
+
+    Everything is checked first (the config, every converted module still holding what condify
+    added); on error the model is left as it was."""
+    check_model(model, "unmodify")
     configs = applied_configs(model)
     if not configs:
         raise ModifyError("this model is not modified by condify; nothing to undo")
     if method is not None and method not in {c.method for c in configs}:
         raise ModifyError(f"{method!r} is not applied; applied: {[c.method for c in configs]}")
     adapter = get_adapter(model)
+    for cfg in configs:
+        if method is not None and cfg.method != method:
+            continue
+        sites = patched(model, cfg.method)
+        if not sites:
+            raise ModifyError(
+                f"unmodify: config.condify records {cfg.method!r} but no module is converted by it; the "
+                f"model was changed outside condify (reload it)"
+            )
+        for path, module in sites:
+            gone = [c for c in module._condify_patch.children if c not in module._modules]
+            if gone:
+                raise ModifyError(
+                    f"unmodify: {path!r} (converted by {cfg.method!r}) has lost {gone}, which condify added; "
+                    f"it cannot be undone exactly, so nothing was changed (reload the model)"
+                )
     keep = []
     for cfg in reversed(configs):
         if method is None or cfg.method == method:
@@ -225,6 +302,7 @@ def unmodify(model: nn.Module, method: str | None = None) -> nn.Module:
 
 def describe(model: nn.Module) -> str:
     """A short human-readable account of what condify converted where."""
+    check_model(model, "describe")
     configs = applied_configs(model)
     if not configs:
         return f"{type(model).__name__}: dense (not modified by condify)"

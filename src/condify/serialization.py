@@ -2,33 +2,100 @@
 
 No pickle and no remote code. The saved folder is also a valid dense checkpoint for vanilla
 ``transformers`` (condify's extra tensors are ignored as unexpected keys).
+
+Both directions check before they act: :func:`save_pretrained` refuses a bad target (``None``, an existing
+file) or a model without materialised weights before writing anything, writes into a temporary folder
+and only then replaces the weight files of an earlier save (stale shards and indexes included);
+:func:`from_pretrained` checks the folder, ``config.json`` (condify format version), every weight file's
+header, that no original tensor is missing and that condify's tensors match its config.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from .convert import CONFIG_KEY, applied_configs, modify, patched
+from .config import ConfigError
+from .convert import (
+    CONFIG_KEY,
+    FORMAT_VERSION,
+    applied_configs,
+    check_model,
+    check_state,
+    method_spec,
+    modify,
+    patched,
+)
 
 
 class CheckpointError(ValueError):
-    """A checkpoint's condify config and its weights disagree."""
+    """A checkpoint (or a save target) is unusable: missing or invalid files, an unknown format version,
+    missing original tensors, or a condify config that disagrees with the weights."""
+
+
+INDEX = "model.safetensors.index.json"
+# files of an earlier save that a new save replaces (weights and their indexes, any format)
+_WEIGHT_FILE = re.compile(
+    r"^(model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|"
+    r"pytorch_model(-\d{5}-of-\d{5})?\.bin|pytorch_model\.bin\.index\.json)$"
+)
+
+
+def _as_path(path: Any, what: str) -> Path:
+    if path is None or not isinstance(path, (str, os.PathLike)) or str(path) == "":
+        raise CheckpointError(f"{what}: expected a folder path (str or os.PathLike), got {path!r}")
+    return Path(path)
 
 
 def save_pretrained(model: nn.Module, path: str | Path, **kwargs: Any) -> None:
-    """``model.save_pretrained(path)`` with what condify needs (safetensors only)."""
+    """``model.save_pretrained(path)`` with what condify needs (safetensors only).
+
+    Checks first (nothing is written on error): ``path`` is a folder path (``None`` and existing files
+    are refused), the model is a transformers model with real (not meta-device) weights. The save goes
+    to a temporary folder next to ``path``; on success the weight files and indexes of an earlier save
+    in ``path`` are removed and the new files moved in; other files in ``path`` are kept.
+    """
+    path = _as_path(path, "save_pretrained")
+    try:
+        check_model(model, "save_pretrained")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"save_pretrained: {path} exists and is not a folder; choose another path")
+    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if meta:
+        raise CheckpointError(
+            f"save_pretrained: the model has no weights to save ({len(meta)} tensors on the meta device, "
+            f"e.g. {meta[0]!r}); load or materialise its weights first"
+        )
+    applied_configs(model)  # a malformed config.condify is refused before writing
     if getattr(model.config, "quantization_config", None) is not None and _is_gguf(model):
         # GGUF models are dequantised on load; the quantizer would refuse to save them
         model.hf_quantizer = None
         del model.config.quantization_config
-    model.save_pretrained(str(path), safe_serialization=True, **kwargs)
+    parent = path.absolute().parent
+    tmp = Path(tempfile.mkdtemp(prefix=".condify-save-", dir=parent if parent.is_dir() else None))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True, **kwargs)
+        path.mkdir(parents=True, exist_ok=True)
+        for old in path.iterdir():
+            if old.is_file() and _WEIGHT_FILE.match(old.name):
+                old.unlink()
+        for new in tmp.iterdir():
+            shutil.move(str(new), str(path / new.name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _is_gguf(model: nn.Module) -> bool:
@@ -37,36 +104,119 @@ def _is_gguf(model: nn.Module) -> bool:
     return str(getattr(method, "value", method)) == "gguf"
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    index = path / "model.safetensors.index.json"
-    files = (
-        sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        if index.exists()
-        else ["model.safetensors"]
-    )
-    tensors: dict[str, torch.Tensor] = {}
+def _weight_files(path: Path) -> list[str]:
+    """The safetensors files of a checkpoint (from its index when sharded), each checked to exist and to
+    have a valid header."""
+    index = path / INDEX
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+            raise CheckpointError(
+                f"{index}: not a valid safetensors index ({type(e).__name__}: {e})"
+            ) from None
+    elif (path / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        return []
     for f in files:
-        if not (path / f).exists():
+        if not isinstance(f, str) or not (path / f).is_file():
             raise CheckpointError(f"{path}: weight file {f} is missing")
-        tensors.update(load_file(str(path / f)))
+        try:
+            with safe_open(str(path / f), framework="pt") as h:
+                h.keys()
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(
+                f"{path / f}: not a valid safetensors file ({e}); it may be truncated or corrupt, re-save it"
+            ) from None
+    return files
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for f in _weight_files(path):
+        try:
+            tensors.update(load_file(str(path / f)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(
+                f"{path / f}: cannot read the tensors ({e}); re-save the checkpoint"
+            ) from None
     return tensors
 
 
+def _read_config(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise CheckpointError(f"from_pretrained: {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"from_pretrained: {path} is not a folder (expected a saved checkpoint folder)")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"from_pretrained: {path} has no config.json; it is not a saved model")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{cfg_file}: expected a JSON object, got {type(config).__name__}")
+    try:
+        check_state(config.get(CONFIG_KEY), f"{cfg_file}: `{CONFIG_KEY}`")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    state = config.get(CONFIG_KEY)
+    if state and "version" not in state:
+        raise CheckpointError(
+            f"{cfg_file}: `{CONFIG_KEY}` has no format `version` (expected 1..{FORMAT_VERSION})"
+        )
+    for d in (state or {}).get("methods", []):
+        try:
+            method_spec(d["method"])
+        except ConfigError as e:
+            raise CheckpointError(f"{cfg_file}: {e}") from None
+    return config
+
+
 def from_pretrained(path: str | Path, **hf_kwargs: Any) -> nn.Module:
-    """Load a folder written by :func:`save_pretrained`: dense model, then condify structure, then weights."""
+    """Load a folder written by :func:`save_pretrained`: dense model, then condify structure, then weights.
+
+    Raises :class:`CheckpointError` for a missing or invalid folder, ``config.json`` or weight file (the
+    file is named), a condify format version this condify does not read, and original tensors missing from
+    the weights (transformers would initialise them randomly)."""
     from transformers import AutoModelForCausalLM
 
-    path = Path(path)
-    config = json.loads((path / "config.json").read_text())
+    path = _as_path(path, "from_pretrained")
+    config = _read_config(path)
+    _weight_files(path)
     state = config.get(CONFIG_KEY)
     tl = logging.getLogger("transformers.modeling_utils")
     level = tl.level
-    if state:
-        tl.setLevel(logging.ERROR)  # condify's extra keys are reported as unexpected; we load them below
+    if state:  # the load report would list condify's extra keys as unexpected; we report the rest below
+        tl.setLevel(logging.ERROR)
+    strict_sizes = not hf_kwargs.pop("ignore_mismatched_sizes", False)
+    hf_kwargs.pop("output_loading_info", None)  # condify reads the loading info itself
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), **hf_kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(path), output_loading_info=True, ignore_mismatched_sizes=True, **hf_kwargs
+        )
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: transformers could not load the checkpoint ({e})") from None
     finally:
         tl.setLevel(level)
+    mismatched = [m if isinstance(m, str) else m[0] for m in info.get("mismatched_keys") or []]
+    if mismatched and strict_sizes:
+        shapes = {str(m[0]): tuple(m[1:]) for m in info["mismatched_keys"] if not isinstance(m, str)}
+        shown = [f"{k} {shapes.get(k, '')}".strip() for k in sorted(mismatched)[:5]]
+        raise CheckpointError(
+            f"{path}: {len(mismatched)} tensor(s) of the original model have another shape in the weights "
+            f"than config.json implies (name (checkpoint shape, model shape)): {shown}"
+        )
+    missing = sorted(set(info.get("missing_keys") or []) - set(mismatched))
+    if missing:
+        raise CheckpointError(
+            f"{path}: {len(missing)} tensor(s) of the original model are missing from the weights "
+            f"({missing[:5]}{'...' if len(missing) > 5 else ''}); loading would leave them random. "
+            f"Re-save the model with condify.save_pretrained."
+        )
     if not state:
         return model
     configs = applied_configs(model)

@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import ClassVar
 
-from ...config import MethodConfig, option
+from ...config import ConfigError, MethodConfig, option
 
 CLUSTERINGS = ("gate", "coactivation")
 ACTIVATIONS = (None, "relu")
@@ -51,6 +51,16 @@ class DynamicKConfig(MethodConfig):
     attention: bool = False
     attention_width: float = option(1.0, gt=0.0, le=16.0)
     attention_expert_size: int | None = option(None, ge=1)
+
+    def validate(self) -> None:
+        if not self.attention and not self.given("version"):  # a saved config is read as it was
+            unused = [f"{k}={getattr(self, k)!r}" for k, d in (("attention_width", 1.0), ("attention_expert_size", None))
+                      if self.given(k) and getattr(self, k) != d]  # fmt: skip
+            if unused:
+                raise ConfigError(
+                    f"dynamic-k: {', '.join(unused)} only applies with `attention=True` (got attention=False); "
+                    f"set attention=True or drop the option"
+                )
 
     def projection_width(self, d_in: int, d_out: int) -> tuple[int, int]:
         """(hidden width, expert size) of the MLP replacing a ``d_in -> d_out`` projection."""

@@ -33,8 +33,18 @@ class LayerParallelConfig(MethodConfig):
             raise ConfigError(
                 f"layer-parallel: `layers` must list pairs of adjacent layers (e.g. [3, 4, 9, 10]), got {ls}"
             )
-        self.pairs = len(ls) // 2
-        if ls == list(range(ls[0], ls[0] + len(ls))):  # one contiguous range: stored as (pairs, start)
+        contiguous = ls == list(range(ls[0], ls[0] + len(ls)))
+        derived = {"pairs": len(ls) // 2, "start": ls[0] if contiguous else None}
+        clash = [
+            f"{k}={getattr(self, k)!r}" for k, v in derived.items() if self.given(k) and getattr(self, k) != v
+        ]
+        if clash and not self.given("version"):  # copies and saved configs carry every field
+            raise ConfigError(
+                f"layer-parallel: `layers={ls}` conflicts with {', '.join(clash)} (`layers` means "
+                f"pairs={derived['pairs']}, start={derived['start']}); give either `layers` or `pairs`/`start`"
+            )
+        self.pairs = derived["pairs"]
+        if contiguous:  # one contiguous range: stored as (pairs, start)
             self.start, self.layers = ls[0], None
         else:
             self.start = None
@@ -48,6 +58,12 @@ class LayerParallelConfig(MethodConfig):
                 )
             return list(self.layers)
         start = num_layers - 1 - 2 * self.pairs if self.start is None else self.start
+        if 2 * self.pairs > num_layers:
+            raise ConfigError(
+                f"layer-parallel: `pairs={self.pairs}` pairs ({2 * self.pairs} layers) do not fit in a model "
+                f"with {num_layers} layers; `pairs` must be in 1..{num_layers // 2}"
+                + ("" if num_layers >= 2 else " (a model needs at least 2 layers to pair)")
+            )
         if start < 0 or start + 2 * self.pairs > num_layers:
             raise ConfigError(
                 f"layer-parallel: {self.pairs} pairs starting at layer {start} do not fit in a model with "

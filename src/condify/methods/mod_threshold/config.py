@@ -54,8 +54,11 @@ class ModThresholdConfig(MethodConfig):
         if self.layers is not None:
             return list(self.layers)
         if num_layers < 8 or self.version < 2:  # a version-1 checkpoint keeps its default layers
-            return list(range(1, num_layers - 1, 2))
-        return list(range(3, num_layers - 2, 2))
+            out = list(range(1, num_layers - 1, 2))
+        else:
+            out = list(range(3, num_layers - 2, 2))
+        self.check_selection(out, num_layers)  # 1-2-layer models: the default gates nothing
+        return out
 
     def resolved(self, num_layers: int) -> ModThresholdConfig:
         return self.replace(layers=self.resolve(num_layers))
