@@ -204,8 +204,8 @@ def test_kernel_threads_agree(compiled):
 
 
 def test_large_batches_take_the_torch_strategies(compiled, monkeypatch):
-    """Past kernel_max_tokens the op runs the MKL strategies; same function."""
-    a = make(T=cpu.kernel_max_tokens(37, 7) + 5)
+    """Many tokens x a dense selection (40 x 0.5 > 8 per expert): the op runs the MKL strategies."""
+    a = make(T=40)
     calls = []
     monkeypatch.setattr(cpu, "expert_mlp_torch", lambda *args: calls.append(1) or expert_mlp_reference(*args))
     assert_close(call(expert_mlp, a, "silu"), loop_oracle(**a, activation="silu"), torch.float32)
@@ -453,9 +453,7 @@ def test_compile_converted_model_without_graph_breaks(compiled):
     model = tiny("llama")
     condify.modify(model, "dynamic-k", expert_size=8, tau=0.5)
     ids = torch.randint(0, 128, (2, 6))
-    torch._dynamo.reset()
-    explanation = torch._dynamo.explain(lambda i: model(i, use_cache=False).logits)(ids)
-    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()  # fullgraph=True: any graph break (e.g. in an expert layer) is an error
     eager = model(ids, use_cache=False).logits
     compiled_fn = torch.compile(
         lambda i: model(i, use_cache=False).logits, fullgraph=True, backend="aot_eager"

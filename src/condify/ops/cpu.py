@@ -6,7 +6,8 @@ Which path runs, per call:
 
 - the compiled kernel (router + selection + experts in one C++ call, PowerInfer-style: each thread reads
   its share of the selected experts' contiguous weight blocks once and accumulates into its own fp32
-  buffer) for few tokens, i.e. decode and small batches (``T <= kernel_max_tokens(...)``), fp32/bf16;
+  buffer) for few tokens, i.e. decode and small batches (up to 8 tokens, or while tokens x executed
+  fraction <= 8: see ``_use_kernel``), fp32/bf16;
 - otherwise the plain-torch strategies below (MKL GEMMs): "spans", "grouped" (by expert) or masked
   "dense", chosen per call from the shape and the selection density.
 
@@ -117,15 +118,24 @@ def kernel_available() -> bool:
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def kernel_max_tokens(d: int, expert_size: int) -> int:
-    """Up to this many tokens the compiled kernel beats the MKL strategies (measured crossover, see
-    ``benchmarks/results/cpu_kernels.md``): it reads only the union of the selected experts and does the
-    tokens' dot products from L1, but its dot-product inner loop runs below GEMM peak once the layer
-    becomes compute-bound."""
-    return _KERNEL_MAX_TOKENS
+# Strategy per shape (crossover measured in benchmarks/results/cpu_kernels.md, SmolLM2 MLP, 32-neuron
+# experts, 50 % random per token, 1 thread: the kernel x2.0 / x1.5 / x1.0 / x0.9 at 1 / 8 / 16 / 32
+# tokens, MKL masked-dense ~x0.95): the compiled kernel reads each selected expert once for all its
+# tokens and runs their dot products from L1, so it wins while the layer is memory-bound, i.e. while the
+# work per expert, tokens x executed fraction, is small; past that the MKL GEMMs of "dense" (masked)
+# or "grouped" run closer to peak.
+_KERNEL_ALWAYS_TOKENS = 8  # always the kernel up to here (decode, small batches)
+_KERNEL_MAX_PAIRS = 8.0  # else the kernel while tokens x executed fraction <= this
+_FUSED_MAX_TOKENS = 16  # sparse_ffn: the one-call router + selection + experts up to here
 
 
-_KERNEL_MAX_TOKENS = 32
+def _use_kernel(x: Tensor, mask: Tensor) -> bool:
+    T = x.shape[0]
+    if T == 0 or x.dtype not in _KERNEL_DTYPES:
+        return False
+    if T <= _KERNEL_ALWAYS_TOKENS:
+        return True
+    return float(mask.sum()) / mask.shape[1] <= _KERNEL_MAX_PAIRS  # tokens x executed fraction
 
 
 def _contig(t: Tensor | None) -> Tensor | None:
@@ -144,8 +154,7 @@ def expert_mlp_cpu(
     b_gate: Tensor | None = None,
 ) -> Tensor:
     """CPU kernel of ``condify::expert_mlp``: the compiled kernel for few tokens, else plain torch."""
-    T = x.shape[0]
-    if 0 < T <= kernel_max_tokens(x.shape[1], expert_size) and x.dtype in _KERNEL_DTYPES:
+    if _use_kernel(x, mask):
         ext = extension()
         if ext is not None:
             return ext.expert_mlp(
@@ -181,7 +190,7 @@ def sparse_ffn_cpu(
     """CPU kernel of ``condify::sparse_ffn``: one compiled call (router, selection, experts) for few
     tokens; else router scores in fp32 with torch, the selection, and :func:`expert_mlp_cpu`."""
     T = x.shape[0]
-    if 0 < T <= kernel_max_tokens(x.shape[1], expert_size) and x.dtype in _KERNEL_DTYPES:
+    if 0 < T <= _FUSED_MAX_TOKENS and x.dtype in _KERNEL_DTYPES:
         ext = extension()
         if ext is not None and r_w1.dtype in _KERNEL_DTYPES:
             out, mask = ext.sparse_ffn(
@@ -306,7 +315,10 @@ def _bridged(used: list[bool], gap_max: int) -> list[tuple[int, int]]:
 
 def _expert_mlp_dense(x, w_up, w_down, mask, s, act, w_gate, b_up, b_gate) -> Tensor:
     h = _hidden(x, w_up, w_gate, b_up, b_gate, act)
-    h = torch.where(mask[:, :, None], h.unflatten(1, (-1, s)), 0).flatten(1)
+    if h.requires_grad:  # out of place (relu's backward needs its output)
+        h = torch.where(mask[:, :, None], h.unflatten(1, (-1, s)), 0).flatten(1)
+    else:  # in place, one pass, no new (T, I) tensor: ~2 % over the dense MLP instead of ~5-10 %
+        h.view(h.shape[0], -1, s).mul_(mask[:, :, None])
     return F.linear(h, w_down)
 
 
