@@ -11,8 +11,10 @@ it as one opaque node (``register_fake``), autograd runs through it (``register_
 its CPU kernel is one compiled call at decode; elsewhere it runs its torch definition.
 
 Nothing here imports Triton: the kernel modules are imported on the first call that reaches a kernel.
-The custom ops accept CPU tensors only when ``TRITON_INTERPRET=1`` (that is how the tests run the kernels on
-a CPU: Triton's interpreter executes them with numpy); ``x_triton`` itself insists on CUDA tensors.
+CPU tensors go to the registered CPU kernels. The Triton bodies of ``compact_tokens`` / ``scatter_tokens``
+accept CPU tensors only when ``TRITON_INTERPRET=1`` (that is how the tests run the kernels on a CPU:
+Triton's interpreter executes them with numpy); ``x_triton`` itself insists on CUDA tensors; the Triton
+expert kernel is tested on CPU through its launcher.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -67,17 +68,36 @@ _ext_error: str | None = None
 _warned = False
 
 
+def _cpu_tag() -> str:
+    """A short hash of this CPU's features: the kernel is built with -march=native, so a build cached in a
+    home directory shared between different machines must not be loaded on a CPU that lacks them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:6]
+
+
 def _build() -> Any:
     from torch.utils.cpp_extension import load
 
     tag = hashlib.sha1(_SOURCE.read_bytes()).hexdigest()[:10]
-    return load(
-        name=f"condify_cpu_{tag}",
-        sources=[str(_SOURCE)],
-        extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=fast"],
-        extra_ldflags=["-fopenmp"],
-        verbose=os.environ.get("CONDIFY_CPU_KERNEL_VERBOSE") == "1",
-    )
+    common = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=fast"]
+    err: Exception | None = None
+    for arch, suffix in ((["-march=native"], _cpu_tag()), ([], "generic")):  # generic if -march=native fails
+        try:
+            return load(
+                name=f"condify_cpu_{tag}_{suffix}",
+                sources=[str(_SOURCE)],
+                extra_cflags=common + arch,
+                extra_ldflags=["-fopenmp"],
+                verbose=os.environ.get("CONDIFY_CPU_KERNEL_VERBOSE") == "1",
+            )
+        except Exception as e:
+            err = e
+    assert err is not None
+    raise err
 
 
 def extension() -> Any:
