@@ -357,6 +357,65 @@ def bench_model(dtype_name, batches, threads, fracs, reps: int, steps: int, frac
     return rows
 
 
+@torch.inference_mode()
+def profile_model(dtype_name: str = "fp32", frac: float = 0.5, steps: int = 8, reps: int = 5) -> dict:
+    """Where a batch-1 decode step goes (1 thread, CPU time, forward hooks): the MLPs (router, selection,
+    experts and moe_forward's Python), attention, lm_head, the rest; dense vs converted."""
+    from condify.data import eval_batches
+    from condify.methods.dynamic_k.modules import converted, set_tau
+    from condify.ops import router_scores_reference
+
+    torch.set_num_threads(1)
+    model, dense, tok = model_pair(DTYPES[dtype_name])
+    text = eval_batches(tok, split="validation", num_sequences=8, seq_len=64, batch_size=8)[0]
+    inputs = mlp_inputs(model, text[:8, :64])
+    taus = {}
+    for p, m in converted(model, "mlp"):
+        r = m.router
+        taus[p] = fit_tau(
+            router_scores_reference(inputs[p], r.fc1.weight, r.fc1.bias, r.fc2.weight, r.fc2.bias), frac
+        )
+    set_tau(model, taus)
+
+    def instrument(m):
+        acc, start = dict.fromkeys(("mlp", "attn", "lm_head"), 0.0), {}
+        for name, mod in m.named_modules():
+            kind = {"mlp": "mlp", "self_attn": "attn", "lm_head": "lm_head"}.get(name.rsplit(".", 1)[-1])
+            if kind:
+                mod.register_forward_pre_hook(lambda mod, a, k=kind: start.__setitem__(k, time.thread_time()))
+                mod.register_forward_hook(
+                    lambda mod, a, o, k=kind: acc.__setitem__(k, acc[k] + time.thread_time() - start[k])
+                )
+        return acc
+
+    accs = {"dense": instrument(dense), "sparse": instrument(model)}
+    samples: dict[str, list[dict]] = {k: [] for k in accs}
+    ids = text[:1, :24]
+    for _ in range(reps):
+        for name, m in (("dense", dense), ("sparse", model)):
+            out = m(ids, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            acc = accs[name]
+            for k in acc:
+                acc[k] = 0.0
+            c0 = time.thread_time()
+            for _ in range(steps):
+                out = m(nxt, past_key_values=past, use_cache=True)
+                past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            total = (time.thread_time() - c0) / steps
+            samples[name].append({"total": total * 1e3, **{k: v / steps * 1e3 for k, v in acc.items()}})
+    res = {}
+    for name, rows in samples.items():
+        med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+        med["other"] = med["total"] - med["mlp"] - med["attn"] - med["lm_head"]
+        res[name] = med
+        print(
+            f"profile {dtype_name} {name}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in med.items()),
+            flush=True,
+        )
+    return res
+
+
 # ----------------------------------------------------------------------------------------------------------
 # report
 # ----------------------------------------------------------------------------------------------------------
@@ -438,7 +497,7 @@ def plot(res: dict, path: Path) -> None:
     panels = sorted({(r["shape"], r["dtype"]) for r in res["ffn"]})
     n = len(panels) + (1 if res.get("model") else 0)
     fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.4), squeeze=False)
-    for ax, (shape, dt) in zip(axes[0], panels, strict=True):
+    for ax, (shape, dt) in zip(axes[0][: len(panels)], panels, strict=True):
         for b in sorted({r["batch"] for r in res["ffn"]}):
             for nt in sorted({r["threads"] for r in res["ffn"]}):
                 rs = [
@@ -483,7 +542,16 @@ def main() -> None:
     ap.add_argument("--no-model", action="store_true", help="skip the whole-model decode")
     ap.add_argument("--no-crossover", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--from-json", type=Path, help="re-render the report and plot of a saved run, no timing")
+    ap.add_argument("--profile", action="store_true", help="only the batch-1 decode-step profile (by module)")
     a = ap.parse_args()
+    if a.profile:
+        for dt in a.dtypes.split(","):
+            profile_model(dt)
+        return
+    if a.from_json:
+        write_report(json.loads(a.from_json.read_text()), a.out)
+        return
     ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
     fracs = [0.5] if a.quick else [float(v) for v in a.fractions.split(",")]
     threads, batches = ints(a.threads), ints(a.batches)
