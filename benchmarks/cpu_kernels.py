@@ -16,8 +16,11 @@ interleaved rep by rep on the same inputs, medians; wall-clock time.
 - Profile of each FFN configuration: router+selection (the fused call with nothing selected), experts
   alone (the kernel on the precomputed mask), bytes-only limit, and the union of selected experts.
 
-    python benchmarks/cpu_kernels.py            # full run, ~15 min -> results/cpu_kernels.{md,json,png}
-    python benchmarks/cpu_kernels.py --quick    # a minute or two, fewer reps/configs
+    python benchmarks/cpu_kernels.py            # full run -> results/cpu_kernels.{md,json,png}; 24.5 min
+                                                # at load ~9 on 2 cores, mostly the 2-thread rows (each
+                                                # config stops after 3 reps past its time budget)
+    python benchmarks/cpu_kernels.py --quick    # a few minutes, 50 % only, fewer reps
+    python benchmarks/cpu_kernels.py --profile  # where a batch-1 decode step goes, by module
 """
 
 from __future__ import annotations
