@@ -7,7 +7,7 @@ Which path runs, per call:
 - the compiled kernel (router + selection + experts in one C++ call, PowerInfer-style: each thread reads
   its share of the selected experts' contiguous weight blocks once and accumulates into its own fp32
   buffer) for few tokens, i.e. decode and small batches (up to 8 tokens, or while tokens x executed
-  fraction <= 16: see ``_use_kernel``), fp32/bf16;
+  fraction <= 64: see ``_use_kernel``), fp32/bf16;
 - otherwise the plain-torch strategies below (MKL GEMMs): "spans", "grouped" (by expert) or masked
   "dense", chosen per call from the shape and the selection density.
 
@@ -139,14 +139,14 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 # Strategy per shape (crossover measured in benchmarks/results/cpu_kernels.md, SmolLM2 MLP, 32-neuron
-# experts, 50 % random per token, 1 thread: the kernel x2.1 / x1.7 / x1.1 / x0.94 / x0.7 at 1 / 8 / 16 / 32 / 64
-# tokens, MKL masked-dense ~x0.9-0.97): the compiled kernel reads each selected expert once for all its
-# tokens and runs their dot products from L1, so it wins while the layer is memory-bound, i.e. while the
-# work per expert, tokens x executed fraction, is small; past that the MKL GEMMs of "dense" (masked)
-# or "grouped" run closer to peak.
+# experts, 50 % random per token, 1 thread, after the register-blocked down projection: the kernel
+# x1.9 / x1.6 / x1.3 / x1.2 / x1.05 / x1.02 / x0.95 at 1 / 8 / 16 / 32 / 64 / 128 / 512 tokens, MKL
+# masked-dense x0.95-1.05 from 64 tokens on): the compiled kernel reads each selected expert once for all
+# its tokens and runs their dot products from L1, so it wins while the work per expert, tokens x executed
+# fraction, is small; past that the MKL GEMMs of "dense" (masked) or "grouped" run as fast or faster.
 _KERNEL_ALWAYS_TOKENS = 8  # always the kernel up to here (decode, small batches)
-_KERNEL_MAX_PAIRS = 16.0  # else the kernel while tokens x executed fraction <= this
-_FUSED_MAX_TOKENS = 32  # sparse_ffn: the one-call router + selection + experts up to here
+_KERNEL_MAX_PAIRS = 64.0  # else the kernel while tokens x executed fraction <= this
+_FUSED_MAX_TOKENS = 64  # sparse_ffn: the one-call router + selection + experts up to here
 
 
 def _use_kernel(x: Tensor, mask: Tensor) -> bool:
