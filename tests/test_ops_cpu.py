@@ -162,6 +162,15 @@ def test_kernel_bf16_against_fp32_of_rounded_weights(compiled, T, glu, colmajor)
     assert err <= 1e-2 * max(1.0, ref.abs().max().item())  # the output's own bf16 rounding
 
 
+def test_tau0_is_the_dense_mlp_bitwise(compiled):
+    """All experts selected (a converted model at tau = 0) runs exactly the dense MLP's torch ops."""
+    a = make(T=3, d=64, E=8, s=8, colmajor=False)
+    every = {**a, "mask": torch.ones_like(a["mask"])}
+    x, wg, wu, wd = a["x"], a["w_gate"], a["w_up"], a["w_down"]
+    dense = F.linear(F.silu(F.linear(x, wg, a["b_gate"])) * F.linear(x, wu, a["b_up"]), wd)
+    assert torch.equal(call(expert_mlp, every, "silu"), dense)
+
+
 @pytest.mark.parametrize("T", [1, 4])
 def test_kernel_zero_and_all_experts(compiled, T):
     a = make(T=T)
@@ -171,6 +180,9 @@ def test_kernel_zero_and_all_experts(compiled, T):
     x, wg, wu, wd = a["x"], a["w_gate"], a["w_up"], a["w_down"]
     dense = F.linear(F.silu(F.linear(x, wg, a["b_gate"])) * F.linear(x, wu, a["b_up"]), wd)
     torch.testing.assert_close(call(expert_mlp, every, "silu"), dense, rtol=1e-5, atol=1e-5)
+    # everything selected goes to the dense torch MLP (bitwise the dense order); the kernel itself too:
+    args = (a["x"], wu, wd, every["mask"], 7, cpu.ACT_IDS["silu"], wg, a["b_up"], a["b_gate"])
+    torch.testing.assert_close(compiled.expert_mlp(*args), dense, rtol=1e-5, atol=1e-5)
     mixed = {**a, "mask": torch.zeros_like(a["mask"])}
     mixed["mask"][0] = True  # token 0 everything, the others nothing
     out = call(expert_mlp, mixed, "silu")
