@@ -30,7 +30,7 @@ from condify.methods.dynamic_k import executed_fraction, track_executed
 from condify.methods.dynamic_k.calibrate import fit_tau, order_experts_
 from condify.methods.dynamic_k.modules import converted, select
 from condify.methods.dynamic_k.transform import _mlp_linears, block_layout_
-from condify.ops.reference import expert_mlp_decode
+from condify.ops import expert_mlp_decode
 from condify.training import as_batches
 
 LAYER = 15

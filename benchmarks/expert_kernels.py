@@ -2,7 +2,7 @@
 
 Batches 1, 8, 64 (decode) and a 512-token prefill; SmolLM2-135M's MLP (d=576, I=1536, SiLU-GLU) and a
 Llama-3-8B-like MLP (4096/14336). On CUDA: the Triton path, timed with CUDA events. On CPU: the reference
-path (``expert_mlp_reference``, strategy "auto" unless told) with a fixed thread count.
+path (``expert_mlp_torch``, the plain-torch strategies, "auto" unless told) with a fixed thread count.
 
 Every timing rotates through ``--layers`` copies of the weights (like the layers of a model), so the
 weights come from memory rather than a warm cache; dense and expert timings are interleaved repeat by
@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from condify.ops import expert_mlp, expert_mlp_reference
-from condify.ops import reference as ref_mod
+from condify.ops import cpu as ref_mod
+from condify.ops import expert_mlp, expert_mlp_torch
 
 SHAPES = {"smollm2": (576, 1536), "llama8b": (4096, 14336)}
 QUICK = dict(expert_sizes="64", fractions="0.5", batches="1", layers=1, repeats=1)
@@ -95,7 +95,7 @@ def bench_one(
             if device.type == "cuda":
                 expert_mlp(x, wu, wd, mask, s, "silu", wg)
             else:
-                expert_mlp_reference(x, wu, wd, mask, s, "silu", wg, strategy=strategy)
+                expert_mlp_torch(x, wu, wd, mask, s, "silu", wg, strategy=strategy)
 
     t = harness.interleaved(
         {"d": dense, "e": expert}, repeats, warmup=2, rotate=False, timer=timer(device, clock)
@@ -159,7 +159,7 @@ def main() -> None:
             if device.type == "cpu"
             else "CUDA events"
         ),
-        f"- path: {'Triton kernels' if device.type == 'cuda' else f'expert_mlp_reference, strategy={a.strategy}'}; "
+        f"- path: {'Triton kernels' if device.type == 'cuda' else f'expert_mlp_torch, strategy={a.strategy}'}; "
         f"masks: {a.pattern}, exactly round(f*E) experts per token; SiLU-GLU, no biases",
         "- times are per MLP, median over repeats, weights rotated over several copies (cold caches); "
         "speedup = median of per-repeat dense/expert ratios",

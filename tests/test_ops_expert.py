@@ -1,8 +1,9 @@
-"""expert_mlp: naive per-token loop (oracle) -> torch reference -> Triton (interpreter on CPU, CUDA on a GPU).
+"""expert_mlp: naive per-token loop (oracle) -> torch reference and the plain-torch CPU strategies
+(``expert_mlp_torch``) -> Triton (interpreter on CPU, CUDA on a GPU). The compiled CPU kernel: test_ops_cpu.py.
 
 On CPU the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by conftest), which takes CPU
-tensors; ``expert_mlp_triton`` refuses CPU tensors by design, so these tests call the custom op
-``torch.ops.condify.expert_mlp`` (which allows CPU under the interpreter) or the launcher directly.
+tensors; ``expert_mlp_triton`` refuses CPU tensors by design, and the custom op ``torch.ops.condify.expert_mlp``
+runs its registered CPU kernel on CPU tensors, so these tests call the Triton launcher directly.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from condify.ops import ACTIVATIONS, expert_mlp, expert_mlp_reference, expert_mlp_triton
-from condify.ops import reference as reference_module
+from condify.ops import ACTIVATIONS, expert_mlp, expert_mlp_reference, expert_mlp_torch, expert_mlp_triton
+from condify.ops import cpu as cpu_module
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -120,7 +121,7 @@ def strategy_kw(strategy, monkeypatch):
     """ "spans-exact": one span per run of selected experts, no gap bridged (at d=72 the default cost model
     bridges every gap, so plain "spans" computes one masked span)."""
     if strategy == "spans-exact":
-        monkeypatch.setattr(reference_module, "_CALL_COST", 0)
+        monkeypatch.setattr(cpu_module, "_CALL_COST", 0)
         return {"strategy": "spans"}
     return {"strategy": strategy}
 
@@ -138,7 +139,7 @@ def test_reference_matches_loop(strategy, T, glu, bias, activation, monkeypatch)
     a = make(T=T, glu=glu, bias=bias)
     ref = loop_oracle(**f64(a), activation=activation)
     assert_close(
-        call(expert_mlp_reference, a, activation, **strategy_kw(strategy, monkeypatch)), ref, torch.float32
+        call(expert_mlp_torch, a, activation, **strategy_kw(strategy, monkeypatch)), ref, torch.float32
     )
 
 
@@ -149,16 +150,14 @@ def test_reference_output_width_differs(strategy, T, d_out, monkeypatch):
     """w_down (d_out, I) with d_out != d: an MLP replacing an attention projection (dynamic-k)."""
     a = make(T=T, glu=False, bias=True, d_out=d_out)
     ref = loop_oracle(**f64(a), activation="relu")
-    assert_close(
-        call(expert_mlp_reference, a, "relu", **strategy_kw(strategy, monkeypatch)), ref, torch.float32
-    )
+    assert_close(call(expert_mlp_torch, a, "relu", **strategy_kw(strategy, monkeypatch)), ref, torch.float32)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("p", [0.0, 1.0])
 def test_reference_zero_and_all_experts(strategy, p, monkeypatch):
     a = make(T=5, p=p, bias=True)
-    out = call(expert_mlp_reference, a, "silu", **strategy_kw(strategy, monkeypatch))
+    out = call(expert_mlp_torch, a, "silu", **strategy_kw(strategy, monkeypatch))
     if p == 0.0:
         assert torch.equal(out, torch.zeros_like(out))
     else:  # all experts = the dense MLP
@@ -172,7 +171,7 @@ def test_reference_zero_and_all_experts(strategy, p, monkeypatch):
 def test_reference_low_precision(dtype, strategy, monkeypatch):
     a = make(T=4, dtype=dtype, bias=True)
     ref = loop_oracle(**f64(a), activation="silu")
-    assert_close(call(expert_mlp_reference, a, "silu", **strategy_kw(strategy, monkeypatch)), ref, dtype)
+    assert_close(call(expert_mlp_torch, a, "silu", **strategy_kw(strategy, monkeypatch)), ref, dtype)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES[1:])
@@ -184,36 +183,36 @@ def test_reference_gradients_match_loop(strategy, glu, activation, monkeypatch):
     g = torch.randn(3, 16, dtype=torch.float64)
     want = torch.autograd.grad((loop_oracle(**a, activation=activation) * g).sum(), leaves)
     got = torch.autograd.grad(
-        (call(expert_mlp_reference, a, activation, **strategy_kw(strategy, monkeypatch)) * g).sum(), leaves
+        (call(expert_mlp_torch, a, activation, **strategy_kw(strategy, monkeypatch)) * g).sum(), leaves
     )
     for w, o in zip(want, got, strict=True):
         torch.testing.assert_close(o, w, rtol=1e-9, atol=1e-9)
 
 
 def test_spans_plan(monkeypatch):
-    monkeypatch.setattr(reference_module, "_CALL_COST", 32 * 3 * 576)  # one call ~ 32 neurons at d=576
+    monkeypatch.setattr(cpu_module, "_CALL_COST", 32 * 3 * 576)  # one call ~ 32 neurons at d=576
     mask = torch.tensor([[1, 1, 0, 1, 0, 0, 0, 0, 0, 1]], dtype=torch.bool)
     # d=576, one token, 64-neuron experts: gaps cost more than a call -> one span per run
-    assert reference_module._spans(mask, 64, 576) == [(0, 2, False), (3, 4, False), (9, 10, False)]
+    assert cpu_module._spans(mask, 64, 576) == [(0, 2, False), (3, 4, False), (9, 10, False)]
     # 8-neuron experts: gaps of <= 4 experts are cheaper to compute than one more call -> bridged, masked
-    assert reference_module._spans(mask, 8, 576) == [(0, 4, True), (9, 10, False)]
+    assert cpu_module._spans(mask, 8, 576) == [(0, 4, True), (9, 10, False)]
     two = torch.cat([mask, torch.zeros_like(mask)])  # a second token selecting nothing: every span masked
-    assert reference_module._spans(two, 64, 576) == [(0, 2, True), (3, 4, True), (9, 10, True)]
-    assert reference_module._choose_strategy(mask, 64, 576)[0] == "spans"
+    assert cpu_module._spans(two, 64, 576) == [(0, 2, True), (3, 4, True), (9, 10, True)]
+    assert cpu_module._choose_strategy(mask, 64, 576)[0] == "spans"
     # all selected: one unmasked span over the whole layer (the dense MLP without masking)
-    assert reference_module._choose_strategy(torch.ones(1, 10, dtype=torch.bool), 64, 576) == (
+    assert cpu_module._choose_strategy(torch.ones(1, 10, dtype=torch.bool), 64, 576) == (
         "spans",
         [(0, 10, False)],
     )
     # prefill, random half of 128-neuron experts per token: the union is everything -> grouped saves FLOPs
     prefill = torch.rand(512, 12).argsort(1) < 6
-    assert reference_module._choose_strategy(prefill, 128, 576)[0] == "grouped"
-    assert reference_module._choose_strategy(torch.rand(512, 192).argsort(1) < 96, 8, 576)[0] != "grouped"
+    assert cpu_module._choose_strategy(prefill, 128, 576)[0] == "grouped"
+    assert cpu_module._choose_strategy(torch.rand(512, 192).argsort(1) < 96, 8, 576)[0] != "grouped"
 
 
 def test_reference_reads_slices_not_copies(monkeypatch):
     """The CPU path must not gather weights with index_select / fancy indexing."""
-    monkeypatch.setattr(reference_module, "_CALL_COST", 0)
+    monkeypatch.setattr(cpu_module, "_CALL_COST", 0)
     a = make(T=1, p=0.5)
 
     def banned(*args, **kwargs):
@@ -221,7 +220,7 @@ def test_reference_reads_slices_not_copies(monkeypatch):
 
     monkeypatch.setattr(torch, "index_select", banned)
     monkeypatch.setattr(torch.Tensor, "index_select", banned)
-    call(expert_mlp_reference, a, "silu", strategy="spans")
+    call(expert_mlp_torch, a, "silu", strategy="spans")
 
 
 def column_major(w):
@@ -236,9 +235,7 @@ def test_reference_column_major_down(strategy, T, monkeypatch):
     ref = loop_oracle(**f64(a), activation="silu")
     b = {**a, "w_down": column_major(a["w_down"])}
     assert not b["w_down"].is_contiguous()
-    assert_close(
-        call(expert_mlp_reference, b, "silu", **strategy_kw(strategy, monkeypatch)), ref, torch.float32
-    )
+    assert_close(call(expert_mlp_torch, b, "silu", **strategy_kw(strategy, monkeypatch)), ref, torch.float32)
 
 
 @pytest.mark.parametrize("call_cost", [None, 0])  # default: gaps bridged; 0: one call chain per run
@@ -246,10 +243,10 @@ def test_reference_column_major_down(strategy, T, monkeypatch):
     ("glu", "bias", "dtype"), [(True, True, torch.float32), (False, True, torch.bfloat16)]
 )
 def test_decode_path_matches_loop(call_cost, glu, bias, dtype, monkeypatch):
-    from condify.ops.reference import expert_mlp_decode
+    from condify.ops import expert_mlp_decode
 
     if call_cost is not None:
-        monkeypatch.setattr(reference_module, "_CALL_COST", call_cost)
+        monkeypatch.setattr(cpu_module, "_CALL_COST", call_cost)
     a = make(T=1, glu=glu, bias=bias, dtype=dtype, p=0.5)
     for sel in (a["mask"][0], torch.zeros(25, dtype=torch.bool), torch.ones(25, dtype=torch.bool)):
         b = {**a, "mask": sel[None], "w_down": column_major(a["w_down"])}
@@ -258,9 +255,14 @@ def test_decode_path_matches_loop(call_cost, glu, bias, dtype, monkeypatch):
         assert_close(expert_mlp_decode(*args, b["w_gate"], b["b_up"], b["b_gate"]), ref, dtype)
 
 
-def test_dispatch_on_cpu_is_reference():
-    a = make(T=3)
-    torch.testing.assert_close(call(expert_mlp, a, "silu"), call(expert_mlp_reference, a, "silu"))
+@pytest.mark.parametrize("force", ["0", None])
+def test_dispatch_on_cpu_matches_reference(force, monkeypatch):
+    """The op's CPU kernel (compiled, or plain torch when forced) computes the reference's function."""
+    if force is not None:
+        monkeypatch.setenv("CONDIFY_CPU_KERNEL", force)
+    for T in (1, 3, 40):
+        a = make(T=T, bias=True)
+        assert_close(call(expert_mlp, a, "silu"), call(expert_mlp_reference, a, "silu"), torch.float32)
 
 
 def test_torch_compile_fullgraph_cpu():
@@ -354,9 +356,7 @@ def test_kernel_zero_and_all_experts(grouped):
     a["mask"][1] = True  # token 0 and 2: no expert, token 1: all experts
     out = call(expert_mlp_launch, a, "silu", grouped=grouped)
     assert torch.equal(out[0], torch.zeros(72)) and torch.equal(out[2], torch.zeros(72))
-    torch.testing.assert_close(
-        out, call(expert_mlp_reference, a, "silu", strategy="dense"), rtol=1e-5, atol=1e-5
-    )
+    torch.testing.assert_close(out, call(expert_mlp_reference, a, "silu"), rtol=1e-5, atol=1e-5)
 
 
 @needs_interpreter
@@ -399,9 +399,7 @@ def test_custom_op_backward_matches_reference(glu, activation, dtype):
     g = torch.randn(5, 24, dtype=dtype)
     out = call(torch.ops.condify.expert_mlp, a, activation)
     got = torch.autograd.grad((out * g).sum(), leaves)
-    want = torch.autograd.grad(
-        (call(expert_mlp_reference, a, activation, strategy="spans") * g).sum(), leaves
-    )
+    want = torch.autograd.grad((call(expert_mlp_reference, a, activation) * g).sum(), leaves)
     for w, o in zip(want, got, strict=True):
         assert_close(o, w, dtype)
 
@@ -515,7 +513,7 @@ def test_import_does_not_load_triton_or_cuda():
 def test_cuda_matches_reference(T, dtype):
     a = make(T=T, d=256, inter=1024, s=32, bias=True, dtype=dtype)
     a = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in a.items()}
-    ref = call(expert_mlp_reference, f64(a), "silu", strategy="dense")
+    ref = call(expert_mlp_reference, f64(a), "silu")
     assert_close(call(expert_mlp, a, "silu"), ref, dtype)
     assert_close(call(expert_mlp_triton, a, "silu"), ref, dtype)
 
@@ -529,9 +527,19 @@ def test_cuda_backward_and_compile():
     }
     leaves = [v for v in a.values() if isinstance(v, torch.Tensor) and v.requires_grad]
     got = torch.autograd.grad(call(expert_mlp, a, "silu").square().sum(), leaves)
-    want = torch.autograd.grad(call(expert_mlp_reference, a, "silu", strategy="dense").square().sum(), leaves)
+    want = torch.autograd.grad(call(expert_mlp_reference, a, "silu").square().sum(), leaves)
     for w, o in zip(want, got, strict=True):
         torch.testing.assert_close(o, w, rtol=1e-3, atol=1e-3)
     compiled = torch.compile(lambda *args: expert_mlp(*args), fullgraph=True)
     out = call(compiled, a, "silu")
     torch.testing.assert_close(out, call(expert_mlp_reference, a, "silu"), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("T", [1, 37])
+@pytest.mark.parametrize(("glu", "bias", "activation"), [(True, True, "silu"), (False, True, "gelu_tanh")])
+def test_oracle_matches_loop(T, glu, bias, activation):
+    """The few-line masked-dense oracle (``expert_mlp_reference``) is the naive loop's function."""
+    a = make(T=T, glu=glu, bias=bias)
+    assert_close(
+        call(expert_mlp_reference, a, activation), loop_oracle(**f64(a), activation=activation), torch.float32
+    )

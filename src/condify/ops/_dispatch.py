@@ -1,10 +1,20 @@
-"""Public ops: ``x`` dispatches (Triton on CUDA tensors, the torch reference elsewhere), ``x_triton`` is the
-Triton entry point, wrapped in a ``torch.library.custom_op`` so ``torch.compile`` traces it as one opaque
-node (``register_fake``) and autograd runs through it (``register_autograd``).
+"""Public ops. Each is one ``torch.library.custom_op`` (``torch.ops.condify.*``) so ``torch.compile`` traces
+it as one opaque node (``register_fake``), autograd runs through it (``register_autograd``) and
+``FlopCounterMode`` counts it (:func:`register_flop_formulas`), whatever device runs it:
+
+- CUDA: the op's own body, the Triton kernels (``x_triton`` is that entry point);
+- CPU: the kernel registered with ``torch.library.register_kernel(..., "cpu", ...)`` from ``cpu.py``:
+  the compiled C++ kernel for few tokens, the tuned plain-torch strategies otherwise (or when no
+  compiler is available).
+
+``condify::sparse_ffn`` (router + selection + experts in one call, for inference) has the same shape:
+its CPU kernel is one compiled call at decode; elsewhere it runs its torch definition.
 
 Nothing here imports Triton: the kernel modules are imported on the first call that reaches a kernel.
-The custom ops accept CPU tensors only when ``TRITON_INTERPRET=1`` (that is how the tests run the kernels on
-a CPU: Triton's interpreter executes them with numpy); ``x_triton`` itself insists on CUDA tensors.
+CPU tensors go to the registered CPU kernels. The Triton bodies of ``compact_tokens`` / ``scatter_tokens``
+accept CPU tensors only when ``TRITON_INTERPRET=1`` (that is how the tests run the kernels on a CPU:
+Triton's interpreter executes them with numpy); ``x_triton`` itself insists on CUDA tensors; the Triton
+expert kernel is tested on CPU through its launcher.
 """
 
 from __future__ import annotations
@@ -15,12 +25,13 @@ import os
 import torch
 from torch import Tensor
 
+from . import cpu
 from .reference import (
     check_expert_mlp_args,
     check_scatter_tokens_args,
     compact_tokens_reference,
-    expert_mlp_reference,
     scatter_tokens_reference,
+    sparse_ffn_reference,
 )
 
 
@@ -73,6 +84,9 @@ def _(x, w_up, w_down, mask, expert_size, activation, w_gate, b_up, b_gate):
     return x.new_empty(x.shape[0], w_down.shape[0])
 
 
+torch.library.register_kernel("condify::expert_mlp", "cpu", cpu.expert_mlp_cpu)
+
+
 def _expert_mlp_flops(
     x, w_up, w_down, mask, expert_size, activation, w_gate, *args, out_val=None, **kwargs
 ) -> int:
@@ -88,6 +102,8 @@ def register_flop_formulas() -> None:
 
     if torch.ops.condify.expert_mlp not in flop_registry:
         register_flop_formula(torch.ops.condify.expert_mlp, get_raw=True)(_expert_mlp_flops)
+    if torch.ops.condify.sparse_ffn not in flop_registry:
+        register_flop_formula(torch.ops.condify.sparse_ffn, get_raw=True)(_sparse_ffn_flops)
 
 
 def _act_and_grad(z: Tensor, activation: str) -> tuple[Tensor, Tensor]:
@@ -189,11 +205,100 @@ def expert_mlp(
     neurons [e*s, (e+1)*s); ``mask`` (T, I/s) bool; ``h_e = act(W_gate x + b_gate) * (W_up x + b_up)`` with a
     gate (GLU), else ``act(W_up x + b_up)``; activation in {"silu", "gelu", "gelu_tanh", "relu"}. The down
     projection's bias is not included. fp32 accumulation, output in x's dtype; a token with no expert gets 0.
-    Triton kernels on CUDA tensors, ``expert_mlp_reference`` otherwise.
+    One custom op, ``torch.ops.condify.expert_mlp``: Triton kernels on CUDA tensors, the CPU kernel
+    (compiled for few tokens, plain torch otherwise; ``condify.ops.cpu``) on CPU tensors.
     """
-    if x.is_cuda:
-        return expert_mlp_triton(x, w_up, w_down, mask, expert_size, activation, w_gate, b_up, b_gate)
-    return expert_mlp_reference(x, w_up, w_down, mask, expert_size, activation, w_gate, b_up, b_gate)
+    check_expert_mlp_args(x, w_up, w_down, mask, expert_size, activation, w_gate, b_up, b_gate)
+    return torch.ops.condify.expert_mlp(x, w_up, w_down, mask, expert_size, activation, w_gate, b_up, b_gate)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sparse_ffn: router + selection + experts (inference)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("condify::sparse_ffn", mutates_args=())
+def _sparse_ffn_op(
+    x: Tensor,
+    r_w1: Tensor,
+    r_b1: Tensor | None,
+    r_w2: Tensor | None,
+    r_b2: Tensor | None,
+    rule: str,
+    threshold: float,
+    w_up: Tensor,
+    w_down: Tensor,
+    expert_size: int,
+    activation: str,
+    w_gate: Tensor | None,
+    b_up: Tensor | None,
+    b_gate: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    args = (x, r_w1, r_b1, r_w2, r_b2, rule, threshold, w_up, w_down, expert_size, activation)
+    out, mask = sparse_ffn_reference(*args, w_gate, b_up, b_gate)  # devices without a kernel of their own
+    return out, mask
+
+
+@_sparse_ffn_op.register_fake
+def _(
+    x, r_w1, r_b1, r_w2, r_b2, rule, threshold, w_up, w_down, expert_size, activation, w_gate, b_up, b_gate
+):
+    E = w_up.shape[0] // expert_size
+    return x.new_empty(x.shape[0], w_down.shape[0]), x.new_empty(x.shape[0], E, dtype=torch.bool)
+
+
+torch.library.register_kernel("condify::sparse_ffn", "cpu", cpu.sparse_ffn_cpu)
+
+
+def _sparse_ffn_flops(x, r_w1, r_b1, r_w2, r_b2, rule, threshold, w_up, w_down, expert_size, activation,
+                      w_gate, *args, out_val=None, **kwargs) -> int:  # fmt: skip
+    """Router matmuls plus the experts the returned mask selected (as ``expert_mlp``)."""
+    d, n1 = x.shape[-1], r_w1.shape[0]
+    router = 2 * x.shape[0] * (d * n1 + (r_w2.shape[0] * n1 if r_w2 is not None else 0))
+    neurons = int(out_val[1].sum()) * expert_size
+    return router + 2 * neurons * (d * (2 if w_gate is not None else 1) + w_down.shape[0])
+
+
+def sparse_ffn(
+    x: Tensor,
+    r_w1: Tensor,
+    r_b1: Tensor | None,
+    r_w2: Tensor | None,
+    r_b2: Tensor | None,
+    rule: str,
+    threshold: float,
+    w_up: Tensor,
+    w_down: Tensor,
+    expert_size: int,
+    activation: str,
+    w_gate: Tensor | None = None,
+    b_up: Tensor | None = None,
+    b_gate: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Router, selection and expert FFN in one op (inference: no autograd). Returns ``(out, mask)``.
+
+    Router: ``scores = |W2 relu(W1 x + b1) + b2|`` when ``r_w2`` is given (dynamic-k), else
+    ``W1 x + b1`` (lte), computed in fp32. ``rule``: ``"tau_max"`` (expert e runs iff
+    ``score_e >= threshold * max score``, the argmax always runs) or ``"sigmoid"`` (iff
+    ``sigmoid(score_e) >= threshold``). Then ``out = expert_mlp(x, ..., mask, ...)``. On CPU with few
+    tokens this is one compiled call that reads only the selected experts' weights; the arguments are
+    checked there (in C++), so this wrapper adds no per-call Python work.
+
+    Not differentiable (the router's selection is discrete; train through ``expert_mlp``). In eager mode
+    on CPU, with no dispatch mode active (e.g. ``FlopCounterMode``), the op's CPU kernel is called
+    directly, without the dispatcher (~20 us less per call, i.e. per layer and decode step).
+    """
+    if (
+        x.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and torch._C._len_torch_dispatch_stack() == 0
+    ):
+        return cpu.sparse_ffn_cpu(
+            x, r_w1, r_b1, r_w2, r_b2, rule, threshold, w_up, w_down, expert_size, activation, w_gate, b_up, b_gate
+        )  # fmt: skip
+    return torch.ops.condify.sparse_ffn(
+        x, r_w1, r_b1, r_w2, r_b2, rule, threshold, w_up, w_down, expert_size, activation, w_gate, b_up, b_gate
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------

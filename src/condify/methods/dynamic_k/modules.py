@@ -42,8 +42,7 @@ from torch import nn
 
 from ...adapters import Adapter
 from ...convert import SiteState, patched
-from ...ops import expert_mlp  # dispatching op (Triton on CUDA, the plain-torch reference elsewhere)
-from ...ops.reference import expert_mlp_decode
+from ...ops import expert_mlp, sparse_ffn  # custom ops: Triton on CUDA, compiled kernel / torch on CPU
 from ...tracking import Tracking, track
 
 METHOD = "dynamic-k"
@@ -242,20 +241,22 @@ def moe_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
     else:
         c = {k: _blocks(k, v) for k, v in w.items()}
         dense = isinstance(tau, float) and tau == 0.0
-        if xf.shape[0] == 1 and xf.device.type == "cpu" and not torch.is_grad_enabled():
-            # batch-1 decode: the selection as a Python list, no mask tensor on the hot path
-            sel = [True] * E if dense else select_one(self.router(xf)[0], tau)
-            out = expert_mlp_decode(xf, c["up"], c["down"], sel, s, act, c["gate"], c["b_up"], c["b_gate"])
-            selected = sum(sel)
+        r = self.router
+        if not dense and xf.device.type == "cpu" and not torch.is_grad_enabled() and isinstance(tau, float):
+            # inference on CPU: router + selection + experts in one fused call (compiled kernel at decode)
+            out, mask = sparse_ffn(
+                xf, r.fc1.weight, r.fc1.bias, r.fc2.weight, r.fc2.bias, "tau_max", tau,
+                c["up"], c["down"], s, act, c["gate"], c["b_up"], c["b_gate"],
+            )  # fmt: skip
         else:
             if dense:
                 mask = torch.ones(xf.shape[0], E, dtype=torch.bool, device=x.device)
             else:
-                mask = select(self.router(xf), tau)
+                mask = select(r(xf), tau)
             out = expert_mlp(
                 xf, c["up"], c["down"], mask, s, act, w_gate=c["gate"], b_up=c["b_up"], b_gate=c["b_gate"]
             )
-            selected = mask
+        selected = mask
     if st.counter is not None:
         st.count(selected.sum() if isinstance(selected, torch.Tensor) else selected, xf.shape[0] * E)
     return _down(out, w["b_down"]).reshape(*shape[:-1], -1)
