@@ -27,7 +27,13 @@ from tiny import tiny
 import condify
 from condify import registry
 from condify.convert import patched
-from condify.ops import compact_tokens_reference, expert_mlp_reference, scatter_tokens_reference
+from condify.ops import (
+    compact_tokens_reference,
+    expert_mlp,
+    expert_mlp_reference,
+    expert_mlp_torch,
+    scatter_tokens_reference,
+)
 
 METHODS = [m.name for m in registry.all_methods()]
 # options for the 6-layer tiny llama (intermediate 96); `routed`: options that make routing non-trivial
@@ -244,10 +250,12 @@ def test_expert_mlp_reference_matches_a_per_token_loop(case):
         "none": torch.zeros(T, E, dtype=torch.bool),
         "random": torch.rand(T, E, generator=g) < 0.5,
     }[kind]
-    got = expert_mlp_reference(x, w_up, w_down, mask, s, act, w_gate, b_up, b_gate, strategy=strategy)
     want = _naive_expert_mlp(x, w_up, w_down, mask, s, act, w_gate, b_up, b_gate)
-    assert got.shape == (T, d_out) and got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
+    args = (x, w_up, w_down, mask, s, act, w_gate, b_up, b_gate)
+    # the oracle, the tuned plain-torch strategies, and the dispatching op (the compiled CPU kernel here)
+    for got in (expert_mlp_reference(*args), expert_mlp_torch(*args, strategy=strategy), expert_mlp(*args)):
+        assert got.shape == (T, d_out) and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
     if kind == "none":
         assert torch.equal(got, torch.zeros_like(got))
 
