@@ -1,0 +1,291 @@
+"""Data-dependent step of lte: two stages, soft then hard (Learn To be Efficient, arXiv 2402.06126).
+
+0. **Router warm start** (``router_init="regression"``, stage 1 only): each router is set by ridge
+   regression of its experts' standardised log output norms on the MLP inputs of the dense model (up
+   to ``init_tokens`` calibration tokens; closed form, seconds), then scaled so that on those tokens a
+   fraction ``1 - target_sparsity`` of each layer's expert scores is above the threshold. Stage 1 then
+   starts at the target with routers that already rank experts, instead of at "keep everything"
+   (weight 0), which a few dozen steps cannot walk far from. ``"none"`` trains from the modify init.
+1. **Soft** (``stage="soft"`` or ``"both"``): the model frozen, every MLP computes
+   ``sum_e s_e / s0 * expert_e(x)`` (mode ``"soft"``) and the routers are trained (AdamW; weights at
+   ``soft_lr``, biases at ``soft_bias_lr``) on ``KL(dense || model)`` (``distill``; the LM loss
+   otherwise) ``+ eta * mean(s) + separation * mean(d / ((s - tau)^2 + d))`` (``d = 0.01``: the LTE
+   separation term ``1/(s - 0.5)^2`` with a floor, bounded, so scores leave the threshold's
+   neighbourhood and the hard rule of stage 2 computes what stage 1 trained). ``eta`` is not a knob
+   to search: a controller moves ``log eta`` by ``eta_gain * (f - (1 - target_sparsity))`` after each
+   step, ``f`` the batch's hard executed fraction (``s >= tau``) over all converted MLPs.
+   Then (``fit_threshold``) one threshold for every layer is fitted by bisection on up to
+   ``fit_tokens`` calibration tokens, in hard mode (twice: later layers see earlier layers' routing),
+   so the hard executed fraction on the calibration data is the target; the layers keep the
+   allocation the routers learned (a sensitive layer keeps more experts).
+2. **Hard** (``stage="hard"`` or ``"both"``): routers and thresholds frozen, ``s >= tau`` selects, and
+   the model (``hard_params="all"``: every weight but the routers; ``"mlp"``: the converted MLPs) is
+   fine-tuned under its own routing (mode ``"masked"``: exactly the hard function, differentiable),
+   KL to dense. This is the step that closes the soft-to-hard gap (dynamic-k's routed fine-tune).
+
+Budget rule: each stage makes at most one pass over the calibration batches (the fit batches, i.e.
+without the hold-out) by default: ``soft_steps`` and ``hard_steps`` default to the number of fit
+batches, one batch per step, so no parameter is trained twice on the same batch. More steps than fit
+batches must be asked for explicitly (they cycle, and the result reports ``passes``).
+The teacher (``distill=True``) is the model as ``calibrate`` received it, without any condify method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...config import ConfigError, Options, option
+from ...convert import applied_configs, update_config
+from ...training import Batch, Run, distill_loss, mean_nll, real_tokens
+from ..dynamic_k.modules import expert_norms, hidden
+from .config import LteConfig
+from .modules import METHOD, converted, mode, recording, set_threshold
+
+MIN_TOKENS = 256  # calibration tokens (outside the hold-out) below which calibrate refuses to run
+SEP_FLOOR = 0.01
+PARAMS = ("all", "mlp")
+
+
+@dataclasses.dataclass
+class LteCalibration(Options):
+    """Options of lte's ``calibrate`` (see the module docstring)."""
+
+    owner = "lte calibrate"
+
+    target_sparsity: float | None = option(None, ge=0.0, lt=1.0)
+    stage: str = option("both", choices=("both", "soft", "hard"))
+    distill: bool = True
+    router_init: str = option("regression", choices=("regression", "none"))
+    init_tokens: int = option(4096, ge=1)
+    soft_steps: int | None = option(None, ge=0)
+    soft_lr: float = option(1e-3, ge=0.0)
+    soft_bias_lr: float = option(1e-2, ge=0.0)
+    eta: float = option(0.1, gt=0.0)
+    eta_gain: float = option(5.0, ge=0.0)
+    separation: float = option(0.1, ge=0.0)
+    fit_threshold: bool = True
+    fit_tokens: int = option(8192, ge=1)
+    hard_steps: int | None = option(None, ge=0)
+    hard_lr: float = option(3e-4, ge=0.0)
+    hard_params: str = option("all", choices=PARAMS)
+
+
+def _cfg(model: nn.Module) -> LteConfig:
+    return next(c for c in applied_configs(model) if c.method == METHOD)  # type: ignore[return-value]
+
+
+def _trainable(model: nn.Module, params: str) -> list[nn.Parameter]:
+    """Everything but the routers (``"all"``), or the converted MLPs' own weights (``"mlp"``)."""
+    if params == "all":
+        return [q for n, q in model.named_parameters() if ".router." not in n]
+    return [q for _, m in converted(model) for n, q in m.named_parameters() if not n.startswith("router.")]
+
+
+def _take(batches: list[Batch], max_tokens: int) -> list[Batch]:
+    out, seen = [], 0
+    for b in batches:
+        if seen >= max_tokens:
+            break
+        out.append(b)
+        seen += real_tokens([b])
+    return out
+
+
+def _real_rows(b: Batch) -> torch.Tensor | None:
+    return b["attention_mask"].reshape(-1).bool() if "attention_mask" in b else None
+
+
+@torch.no_grad()
+def init_routers(
+    model: nn.Module, batches: list[Batch], executed: float, threshold: float
+) -> dict[str, float]:
+    """Stage 0: ridge regression of standardised log expert norms, scaled so ``executed`` of each layer's
+    scores are ``>= threshold`` on ``batches``. Returns the mean R^2 of the regression."""
+    sites = converted(model)
+    xs: dict[str, list[torch.Tensor]] = {p: [] for p, _ in sites}
+    ys: dict[str, list[torch.Tensor]] = {p: [] for p, _ in sites}
+    keep: list[torch.Tensor | None] = []
+
+    def hook(mod: nn.Module, args: tuple, out: Any, p: str) -> None:
+        st = mod._condify_patch.state
+        x = args[0].reshape(-1, args[0].shape[-1])
+        w = st.adapter.mlp_weights(mod)
+        h = hidden(x, w, st.activation)
+        xs[p].append(x.float())
+        ys[p].append(torch.log(expert_norms(h, w["down"], st.expert_size).float() + 1e-6))
+
+    hooks = [m.register_forward_hook(lambda mod, a, o, p=p: hook(mod, a, o, p)) for p, m in sites]
+    try:
+        with mode(model, "original"):
+            for b in batches:
+                model(**b, use_cache=False)
+                keep.append(_real_rows(b))
+    finally:
+        for h in hooks:
+            h.remove()
+    r2 = []
+    logit_tau = math.log(threshold / (1 - threshold))
+    for p, m in sites:
+        rows = [k if k is not None else slice(None) for k in keep]
+        x = torch.cat([v[r] for v, r in zip(xs.pop(p), rows, strict=True)]).double()
+        y = torch.cat([v[r] for v, r in zip(ys.pop(p), rows, strict=True)]).double()
+        y = (y - y.mean()) / y.std().clamp(min=1e-6)  # one scale per layer: experts stay comparable
+        xa = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+        gram = xa.t() @ xa
+        ridge = 1e-2 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=x.dtype)
+        coef = torch.linalg.solve(gram + ridge, xa.t() @ y)  # (d + 1, E)
+        z = xa @ coef
+        r2.append(float(1 - ((z - y) ** 2).mean() / (y**2).mean().clamp(min=1e-12)))
+        q = torch.quantile(z.flatten().float(), 1 - executed) if executed < 1 else z.min() - 1
+        scale = 2.0 / z.std().clamp(min=1e-6)  # logits with std 2: spread over (0, 1), not saturated
+        r = m.router
+        r.weight.copy_((scale * coef[:-1].t()).to(r.weight.dtype))
+        r.bias.copy_((scale * (coef[-1] - q) + logit_tau).to(r.bias.dtype))
+    return {"router_init_r2": sum(r2) / max(1, len(r2))}
+
+
+@torch.no_grad()
+def executed_on(model: nn.Module, batches: list[Batch], tau: float | None = None) -> float:
+    """Hard executed fraction of expert compute on ``batches`` (at threshold ``tau`` if given)."""
+    from ...tracking import track
+
+    if tau is not None:
+        set_threshold(model, tau)
+    with mode(model, "hard"), track(model) as t:
+        for b in batches:
+            model(**b, use_cache=False)
+    return t.fraction(METHOD)
+
+
+@torch.no_grad()
+def fit_threshold(model: nn.Module, batches: list[Batch], executed: float, rounds: int = 2) -> float:
+    """One threshold for every layer, so that the hard executed fraction on ``batches`` is ``executed``.
+
+    Bisection in logit space on the scores recorded in hard mode; repeated ``rounds`` times since the
+    inputs of later layers depend on the routing of earlier ones."""
+    tau = float(converted(model)[0][1].expert_layout.tau)
+    for _ in range(rounds):
+        with mode(model, "hard"), recording(model) as recs:
+            for b in batches:
+                model(**b, use_cache=False)
+        scores = torch.cat([torch.cat(r).flatten() for r in recs]).float()
+        lo, hi = -30.0, 30.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            if float((scores >= torch.sigmoid(torch.tensor(mid))).float().mean()) > executed:
+                lo = mid
+            else:
+                hi = mid
+        tau = float(torch.sigmoid(torch.tensor(hi)).clamp(1e-6, 1 - 1e-6))
+        set_threshold(model, tau)
+    return tau
+
+
+def soft_stage(model: nn.Module, run: Run, teacher: nn.Module | None, o: LteCalibration, executed: float,
+               steps: int) -> dict[str, Any]:  # fmt: skip
+    """Stage 1: train the routers in soft mode with the eta controller; returns losses and eta."""
+    sites = converted(model)
+    tau = float(sites[0][1].expert_layout.tau)
+    state = {"eta": o.eta, "f": 1.0}
+    fs: list[float] = []
+
+    def extra() -> torch.Tensor:
+        s = torch.cat([torch.cat(r).flatten() for r in recs])
+        for r in recs:
+            r.clear()
+        state["f"] = float((s.detach() >= tau).float().mean())
+        sep = (SEP_FLOOR / ((s - tau) ** 2 + SEP_FLOOR)).mean()
+        return state["eta"] * s.mean() + o.separation * sep
+
+    def after(step: int, loss: float) -> str:
+        fs.append(state["f"])
+        state["eta"] = min(1e4, max(1e-4, state["eta"] * math.exp(o.eta_gain * (state["f"] - executed))))
+        return f"executed={state['f']:.2f} eta={state['eta']:.3g}"
+
+    routers = [m.router for _, m in sites]
+    groups = [
+        {"params": [r.weight for r in routers], "lr": o.soft_lr},
+        {"params": [r.bias for r in routers], "lr": o.soft_bias_lr},
+    ]
+    with mode(model, "soft"), recording(model) as recs:
+        losses = run.train(
+            groups, steps, distill_loss(teacher, extra=extra), after_step=after, desc="lte soft", warmup=0
+        )
+    return {"soft_loss": (losses[0], losses[-1]) if losses else None, "eta": state["eta"],
+            "soft_executed_last": fs[-1] if fs else None}  # fmt: skip
+
+
+def calibrate(model: nn.Module, run: Run, opts: LteCalibration) -> dict[str, Any]:
+    """Run the stages of the module docstring; returns their measurements.
+
+    Keys: ``router_init_r2``, ``soft_loss`` (first, last), ``eta`` (final), ``soft_executed_last``,
+    ``threshold``, ``executed_fit`` (hard, calibration data), ``ppl_after_soft`` (held-out, hard mode),
+    ``hard_loss``, ``soft_steps``, ``hard_steps``, ``passes``; ``condify.calibrate`` adds ``ppl``,
+    ``executed`` and ``executed_per_layer`` (hard mode, held-out)."""
+    cfg, o, fit = _cfg(model), opts, run.fit
+    n_tokens = real_tokens(fit)
+    if n_tokens < MIN_TOKENS:
+        raise ConfigError(
+            f"lte calibrate: only {n_tokens} calibration tokens outside the hold-out; need at least "
+            f"{MIN_TOKENS} (e.g. 4 sequences of 256 tokens)"
+        )
+    soft, hard = o.stage in ("both", "soft"), o.stage in ("both", "hard")
+    target = o.target_sparsity if o.target_sparsity is not None else cfg.target_sparsity
+    if hard and not soft:
+        if cfg.calibrated is None:
+            raise ConfigError(
+                "lte calibrate: stage='hard' fine-tunes the model under routers trained by stage 1, but "
+                "these routers were never trained; run stage='soft' or stage='both' first"
+            )
+        if o.target_sparsity is not None and o.target_sparsity != cfg.target_sparsity:
+            raise ConfigError(
+                f"lte calibrate: target_sparsity={o.target_sparsity} cannot be met by stage='hard': it "
+                f"freezes routers trained for {cfg.target_sparsity}; run stage='both' for a new target"
+            )
+    if target is None:
+        raise ConfigError("lte calibrate: pass `target_sparsity` (the fraction of expert compute to skip)")
+    experts = min(m._condify_patch.state.experts for _, m in converted(model))
+    executed = 1.0 - target
+    if soft and executed < 1.0 / experts:
+        raise ConfigError(
+            f"lte calibrate: target_sparsity={target} cannot be met: it executes less than one expert per "
+            f"token on average ({experts} experts per MLP, so at most {1 - 1 / experts:.3f}); ask for less "
+            f"sparsity or use smaller experts"
+        )
+    soft_steps = (len(fit) if o.soft_steps is None else o.soft_steps) if soft else 0
+    hard_steps = (len(fit) if o.hard_steps is None else o.hard_steps) if hard else 0
+    res: dict[str, Any] = {"soft_steps": soft_steps, "hard_steps": hard_steps,
+                           "passes": max(soft_steps, hard_steps) / len(fit)}  # fmt: skip
+    was_training = model.training
+    model.eval()
+    teacher = run.teacher() if o.distill and (soft_steps or hard_steps) else None
+    if soft:
+        set_threshold(model, cfg.threshold)
+        if o.router_init == "regression":
+            res.update(init_routers(model, _take(fit, o.init_tokens), executed, cfg.threshold))
+        res.update(soft_stage(model, run, teacher, o, executed, soft_steps))
+        model.eval()
+        if o.fit_threshold:
+            res["threshold"] = fit_threshold(model, _take(fit, o.fit_tokens), executed)
+        res["executed_fit"] = executed_on(model, _take(fit, o.fit_tokens))
+        cfg = cfg.replace(target_sparsity=target, calibrated="soft")
+        update_config(model, cfg)
+        if run.held and hard_steps:
+            with mode(model, "hard"):
+                res["ppl_after_soft"] = math.exp(mean_nll(model, run.held))
+    if hard and hard_steps:
+        with mode(model, "masked"):
+            losses = run.train(
+                _trainable(model, o.hard_params), hard_steps, distill_loss(teacher),
+                lr=o.hard_lr, warmup=max(1, hard_steps // 10), desc="lte hard",
+            )  # fmt: skip
+        model.eval()
+        res["hard_loss"] = (losses[0], losses[-1])
+        update_config(model, cfg.replace(calibrated="hard"))
+    model.train(was_training)
+    return res
