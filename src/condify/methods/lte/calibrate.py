@@ -41,6 +41,7 @@ from torch import nn
 
 from ...config import ConfigError, Options, option
 from ...convert import applied_configs, update_config
+from ...tracking import track
 from ...training import Batch, Run, distill_loss, mean_nll, real_tokens
 from ..dynamic_k.modules import expert_norms, hidden
 from .config import LteConfig
@@ -61,7 +62,7 @@ class LteCalibration(Options):
     stage: str = option("both", choices=("both", "soft", "hard"))
     distill: bool = True
     router_init: str = option("regression", choices=("regression", "none"))
-    init_tokens: int = option(4096, ge=1)
+    init_tokens: int = option(2048, ge=1)
     soft_steps: int | None = option(None, ge=0)
     soft_lr: float = option(1e-3, ge=0.0)
     soft_bias_lr: float = option(1e-2, ge=0.0)
@@ -69,7 +70,7 @@ class LteCalibration(Options):
     eta_gain: float = option(5.0, ge=0.0)
     separation: float = option(0.1, ge=0.0)
     fit_threshold: bool = True
-    fit_tokens: int = option(8192, ge=1)
+    fit_tokens: int = option(2048, ge=1)
     hard_steps: int | None = option(None, ge=0)
     hard_lr: float = option(3e-4, ge=0.0)
     hard_params: str = option("all", choices=PARAMS)
@@ -150,40 +151,31 @@ def init_routers(
 
 
 @torch.no_grad()
-def executed_on(model: nn.Module, batches: list[Batch], tau: float | None = None) -> float:
-    """Hard executed fraction of expert compute on ``batches`` (at threshold ``tau`` if given)."""
-    from ...tracking import track
-
-    if tau is not None:
-        set_threshold(model, tau)
-    with mode(model, "hard"), track(model) as t:
-        for b in batches:
-            model(**b, use_cache=False)
-    return t.fraction(METHOD)
-
-
-@torch.no_grad()
-def fit_threshold(model: nn.Module, batches: list[Batch], executed: float, rounds: int = 2) -> float:
+def fit_threshold(
+    model: nn.Module, batches: list[Batch], executed: float, rounds: int = 2
+) -> tuple[float, float]:
     """One threshold for every layer, so that the hard executed fraction on ``batches`` is ``executed``.
 
-    Bisection in logit space on the scores recorded in hard mode; repeated ``rounds`` times since the
-    inputs of later layers depend on the routing of earlier ones."""
-    tau = float(converted(model)[0][1].expert_layout.tau)
+    Bisection in logit space on the scores recorded in hard mode; ``rounds`` times, since the inputs of
+    later layers depend on the routing of earlier ones. Returns the threshold and the executed fraction
+    it gives on the last round's scores."""
+    tau, frac = float(converted(model)[0][1].expert_layout.tau), float("nan")
     for _ in range(rounds):
         with mode(model, "hard"), recording(model) as recs:
             for b in batches:
                 model(**b, use_cache=False)
         scores = torch.cat([torch.cat(r).flatten() for r in recs]).float()
         lo, hi = -30.0, 30.0
-        for _ in range(60):
+        for _ in range(50):
             mid = (lo + hi) / 2
             if float((scores >= torch.sigmoid(torch.tensor(mid))).float().mean()) > executed:
                 lo = mid
             else:
                 hi = mid
         tau = float(torch.sigmoid(torch.tensor(hi)).clamp(1e-6, 1 - 1e-6))
+        frac = float((scores >= tau).float().mean())
         set_threshold(model, tau)
-    return tau
+    return tau, frac
 
 
 def soft_stage(model: nn.Module, run: Run, teacher: nn.Module | None, o: LteCalibration, executed: float,
@@ -224,7 +216,7 @@ def calibrate(model: nn.Module, run: Run, opts: LteCalibration) -> dict[str, Any
     """Run the stages of the module docstring; returns their measurements.
 
     Keys: ``router_init_r2``, ``soft_loss`` (first, last), ``eta`` (final), ``soft_executed_last``,
-    ``threshold``, ``executed_fit`` (hard, calibration data), ``ppl_after_soft`` (held-out, hard mode),
+    ``threshold`` and ``executed_fit`` (hard, on the calibration tokens it was fitted on), ``ppl_after_soft`` and ``executed_after_soft`` (held-out, hard mode, when stage 2 follows),
     ``hard_loss``, ``soft_steps``, ``hard_steps``, ``passes``; ``condify.calibrate`` adds ``ppl``,
     ``executed`` and ``executed_per_layer`` (hard mode, held-out)."""
     cfg, o, fit = _cfg(model), opts, run.fit
@@ -271,13 +263,13 @@ def calibrate(model: nn.Module, run: Run, opts: LteCalibration) -> dict[str, Any
         res.update(soft_stage(model, run, teacher, o, executed, soft_steps))
         model.eval()
         if o.fit_threshold:
-            res["threshold"] = fit_threshold(model, _take(fit, o.fit_tokens), executed)
-        res["executed_fit"] = executed_on(model, _take(fit, o.fit_tokens))
+            res["threshold"], res["executed_fit"] = fit_threshold(model, _take(fit, o.fit_tokens), executed)
         cfg = cfg.replace(target_sparsity=target, calibrated="soft")
         update_config(model, cfg)
         if run.held and hard_steps:
-            with mode(model, "hard"):
+            with mode(model, "hard"), track(model) as t:
                 res["ppl_after_soft"] = math.exp(mean_nll(model, run.held))
+            res["executed_after_soft"] = t.fraction(METHOD)
     if hard and hard_steps:
         with mode(model, "masked"):
             losses = run.train(
