@@ -33,6 +33,7 @@ The teacher (``distill=True``) is the model as ``calibrate`` received it, withou
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Any
 
@@ -47,6 +48,7 @@ from ..dynamic_k.modules import expert_norms, hidden
 from .config import LteConfig
 from .modules import METHOD, converted, mode, recording, set_threshold
 
+log = logging.getLogger("condify")
 MIN_TOKENS = 256  # calibration tokens (outside the hold-out) below which calibrate refuses to run
 SEP_FLOOR = 0.01
 PARAMS = ("all", "mlp")
@@ -142,7 +144,11 @@ def init_routers(
         coef = torch.linalg.solve(gram + ridge, xa.t() @ y)  # (d + 1, E)
         z = xa @ coef
         r2.append(float(1 - ((z - y) ** 2).mean() / (y**2).mean().clamp(min=1e-12)))
-        q = torch.quantile(z.flatten().float(), 1 - executed) if executed < 1 else z.min() - 1
+        zs = z.flatten().float().sort().values  # (torch.quantile refuses more than 16M values)
+        pos = (1 - executed) * (zs.numel() - 1)  # linear interpolation, as torch.quantile
+        lo = int(pos)
+        hi_ = min(lo + 1, zs.numel() - 1)
+        q = zs[lo] + (pos - lo) * (zs[hi_] - zs[lo]) if executed < 1 else zs[0] - 1
         scale = 2.0 / z.std().clamp(min=1e-6)  # logits with std 2: spread over (0, 1), not saturated
         r = m.router
         r.weight.copy_((scale * coef[:-1].t()).to(r.weight.dtype))
@@ -251,8 +257,16 @@ def calibrate(model: nn.Module, run: Run, opts: LteCalibration) -> dict[str, Any
         )
     soft_steps = (len(fit) if o.soft_steps is None else o.soft_steps) if soft else 0
     hard_steps = (len(fit) if o.hard_steps is None else o.hard_steps) if hard else 0
+    passes = max(soft_steps, hard_steps) / len(fit)
+    if passes > 1:
+        log.warning(
+            "lte calibrate: %d steps on %d fit batches: %.1f passes over the data",
+            max(soft_steps, hard_steps),
+            len(fit),
+            passes,
+        )
     res: dict[str, Any] = {"soft_steps": soft_steps, "hard_steps": hard_steps,
-                           "passes": max(soft_steps, hard_steps) / len(fit)}  # fmt: skip
+                           "passes": passes}  # fmt: skip
     was_training = model.training
     model.eval()
     teacher = run.teacher() if o.distill and (soft_steps or hard_steps) else None
