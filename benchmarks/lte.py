@@ -43,7 +43,7 @@ def run(frac: float, args: argparse.Namespace) -> dict:
     condify.modify(model, "lte", expert_size=args.expert_size)
     res = condify.calibrate(
         model, fit, holdout=held, target_sparsity=round(1 - frac, 6), soft_steps=args.soft_steps,
-        hard_steps=args.hard_steps, progress=False,
+        hard_steps=args.hard_steps, hold_target=args.hold_target, progress=False,
     )  # fmt: skip
     minutes = (time.time() - t) / 60
     row = {
@@ -52,7 +52,7 @@ def run(frac: float, args: argparse.Namespace) -> dict:
         "hard": [res["ratio"], res["executed"]],
         "soft_tokens": args.soft_steps * 2 * args.seq_len, "hard_tokens": args.hard_steps * 2 * args.seq_len,
         "tokens": res["tokens"], "minutes": minutes, "threshold": res.get("threshold"), "eta": res.get("eta"),
-        "router_init_r2": res.get("router_init_r2"), "executed_per_layer": res["executed_per_layer"],
+        "router_init_r2": res.get("router_init_r2"), "hard_executed": res.get("hard_executed"), "executed_per_layer": res["executed_per_layer"],
         "soft_loss": res.get("soft_loss"), "hard_loss": res.get("hard_loss"), "args": vars(args),
     }  # fmt: skip
     if args.speed:
@@ -92,7 +92,7 @@ def plot(rows: list[dict], png: Path) -> None:
 
 def render(out: Path) -> None:
     rows = [json.loads(p.read_text()) for p in sorted(out.glob(f"{PREFIX}_f*.json"))]
-    rows.sort(key=lambda r: -r["target_executed"])
+    rows.sort(key=lambda r: (r["args"].get("hold_target", False), -r["target_executed"]))
     if not rows:
         raise SystemExit(f"no {PREFIX}_f*.json in {out}")
     a = rows[0]["args"]
@@ -115,8 +115,8 @@ def render(out: Path) -> None:
         f"Command: `.venv/bin/python benchmarks/{PREFIX}.py --fractions {a['fractions']} --soft-steps "
         f"{a['soft_steps']} --hard-steps {a['hard_steps']}`, then `--render`.",
         "",
-        "| target executed | after stage 1 (routers) | after stage 2 (+ fine-tune) | tokens (soft + hard) | decode speed-up (b=1) | prefill speed-up | minutes |",
-        "|---|---|---|---|---|---|---|",
+        "| target executed | hold_target | after stage 1 (routers) | after stage 2 (+ fine-tune) | tokens (soft + hard) | decode speed-up (b=1) | prefill speed-up | minutes |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         sp = (
@@ -125,7 +125,7 @@ def render(out: Path) -> None:
             else ("-", "-")
         )
         lines.append(
-            f"| {r['target_executed']} | {r['soft'][0]:.3g} @ {r['soft'][1]:.3f} | **{r['hard'][0]:.3g} @ "
+            f"| {r['target_executed']} | {r['args'].get('hold_target', False)} | {r['soft'][0]:.3g} @ {r['soft'][1]:.3f} | **{r['hard'][0]:.3g} @ "
             f"{r['hard'][1]:.3f}** | {r['soft_tokens']} + {r['hard_tokens']} = {r['tokens']} | {sp[0]} | {sp[1]} | "
             f"{r['minutes']:.1f} |"
         )
@@ -154,6 +154,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--hold-target", action="store_true", help="calibrate(hold_target=True)")
     ap.add_argument("--no-speed", dest="speed", action="store_false")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS))
@@ -168,7 +169,7 @@ def main() -> None:
     for f in (float(v) for v in args.fractions.split(",")):
         r = run(f, args)
         print(json.dumps(r), flush=True)
-        (out / f"{PREFIX}_f{f}.json").write_text(json.dumps(r, indent=1))
+        (out / f"{PREFIX}_f{f}{'_hold' if args.hold_target else ''}.json").write_text(json.dumps(r, indent=1))
         gc.collect()  # patched forwards make reference cycles: free this run's model and teacher now
 
 

@@ -274,3 +274,17 @@ def test_recipes_and_registry() -> None:
     condify.modify(model, "lte", expert_size=8, layers=[1])
     text = condify.describe(model)
     assert "lte" in text and "model.layers.1.mlp (+router, expert_layout): experts=8" in text
+
+
+def test_hold_target_keeps_executed_during_fine_tune() -> None:
+    model = tiny("llama", inter=128, layers=4)
+    condify.modify(model, "lte", expert_size=8)
+    batches = data(9)
+    condify.calibrate(model, batches, target_sparsity=0.5, stage="soft", soft_steps=10, progress=False)
+    tau = float(converted(model)[0][1].expert_layout.tau)
+    res = condify.calibrate(
+        model, batches, stage="hard", hard_steps=20, hard_lr=3e-3, hold_target=True, progress=False
+    )
+    taus = {float(m.expert_layout.tau) for _, m in converted(model)}
+    assert taus == {res["threshold_after_hard"]} and res["threshold_after_hard"] != tau  # one, moved
+    assert abs(res["hard_executed"][1] - 0.5) < 0.1
