@@ -203,10 +203,10 @@ def test_calibrate_meets_target_and_stage2_lowers_kl() -> None:
     assert set(res["executed_per_layer"]) == {0, 1, 2, 3} and res["tokens"] == 20 * 4 * 32
     assert condify.applied_configs(model)[0].calibrated == "soft"
     routers = {k: v for k, v in snapshot(model).items() if ".router." in k or "expert_layout" in k}
-    assert any(not torch.equal(v, before[k]) for k, v in routers.items())
+    assert any(not torch.equal(v, before[k]) for k, v in routers.items() if ".router." in k)
     assert all(torch.equal(snapshot(model)[k], v) for k, v in before.items() if k not in routers)  # frozen
     kl_soft = kl()
-    res2 = condify.calibrate(model, batches, stage="hard", hard_steps=30, progress=False)
+    res2 = condify.calibrate(model, batches, stage="hard", hard_steps=30, hold_target=False, progress=False)
     assert res2["hard_steps"] == 30 and kl() < kl_soft
     after = snapshot(model)
     assert all(torch.equal(after[k], v) for k, v in routers.items())  # routers and thresholds kept
@@ -282,9 +282,7 @@ def test_hold_target_keeps_executed_during_fine_tune() -> None:
     batches = data(9)
     condify.calibrate(model, batches, target_sparsity=0.5, stage="soft", soft_steps=10, progress=False)
     tau = float(converted(model)[0][1].expert_layout.tau)
-    res = condify.calibrate(
-        model, batches, stage="hard", hard_steps=20, hard_lr=3e-3, hold_target=True, progress=False
-    )
+    res = condify.calibrate(model, batches, stage="hard", hard_steps=20, hard_lr=3e-3, progress=False)
     taus = {float(m.expert_layout.tau) for _, m in converted(model)}
     assert taus == {res["threshold_after_hard"]} and res["threshold_after_hard"] != tau  # one, moved
     assert abs(res["hard_executed"][1] - 0.5) < 0.1
