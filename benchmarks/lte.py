@@ -74,10 +74,17 @@ def plot(rows: list[dict], png: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["soft"][1] for r in rows], [r["soft"][0] for r in rows], "o--", label="lte, stage 1 (routers)")
-    ax.plot([r["hard"][1] for r in rows], [r["hard"][0] for r in rows], "o-", label="lte, stage 1 + 2")
-    for r in rows:
-        ax.annotate(f"{r['tokens'] / 1000:.1f}k tok", (r["hard"][1], r["hard"][0]), fontsize=7)
+    soft = sorted({(r["soft"][1], r["soft"][0]) for r in rows})
+    ax.plot([p[0] for p in soft], [p[1] for p in soft], "o--", label="lte, stage 1 (routers)")
+    for hold, style in ((False, "o-"), (True, "^-")):
+        rs = sorted(
+            (r for r in rows if r["args"].get("hold_target", False) == hold), key=lambda r: r["hard"][1]
+        )
+        if rs:
+            label = "lte, stage 1 + 2" + (" (hold_target)" if hold else " (threshold fixed)")
+            ax.plot([r["hard"][1] for r in rs], [r["hard"][0] for r in rs], style, label=label)
+        for r in rs:
+            ax.annotate(f"{r['tokens'] / 1000:.1f}k tok", (r["hard"][1], r["hard"][0]), fontsize=7)
     dk = [p for p in DYNAMIC_K if p[2] == 25600]
     ax.plot([p[0] for p in dk], [p[1] for p in dk], "s:", label="dynamic-k + routed fine-tune (25.6k tok)")
     ax.axhline(1.0, color="grey", lw=0.5)
