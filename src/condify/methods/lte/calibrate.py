@@ -267,9 +267,11 @@ def hard_stage(
 def calibrate(model: nn.Module, run: Run, opts: LteCalibration) -> dict[str, Any]:
     """Run the stages of the module docstring; returns their measurements.
 
-    Keys: ``router_init_r2``, ``soft_loss`` (first, last), ``eta`` (final), ``soft_executed_last``,
-    ``threshold`` and ``executed_fit`` (hard, on the calibration tokens it was fitted on), ``ppl_after_soft`` and ``executed_after_soft`` (held-out, hard mode, when stage 2 follows),
-    ``hard_loss`` and ``hard_executed`` (first, last batch of stage 2), ``threshold_after_hard`` (``hold_target``), ``soft_steps``, ``hard_steps``, ``passes``; ``condify.calibrate`` adds ``ppl``,
+    Keys: ``router_init_r2``, ``soft_loss`` (first, last), ``eta`` (final), ``soft_executed_last``;
+    ``threshold`` and ``executed_fit`` (hard, on the calibration tokens it was fitted on);
+    ``ppl_after_soft`` and ``executed_after_soft`` (held-out, hard mode, when stage 2 follows);
+    ``hard_loss`` and ``hard_executed`` (first, last batch of stage 2), ``threshold_after_hard``
+    (``hold_target``); ``soft_steps``, ``hard_steps``, ``passes``. ``condify.calibrate`` adds ``ppl``,
     ``executed`` and ``executed_per_layer`` (hard mode, held-out)."""
     cfg, o, fit = _cfg(model), opts, run.fit
     n_tokens = real_tokens(fit)
