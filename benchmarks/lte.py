@@ -120,7 +120,8 @@ def render(out: Path) -> None:
         "2-core machine (load average 4-8 during the run: speed numbers are noisy).",
         "",
         f"Command: `.venv/bin/python benchmarks/{PREFIX}.py --fractions {a['fractions']} --soft-steps "
-        f"{a['soft_steps']} --hard-steps {a['hard_steps']}`, then `--render`.",
+        f"{a['soft_steps']} --hard-steps {a['hard_steps']}` (rows with hold_target: add `--hold-target --no-speed`; "
+        "one json per row), then `--render`.",
         "",
         "| target executed | hold_target | after stage 1 (routers) | after stage 2 (+ fine-tune) | tokens (soft + hard) | decode speed-up (b=1) | prefill speed-up | minutes |",
         "|---|---|---|---|---|---|---|---|",
