@@ -117,7 +117,7 @@ def render(out: Path) -> None:
         "Cells: `ppl ratio @ executed expert compute`, both measured on the held-out text, hard selection "
         f"`s >= tau`. Speed: batch 1, {a['prompt_len']}-token prompt, {a['new_tokens']} new tokens, median of "
         f"{a['repeats']}, vs the dense model in the same process; {a['threads']} torch thread(s) on a shared "
-        "2-core machine (load average 4-8 during the run: speed numbers are noisy).",
+        "2-core machine (load average 1-11 during the runs: speed numbers are noisy).",
         "",
         f"Command: `.venv/bin/python benchmarks/{PREFIX}.py --fractions {a['fractions']} --soft-steps "
         f"{a['soft_steps']} --hard-steps {a['hard_steps']}` (rows with hold_target: add `--hold-target --no-speed`; "
