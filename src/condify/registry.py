@@ -76,6 +76,7 @@ _BUILTIN = {
     "layer-parallel": "condify.methods.layer_parallel",
     "mod-threshold": "condify.methods.mod_threshold",
     "dynamic-k": "condify.methods.dynamic_k",
+    "lte": "condify.methods.lte",
     "mot": "condify.methods.mot",
 }
 
