@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...adapters import Adapter
+from ...config import ConfigError
 from ...convert import SiteState, patched
 from ...ops import expert_mlp, sparse_ffn  # custom ops: Triton on CUDA, compiled kernel / torch on CPU
 from ...tracking import Tracking, track
@@ -91,6 +92,14 @@ class ExpertSite(SiteState):
 
     def describe(self) -> dict[str, Any]:
         return {"experts": self.experts, "expert_size": self.expert_size}
+
+
+def require_activation(config: Any, method: str) -> str:
+    """:func:`model_activation`, or a ConfigError naming ``method`` when it is unsupported."""
+    act = model_activation(config)
+    if act is None:
+        raise ConfigError(f"{method}: the model's MLP activation is not one of silu/gelu/gelu_tanh/relu")
+    return act
 
 
 class Router(nn.Module):

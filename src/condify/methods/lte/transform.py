@@ -9,7 +9,7 @@ from ...adapters import Adapter
 from ...config import ConfigError
 from ...convert import Target, patch
 from ..dynamic_k.clustering import balanced_kmeans, permutation
-from ..dynamic_k.modules import ExpertLayout, model_activation
+from ..dynamic_k.modules import ExpertLayout, require_activation
 from ..dynamic_k.transform import _mlp_linears, block_layout_, divisors, gate_features, permute_, relayout_
 from .config import LteConfig
 from .modules import METHOD, LteSite, SigmoidRouter, converted, lte_forward
@@ -21,10 +21,7 @@ def _indices(model: nn.Module, adapter: Adapter, cfg: LteConfig) -> list[int]:
 
 
 def activation(model: nn.Module) -> str:
-    act = model_activation(model.config)
-    if act is None:
-        raise ConfigError("lte: the model's MLP activation is not one of silu/gelu/gelu_tanh/relu")
-    return act
+    return require_activation(model.config, METHOD)
 
 
 def targets(model: nn.Module, adapter: Adapter, cfg: LteConfig) -> list[Target]:

@@ -10,21 +10,14 @@ from ...adapters import Adapter
 from ...config import ConfigError
 from ...convert import Target, patch, update_config
 from ..dynamic_k.clustering import balanced_kmeans, permutation
-from ..dynamic_k.modules import model_activation
-from ..dynamic_k.transform import block_layout_, gate_features, permute_, relayout_
+from ..dynamic_k.modules import require_activation
+from ..dynamic_k.transform import block_layout_, divisors, gate_features, permute_, relayout_
 from .config import MoTConfig
 from .modules import METHOD, Controller, MoTLayout, MoTSite, converted, mot_forward
 
 
-def _divisors(n: int) -> list[int]:
-    return [k for k in range(1, n + 1) if n % k == 0]
-
-
 def activation(model: nn.Module) -> str:
-    act = model_activation(model.config)
-    if act is None:
-        raise ConfigError("mot: the model's MLP activation is not one of silu/gelu/gelu_tanh/relu")
-    return act
+    return require_activation(model.config, METHOD)
 
 
 def targets(model: nn.Module, adapter: Adapter, cfg: MoTConfig) -> list[Target]:
@@ -37,7 +30,7 @@ def targets(model: nn.Module, adapter: Adapter, cfg: MoTConfig) -> list[Target]:
         if inter % cfg.num_experts:
             raise ConfigError(
                 f"mot: num_experts={cfg.num_experts} does not divide the MLP intermediate size {inter} "
-                f"(layer {i}); values that divide it: {_divisors(inter)}"
+                f"(layer {i}); values that divide it: {divisors(inter)}"
             )
         out.append(Target(f"{adapter.layers}.{i}.{adapter.mlp}", mlp, i, kind="mlp"))
     return out
