@@ -107,7 +107,7 @@ def calibrate(
     result.update({"executed": None, "tokens": run.tokens, **measured})
     if dense_ppl is not None:
         result["ratio"] = result["ppl"] / dense_ppl
-    result.update(entries)
+    result.update({k: v for k, v in entries.items() if k not in result})  # the schema's keys are the core's
     result["seconds"] = time.perf_counter() - start
     _report(result, len(held))
     return result
