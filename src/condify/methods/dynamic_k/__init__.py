@@ -37,7 +37,7 @@ RECIPES = {
     ),
     "cpu": Recipe(
         {"expert_size": 32, "clustering": "coactivation"},
-        {"router_steps": 300, "router_tokens": 4096, "target_sparsity": 0.5, "adapt_steps": 48, "adapt_lr": 3e-4},
+        {"router_steps": 300, "router_tokens": 4096, "target_sparsity": 0.5},  # + the default fine-tune: one pass
         Data(2, 128, 53),
     ),
     "long": Recipe(
