@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GemmaConfig, GPT2Config, LlamaConfig, Phi3Config, Qwen2Config
+from small import ids, logits, one_thread, same_state, small, snapshot  # noqa: F401 (autouse fixture)
 
 import condify
 from condify.methods.dynamic_k import DynamicKConfig, executed_fraction, mode, track_executed
@@ -15,57 +15,12 @@ from condify.methods.dynamic_k.transform import relayout_
 KINDS = ["llama", "qwen2", "gemma", "phi3", "gpt2"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread avoids OpenMP barrier stalls on a shared 2-core machine (10x here)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def tiny(kind: str = "llama", inter: int = 64) -> torch.nn.Module:
-    common = dict(
-        vocab_size=128, hidden_size=32, intermediate_size=inter, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )  # fmt: skip
-    if kind == "gpt2":
-        cfg = GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=inter)
-    elif kind == "phi3":
-        cfg = Phi3Config(**common, pad_token_id=0, bos_token_id=1, eos_token_id=1)
-    elif kind == "gemma":
-        cfg = GemmaConfig(**common, head_dim=8)
-    else:
-        cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config}[kind](**common)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
-    if kind == "gpt2":  # biases are zero at init; make them matter
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() == 1:
-                    p.normal_(0, 0.1)
-    return model
-
-
-def ids(b: int = 2, t: int = 9, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, 128, (b, t), generator=torch.Generator().manual_seed(seed))
+    return small(kind, inter, noise="gpt2-bias")  # biases are zero at init; make GPT-2's matter
 
 
 def data(n: int = 6) -> list[torch.Tensor]:
     return [ids(4, 32, seed=s) for s in range(n)]
-
-
-def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-@torch.no_grad()
-def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return model(x, use_cache=False).logits
 
 
 def blocks_contiguous(model: torch.nn.Module) -> bool:

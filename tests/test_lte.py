@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Phi3Config, Qwen2Config
+from small import ids, logits, one_thread, same_state, small, snapshot  # noqa: F401 (autouse fixture)
+from transformers import AutoModelForCausalLM
 
 import condify
 from condify.methods.lte import LteCalibration, LteConfig
@@ -14,54 +15,12 @@ from condify.methods.lte.modules import converted, mode
 KINDS = ["llama", "qwen2", "phi3", "gpt2"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread avoids OpenMP barrier stalls on a shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def tiny(kind: str = "llama", inter: int = 64, layers: int = 2) -> torch.nn.Module:
-    common = dict(
-        vocab_size=128, hidden_size=32, intermediate_size=inter, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )  # fmt: skip
-    if kind == "gpt2":
-        cfg = GPT2Config(vocab_size=128, n_embd=32, n_layer=layers, n_head=4, n_positions=64, n_inner=inter)
-    elif kind == "phi3":
-        cfg = Phi3Config(**common, pad_token_id=0, bos_token_id=1, eos_token_id=1)
-    else:
-        cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config}[kind](**common)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:  # norms not all ones, biases not all zero
-                p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
-def ids(b: int = 2, t: int = 9, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, 128, (b, t), generator=torch.Generator().manual_seed(seed))
+    return small(kind, inter, layers)
 
 
 def data(n: int = 8) -> list[torch.Tensor]:
     return [ids(4, 32, seed=s) for s in range(n)]
-
-
-def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-@torch.no_grad()
-def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return model(x, use_cache=False).logits
 
 
 @torch.no_grad()
