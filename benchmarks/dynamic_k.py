@@ -19,12 +19,12 @@ import harness
 import torch
 
 import condify
+from condify.batches import as_batches
 from condify.data import eval_batches, train_batches
 from condify.evaluate import executed_flops, perplexity
 from condify.methods.dynamic_k import track_executed
 from condify.methods.dynamic_k.calibrate import fit_tau, measure
 from condify.report import Report
-from condify.training import as_batches
 
 LAYER = 15
 QUICK = dict(

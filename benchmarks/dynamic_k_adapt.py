@@ -21,10 +21,10 @@ from pathlib import Path
 import harness
 
 import condify
+from condify.batches import as_batches
 from condify.data import eval_batches, load_model, train_batches
 from condify.evaluate import perplexity
 from condify.methods.dynamic_k.calibrate import measure
-from condify.training import as_batches
 
 PREFIX = "dynamic_k_adapt"
 QUICK = dict(sizes="128", fractions="0.5", adapt_steps=1, router_steps=2, seq_len=32, eval_seqs=1)

@@ -21,12 +21,12 @@ import harness
 import torch
 
 import condify
+from condify.batches import as_batches
 from condify.data import eval_batches, train_batches
 from condify.evaluate import perplexity
 from condify.methods.dynamic_k import executed_fraction, mode, track_executed
 from condify.methods.dynamic_k.calibrate import _collect_inputs, distill_projections, fit_tau, train_routers
 from condify.methods.dynamic_k.modules import converted
-from condify.training import as_batches
 
 QUICK = dict(width=[1.0], steps=1, tokens=512, router_steps=2, fractions=[0.5], eval_seqs=1, eval_len=64)
 

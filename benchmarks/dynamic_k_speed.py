@@ -25,13 +25,13 @@ from pathlib import Path
 import harness
 import torch
 
+from condify.batches import as_batches
 from condify.data import eval_batches, train_batches
 from condify.methods.dynamic_k import executed_fraction, track_executed
 from condify.methods.dynamic_k.calibrate import fit_tau, order_experts_
 from condify.methods.dynamic_k.modules import converted, select
 from condify.methods.dynamic_k.transform import _mlp_linears, block_layout_
 from condify.ops import expert_mlp_decode
-from condify.training import as_batches
 
 LAYER = 15
 QUICK = dict(sizes=[128], calib_batches=1, router_steps=2, repeats=1)

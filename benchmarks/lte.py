@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 
 import condify
+from condify.batches import as_batches
 from condify.data import eval_batches, load_model, train_batches
 from condify.evaluate import compare_speed, set_threads
-from condify.training import as_batches, frozen_teacher
+from condify.training import frozen_teacher
 
 RESULTS = Path(__file__).parent / "results"
 PREFIX = "lte"

@@ -27,6 +27,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import condify
+from condify import batches as batches_mod
 from condify import data, evaluate, training
 from condify.methods.mot.calibrate import param_groups
 
@@ -47,7 +48,7 @@ def _timed_train(model, groups, batches, steps, lr):
     losses = training.train(
         model,
         groups,
-        training.as_batches(batches),
+        batches_mod.as_batches(batches),
         steps,
         training.distill_loss(None),
         lr=lr,

@@ -572,7 +572,7 @@ def test_holdout_all_padding():
 
 
 def test_as_batches_accepts_good_data():
-    from condify.training import as_batches
+    from condify.batches import as_batches
 
     out = as_batches([ids()[0], {"input_ids": ids(), "attention_mask": M.bool()}], vocab_size=VOCAB)
     assert out[0]["input_ids"].shape == (1, 8) and out[1]["attention_mask"].dtype == torch.long

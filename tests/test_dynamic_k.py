@@ -115,8 +115,8 @@ def test_router_regression_target_sparsity_and_oracle() -> None:
 
 
 def test_order_experts_keeps_function_and_joins_runs() -> None:
+    from condify.batches import as_batches
     from condify.methods.dynamic_k.calibrate import _collect_inputs, order_experts_, runs_per_token
-    from condify.training import as_batches
 
     model = tiny("llama", inter=128)
     condify.modify(model, "dynamic-k", expert_size=8)

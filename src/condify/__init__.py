@@ -16,12 +16,12 @@ from torch import nn
 
 from . import registry
 from .adapters import UnsupportedModelError
+from .batches import DataError
 from .config import ConfigError, MethodConfig
 from .convert import ModifyError, applied_configs, describe, modify, unmodify
 from .registry import list_methods
 from .serialization import CheckpointError, from_pretrained, save_pretrained
 from .tracking import track
-from .training import DataError
 
 __version__ = "0.1.0"
 
@@ -67,14 +67,15 @@ def calibrate(
     ``data``: an iterable of ``input_ids`` tensors or of dicts with ``input_ids``/``attention_mask``.
     With several methods applied, name one with ``method=``; ``options`` are that method's calibrate
     options (validated before anything changes). ``holdout``: batches that are never trained on (see
-    :func:`condify.training.split_holdout`; default: the last 10 % of ``data``, at least one batch of
+    :func:`condify.batches.split_holdout`; default: the last 10 % of ``data``, at least one batch of
     two or more). The result always has ``dense_ppl`` and ``ppl`` (held-out perplexity before and
     after, None without a hold-out), ``ratio``, ``executed`` (fraction of the method's compute that
     ran on the held-out batches; None where nothing is skipped per token), ``tokens`` (trained on),
     ``seconds``, and the method's own entries. A ratio above 1.5 is logged and warned
     (:class:`QualityWarning`). On any error the model is left exactly as it came.
     """
-    from .training import Run, as_batches, restore, snapshot, split_holdout, vocab_size
+    from .batches import as_batches, split_holdout, vocab_size
+    from .training import Run, restore, snapshot
 
     configs = applied_configs(model)
     if not configs:

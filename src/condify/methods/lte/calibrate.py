@@ -42,10 +42,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...batches import real_tokens
 from ...config import ConfigError, Options, option
 from ...convert import applied_configs, update_config
 from ...tracking import track
-from ...training import Batch, Run, distill_loss, mean_nll, real_tokens
+from ...training import Batch, Run, distill_loss, mean_nll
 from ..dynamic_k.modules import expert_norms, hidden
 from .config import LteConfig
 from .modules import METHOD, converted, mode, recording, set_threshold

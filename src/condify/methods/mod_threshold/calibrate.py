@@ -56,7 +56,7 @@ def _forward_routes(model: nn.Module, b: Batch) -> None:
 @torch.no_grad()
 def keep_rates(model: nn.Module, batches: list[Batch] | Any) -> dict[int, float]:
     """Measured fraction of (non-padding) tokens that take each gated layer, by layer index."""
-    from ...training import as_batches
+    from ...batches import as_batches
 
     batches = as_batches(batches, next(model.parameters()).device)
     _gated(model)
@@ -282,7 +282,7 @@ def layer_sensitivity(
     the model is left as it came). ``candidates`` default to every layer but the first and the last.
     Cost: four forwards of the data per candidate.
     """
-    from ...training import as_batches
+    from ...batches import as_batches
 
     if any(c.method == "mod-threshold" for c in applied_configs(model)):
         raise ConfigError(
