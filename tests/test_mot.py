@@ -3,6 +3,8 @@ the transitioned MoE vs a naive loop, generate/batch invariance, save/load and u
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from small import ids as small_ids
@@ -11,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 import condify
 from condify.methods.mot import RECIPES, MoTCalibration, MoTConfig, set_temperature, stage
+from condify.methods.mot.calibrate import grouped
 from condify.methods.mot.modules import converted
 from condify.methods.mot.transform import set_stage
 from condify.ops.reference import ACTIVATIONS
@@ -142,15 +145,34 @@ def test_causal_and_groups_stay_apart() -> None:
     assert not torch.allclose(out[:, 7:], ref[:, 7:])
 
 
-def test_batch_not_multiple_of_group_size_is_an_error() -> None:
+def test_a_batch_not_multiple_of_group_size_ends_in_a_smaller_group() -> None:
+    """B % G sequences form the last group; a group of one mixes nothing (the dense MLP)."""
+    model = tiny("llama")
+    dense = logits(model, ids(3))
+    condify.modify(model, "mot", group_size=2, num_experts=4)
+    x = ids(3)
+    out = logits(model, x)
+    torch.testing.assert_close(out[:2], logits(model, x[:2]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[2:], logits(model, x[2:]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[2:], dense[2:], atol=1e-5, rtol=1e-5)  # alone: every expert, weight 1
+
+
+def test_calibrate_regroups_batches_of_one_into_full_groups() -> None:
+    assert [
+        b["input_ids"].shape[0] for b in grouped([{"input_ids": ids(1, 8, seed=s)} for s in range(7)], 2)
+    ] == [2, 2, 2]
+    parts = [{"input_ids": ids(3, 8, seed=s)} for s in range(2)]
+    out = grouped(parts, 2)
+    assert [b["input_ids"].shape[0] for b in out] == [2, 2, 2]
+    assert torch.equal(torch.cat([b["input_ids"] for b in out]), torch.cat([b["input_ids"] for b in parts]))
     model = tiny("llama")
     condify.modify(model, "mot", group_size=2, num_experts=4)
-    with pytest.raises(ValueError, match=r"batch size 3 is not a multiple of group_size=2"):
-        logits(model, ids(3))
     before = snapshot(model)
-    with pytest.raises(condify.ConfigError, match=r"\[3\] are not multiples of group_size=2"):
-        condify.calibrate(model, data(b=3), steps=2, progress=False)
+    with pytest.raises(condify.ConfigError, match=r"not multiples of group_size=2 and cannot be regrouped"):
+        condify.calibrate(model, [ids(1, 8), ids(1, 6), ids(2, 8)], holdout=0, steps=2, progress=False)
     assert same_state(snapshot(model), before) and stage(model) == "mot"
+    res = condify.calibrate(model, data(b=1), steps=2, progress=False)  # batches of one: regrouped
+    assert res["ratio"] is not None and math.isfinite(res["ratio"])
 
 
 def test_bad_options() -> None:

@@ -105,6 +105,17 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--no-speed", action="store_true", help="skip the speed comparison")
     r.add_argument("--out", default="out", help="report folder (default: out/)")
 
+    f = sub.add_parser(
+        "frontier", help="every method at its budgets with its defaults vs a baseline: md + plot"
+    )
+    f.add_argument("--model", default=None, help="hub id or local folder (default: embedded SmolLM2-135M)")
+    f.add_argument("--text", default="shakespeare", help="shakespeare or a condify.data text name")
+    f.add_argument("--methods", default=None, help="comma-separated methods (default: all)")
+    f.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run of a few minutes")
+    f.add_argument("--batches", type=_positive, default=None, help="calibration windows (default 32)")
+    f.add_argument("--no-speed", action="store_true", help="skip the speed comparison")
+    f.add_argument("--out", default="out/frontier", help="output folder (default: out/frontier/)")
+
     c = sub.add_parser("convert", help="apply a method (structure only) and save the checkpoint")
     model_args(c)
     c.add_argument("--out", required=True, help="output folder")
@@ -234,6 +245,28 @@ def _main(args: argparse.Namespace) -> int:
             eval_sequences=args.eval_sequences, speed=not args.no_speed, progress=progress,
         )  # fmt: skip
         pipeline.print_summary(result)
+        return 0
+    if args.command == "frontier":
+        from condify import frontier
+
+        methods = args.methods.split(",") if args.methods else None
+        for m in methods or ():
+            if m not in frontier.SWEEPS:
+                raise UsageError(
+                    f"condify: error: no frontier sweep for {m!r}; known: {', '.join(frontier.SWEEPS)}"
+                )
+        if args.model is not None:
+            _load_check(args.model)
+        sizes = dict(frontier.QUICK) if args.quick else {}
+        if args.batches:
+            sizes["batches"] = args.batches
+        res = frontier.run(
+            _out_dir(args.out), model_name=args.model, text=args.text, methods=methods, speed=not args.no_speed,
+            command="condify frontier " + " ".join(sys.argv[1:]), **sizes,
+            log=lambda p: print(f"{p['method']} {p['knob']}={p['value']}: x{p['ratio']:.3f}", flush=True),
+        )  # fmt: skip
+        print("\n".join(frontier.table(res["points"])))
+        print("wrote", *res["files"])
         return 0
     if args.command == "convert":
         from condify.convert import method_spec

@@ -224,6 +224,90 @@ def sweep(
             "train": [len(train), *train[0].shape], "held": [len(held), *held[0].shape]}  # fmt: skip
 
 
+# --------------------------------------------------------------------------- one run
+
+QUICK = {"batches": 6, "seq_len": 128, "eval_sequences": 4, "repeats": 1}  # a smoke run: minutes
+
+
+def text_tokens(name: str, tokenizer: Any, split: str) -> torch.Tensor:
+    """1-D token ids of a named text's split ("train" or "test"): ``shakespeare`` or a ``condify.data`` text."""
+    from . import data
+
+    if name == "shakespeare":
+        return data.tokens(tokenizer, split)
+    return data.text_tokens(name, tokenizer, split)
+
+
+def windows(ids: torch.Tensor, n: int, seq_len: int, *, seed: int | None) -> list[torch.Tensor]:
+    """``n`` (1, seq_len) windows of ``ids``: evenly spaced (``seed=None``) or at seeded random starts."""
+    if n * seq_len > ids.numel():
+        raise ValueError(f"the text has {ids.numel()} tokens: too few for {n} windows of {seq_len}")
+    if seed is None:
+        starts = [i * (ids.numel() - seq_len) // max(n - 1, 1) for i in range(n)]
+    else:
+        g = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, ids.numel() - seq_len + 1, (n,), generator=g).tolist()
+    return [ids[s : s + seq_len][None] for s in starts]
+
+
+def run(
+    out_dir: str | Path,
+    *,
+    model_name: str | None = None,
+    text: str = "shakespeare",
+    methods: Sequence[str] | None = None,
+    batches: int = 32,
+    seq_len: int = 512,
+    eval_sequences: int = 16,
+    repeats: int = 3,
+    speed: bool = True,
+    composed: bool = True,
+    seed: int = 0,
+    command: str = "condify frontier",
+    log: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Load the model, sweep on ``batches`` random windows of the text's train split, judge on
+    ``eval_sequences`` windows of its test split; write ``frontier-<model>-<text>.{json,md,png}``."""
+    import json
+    import os
+
+    from . import data
+    from .environment import environment
+
+    torch.manual_seed(seed)
+    model, tok = data.load_model(model_name)
+    name = model_name or "SmolLM2-135M-Instruct"
+    train = windows(text_tokens(text, tok, "train"), batches, seq_len, seed=seed)
+    held = windows(text_tokens(text, tok, "test"), eval_sequences, seq_len, seed=None)
+    env = environment()
+    env["load_average"] = f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "nan"
+    res = sweep(model, train, held, methods=methods, composed=composed, speed=speed, repeats=repeats, log=log)
+    res.update({"model": name, "text": text, "environment": env, "command": command})
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"frontier-{Path(name).name.split('-')[0].lower()}-{text}"
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=1, default=str))
+    plot(res["points"], out / f"{stem}.png", f"{name} on {text}: defaults at each budget vs magnitude top-k")
+    lines = [
+        f"# Frontier: {name} on {text}",
+        "",
+        f"`{command}`: calibration on {batches} windows of {seq_len} tokens of the train split (calibrate "
+        f"holds out the last 10 %), judged on {eval_sequences} windows of the test split (never calibrated "
+        f"on). Dense held-out perplexity {res['dense_ppl']:.3f}. Each point: `condify.modify(model, method)` "
+        "+ `condify.calibrate(model, batches, <budget>)` with the defaults; the baseline is training-free.",
+        "",
+        f"Machine: {env['cpu']}, {env['cpu_count']} cores, torch {env['torch']}, {env['torch_threads']} "
+        f"threads, load average {env['load_average']} at the start; {env['date']}.",
+        "",
+        *table(res["points"]),
+        "",
+        f"![frontier]({stem}.png)",
+    ]
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    res["files"] = [str(out / f"{stem}.{x}") for x in ("md", "json", "png")]
+    return res
+
+
 # --------------------------------------------------------------------------- report
 
 

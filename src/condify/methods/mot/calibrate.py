@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from ...adapters import get_adapter
@@ -33,6 +35,8 @@ from ...training import Batch, Run, distill_loss, mean_nll
 from .config import MoTConfig
 from .modules import METHOD, converted, stage
 from .transform import set_stage
+
+log = logging.getLogger("condify")
 
 STAGES = ("mot", "transition", "full")
 
@@ -61,14 +65,27 @@ def _config(model: nn.Module) -> MoTConfig:
     return next(c for c in applied_configs(model) if c.method == METHOD)  # type: ignore[return-value]
 
 
-def _check_batches(batches: list[Batch], group_size: int, what: str) -> None:
-    bad = sorted({b["input_ids"].shape[0] for b in batches if b["input_ids"].shape[0] % group_size})
-    if bad:
+def grouped(batches: list[Batch], group_size: int) -> list[Batch]:
+    """``batches`` whose sizes are multiples of ``group_size``: as given, or, when some are not, all their
+    sequences (of one length) pooled in order and re-split into batches of ``group_size`` x n (about the
+    size given), so MoT trains on full groups. Left-over sequences (fewer than a group) are dropped."""
+    G = group_size
+    if all(b["input_ids"].shape[0] % G == 0 for b in batches):
+        return batches
+    n = sum(b["input_ids"].shape[0] for b in batches)
+    lengths = sorted({b["input_ids"].shape[1] for b in batches})
+    if len(lengths) > 1 or len({tuple(sorted(b)) for b in batches}) > 1 or n < G:
+        sizes = sorted({b["input_ids"].shape[0] for b in batches if b["input_ids"].shape[0] % G})
         raise ConfigError(
-            f"mot calibrate: {what} batches of size {bad} are not multiples of group_size={group_size}; "
-            f"MoT mixes the tokens at one position across {group_size} sequences, so every batch must "
-            f"hold a multiple of {group_size} sequences"
+            f"mot calibrate: calibration batches of size {sizes} are not multiples of group_size={G} and "
+            f"cannot be regrouped ({n} sequences of lengths {lengths}); MoT mixes the tokens at one position "
+            f"across {G} sequences: pass batches of {G}*n sequences, or at least {G} of one length"
         )
+    pooled = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+    size = G * max(1, max(b["input_ids"].shape[0] for b in batches) // G)
+    end = n - n % G
+    log.info("mot calibrate: %d sequences regrouped into batches of %d (group_size=%d)", end, size, G)
+    return [{k: v[i : min(i + size, end)] for k, v in pooled.items()} for i in range(0, end, size)]
 
 
 def param_groups(model: nn.Module, which: str, lr: float, router_lr: float) -> list[dict[str, Any]]:
@@ -139,9 +156,7 @@ def calibrate(model: nn.Module, run: Run, opts: MoTCalibration) -> dict[str, Any
             f"mot calibrate: the model is already transitioned (stage {current!r}); there is no further "
             "stage (train it as an ordinary model, or unmodify and modify again)"
         )
-    _check_batches(run.fit, G, "calibration")
-    if opts.stage == "mot":
-        _check_batches(run.held, G, "held-out")
+    run.fit = grouped(run.fit, G)
     result: dict[str, Any] = {"stage": opts.stage}
     if opts.stage in ("mot", "full"):
         result["losses"] = _train_mot(model, run, opts, opts.steps)
@@ -154,8 +169,6 @@ def calibrate(model: nn.Module, run: Run, opts: MoTCalibration) -> dict[str, Any
             )
         else:
             steps = opts.steps
-        if run.held:
-            _check_batches(run.held, G, "held-out")
         result.update(_transition(model, run, opts, steps))
     result["temperature"] = {
         m._condify_patch.state.layer: float(m.router.temperature) for _, m in converted(model)

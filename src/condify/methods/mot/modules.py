@@ -103,15 +103,20 @@ def mot_mlp(
     expert_size: int,
     act: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """MoT over a (B, T, d) batch; returns the output (B, T, d_out) and the mixing weights (N, G, T, E)."""
+    """MoT over a (B, T, d) batch; returns the output (B, T, d_out) and the mixing weights (N, G, T, E).
+
+    When ``B`` is not a multiple of ``group_size`` the last ``B % group_size`` sequences form a smaller
+    group (a group of one mixes nothing: every expert sees the token itself, the dense MLP); the
+    weights returned are then those of the full groups (or of the small group when there is none)."""
     B, T, d = x.shape
     G, s, E = group_size, expert_size, wc.shape[0]
     if B % G:
-        raise ValueError(
-            f"mot: the batch size {B} is not a multiple of group_size={G} (a group is the tokens at one "
-            f"position across {G} sequences); pass a batch of {G}*n sequences, or transition the model "
-            f"(condify.calibrate(model, data, stage='transition')) to run any batch size"
-        )
+        r = B % G
+        if B < G:
+            return mot_mlp(x, w, wc, temperature, B, expert_size, act)
+        head, wts = mot_mlp(x[: B - r], w, wc, temperature, G, expert_size, act)
+        tail, _ = mot_mlp(x[B - r :], w, wc, temperature, r, expert_size, act)
+        return torch.cat([head, tail]), wts
     xg = x.reshape(B // G, G, T, d)
     wts = mixing_weights(F.linear(xg, wc), temperature)  # (N, G, T, E)
     m = torch.einsum("ngte,ngtd->nted", wts, xg)  # one mixed input per expert and group
@@ -181,9 +186,9 @@ def mot_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
             raise ValueError(f"mot: expected hidden states (batch, seq, d), got shape {tuple(x.shape)}")
         t = router.temperature if torch.compiler.is_compiling() else float(router.temperature)
         y, _ = mot_mlp(x, w, router.weight, t, st.group_size, st.expert_size, st.activation)
-        if st.counter is not None:  # E expert evaluations per group of G tokens
+        if st.counter is not None:  # E expert evaluations per group (of up to G tokens)
             n = x.shape[0] * x.shape[1]
-            st.count(n // st.group_size * st.experts, n * st.experts)
+            st.count(-(-x.shape[0] // st.group_size) * x.shape[1] * st.experts, n * st.experts)
         return y
     shape = x.shape
     xf = x.reshape(-1, shape[-1])
