@@ -86,3 +86,9 @@ def test_frontier_cli_rejects_an_unknown_method_before_loading_anything(capsys):
     with pytest.raises(SystemExit):
         main(["frontier", "--methods", "dynamic-k,nope", "--quick"])
     assert "no frontier sweep for 'nope'" in capsys.readouterr().err
+
+
+def test_frontier_run_refuses_an_unknown_text_before_writing_anything(tmp_path):
+    with pytest.raises(ValueError, match="unknown text 'nope'"):
+        frontier.run(tmp_path / "out", text="nope")
+    assert not (tmp_path / "out").exists()

@@ -229,27 +229,6 @@ def sweep(
 QUICK = {"batches": 6, "seq_len": 128, "eval_sequences": 4, "repeats": 1}  # a smoke run: minutes
 
 
-def text_tokens(name: str, tokenizer: Any, split: str) -> torch.Tensor:
-    """1-D token ids of a named text's split ("train" or "test"): ``shakespeare`` or a ``condify.data`` text."""
-    from . import data
-
-    if name == "shakespeare":
-        return data.tokens(tokenizer, split)
-    return data.text_tokens(name, tokenizer, split)
-
-
-def windows(ids: torch.Tensor, n: int, seq_len: int, *, seed: int | None) -> list[torch.Tensor]:
-    """``n`` (1, seq_len) windows of ``ids``: evenly spaced (``seed=None``) or at seeded random starts."""
-    if n * seq_len > ids.numel():
-        raise ValueError(f"the text has {ids.numel()} tokens: too few for {n} windows of {seq_len}")
-    if seed is None:
-        starts = [i * (ids.numel() - seq_len) // max(n - 1, 1) for i in range(n)]
-    else:
-        g = torch.Generator().manual_seed(seed)
-        starts = torch.randint(0, ids.numel() - seq_len + 1, (n,), generator=g).tolist()
-    return [ids[s : s + seq_len][None] for s in starts]
-
-
 def run(
     out_dir: str | Path,
     *,
@@ -274,11 +253,13 @@ def run(
     from . import data
     from .environment import environment
 
+    if text != "shakespeare":
+        raise ValueError(f"unknown text {text!r}; condify.data provides: shakespeare")
     torch.manual_seed(seed)
     model, tok = data.load_model(model_name)
     name = model_name or "SmolLM2-135M-Instruct"
-    train = windows(text_tokens(text, tok, "train"), batches, seq_len, seed=seed)
-    held = windows(text_tokens(text, tok, "test"), eval_sequences, seq_len, seed=None)
+    train = data.train_batches(tok, batches, 1, seq_len, seed=seed)  # random windows of the train plays
+    held = data.eval_batches(tok, "test", eval_sequences, seq_len, batch_size=1)  # evenly spaced, test plays
     env = environment()
     env["load_average"] = f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "nan"
     res = sweep(model, train, held, methods=methods, composed=composed, speed=speed, repeats=repeats, log=log)

@@ -17,8 +17,8 @@ class MoTConfig(MethodConfig):
     """mot options.
 
     - ``group_size`` (G): a group is the tokens at the same position across G consecutive sequences of
-      the batch; the batch size must be a multiple of G in the ``"mot"`` stage (a ``ValueError``
-      otherwise: sequences are never silently mixed across a wrong group).
+      the batch; in the ``"mot"`` stage the last ``B % G`` sequences of a batch form a smaller group
+      (alone, a sequence runs the dense MLP), and ``calibrate`` regroups batches into full groups.
     - ``num_experts`` (E): experts per converted MLP; expert e is the contiguous block of I/E neurons
       ``[e*I/E, (e+1)*I/E)`` of the dense MLP (after the ``clustering`` permutation, done in place).
     - ``temperature``: initial mixing temperature t (the softmax over the group is taken of

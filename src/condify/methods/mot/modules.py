@@ -11,7 +11,7 @@ Stage ``"mot"`` (continuous). The batch (B, T, d) is split into B/G groups of G 
 a group is the G tokens at one position. For expert e and a group, ``w_ie = softmax_i(x_i . W_c[e] / t)``,
 the mixed input ``m_e = sum_i w_ie x_i`` runs through the expert (the dense MLP restricted to block e),
 and token i receives ``y_i = sum_e w_ie expert_e(m_e)``. Mixing is across sequences at one position,
-so a later token never changes an earlier output (causal), but the batch size must be a multiple of G.
+so a later token never changes an earlier output (causal); the last ``B % G`` sequences form a smaller group.
 Executed expert compute: E expert evaluations per group of G tokens, i.e. 1/G of the dense MLP.
 The MLP does not see the attention mask: padded positions take part in the mixing of their group, so
 train the MoT stage on unpadded batches (the corpus windows are) and pad only after the transition.
