@@ -8,11 +8,13 @@ a method adds new child modules under new names (e.g. ``router``) and an instanc
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import sys
 import types
 import warnings
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -68,6 +70,8 @@ class Patch:
     children: tuple[str, ...]
     state: SiteState
     peft_safe: bool = False
+    forward: Callable[..., Any] | None = field(default=None, repr=False)  # the function condify installed
+    previous: Any = field(default=None, repr=False)  # the forward it replaced (None: the class's)
 
 
 @dataclass
@@ -93,7 +97,11 @@ def patch(
     forward: Callable[..., Any] | None = None,
     children: dict[str, nn.Module] | None = None,
 ) -> None:
-    """Attach ``children`` under new names and (optionally) replace ``forward`` on this instance."""
+    """Attach ``children`` under new names and (optionally) replace ``forward`` on this instance.
+
+    A forward hook set by accelerate (``device_map``, ``cpu_offload``: ``module._hf_hook`` around
+    ``module._old_forward``) keeps running: condify's forward goes inside it, as ``_old_forward``. An
+    instance forward set by someone else is remembered and put back by :func:`unpatch`."""
     if hasattr(module, "_condify_patch"):
         raise ModifyError(
             f"module {type(module).__name__} is already converted by {module._condify_patch.method!r}"
@@ -104,9 +112,21 @@ def patch(
         raise ModifyError(f"cannot add {clash} to {type(module).__name__}: the name already exists")
     for name, child in children.items():
         module.add_module(name, child)
+    previous = None
     if forward is not None:
-        module.forward = types.MethodType(forward, module)
-    module._condify_patch = Patch(method, tuple(children), state)
+        slot = "_old_forward" if _hooked(module) else "forward"
+        previous = module.__dict__.get(slot)
+        setattr(module, slot, types.MethodType(forward, module))
+    module._condify_patch = Patch(method, tuple(children), state, forward=forward, previous=previous)
+
+
+def _is_class_forward(module: nn.Module, fwd: Any) -> bool:
+    return getattr(fwd, "__func__", None) is type(module).forward and getattr(fwd, "__self__", None) is module
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether accelerate's ``add_hook_to_module`` wraps ``module`` (its forward calls ``_old_forward``)."""
+    return getattr(module, "_hf_hook", None) is not None and "_old_forward" in module.__dict__
 
 
 def state(module: nn.Module) -> SiteState:
@@ -117,7 +137,15 @@ def state(module: nn.Module) -> SiteState:
 def unpatch(module: nn.Module) -> None:
     """Remove what :func:`patch` added (children that are already gone are skipped)."""
     p: Patch = module.__dict__.pop("_condify_patch")
-    module.__dict__.pop("forward", None)
+    for slot in ("_old_forward", "forward"):  # wherever condify's forward is now (a hook may have come)
+        fwd = module.__dict__.get(slot)
+        if p.forward is not None and getattr(fwd, "__func__", None) is p.forward:
+            if p.previous is not None and not (slot == "forward" and _is_class_forward(module, p.previous)):
+                setattr(module, slot, p.previous)
+            elif slot == "forward":
+                del module.__dict__["forward"]
+            else:  # accelerate's hook was added after condify: it calls the class's forward again
+                module._old_forward = types.MethodType(type(module).forward, module)
     for name in p.children:
         if name in module._modules:
             delattr(module, name)
@@ -167,10 +195,11 @@ def applied_configs(model: nn.Module) -> list[MethodConfig]:
 
     The model's modules are the truth: a method that ``config.condify`` records but that converts no
     module (e.g. a condify folder loaded with plain ``AutoModelForCausalLM.from_pretrained``, which
-    builds the dense model and keeps the config entry) is not applied. Such a stale entry is removed
-    from the config with a warning (so it is warned about once, and a re-save writes a dense folder).
-    Where modules still run condify's forwards without condify's record (stripped outside condify) the
-    entries are kept, so that ``unmodify`` refuses the half-converted model.
+    builds the dense model and keeps the config entry) is not applied: such a stale entry is ignored,
+    with one warning per model. A successful :func:`modify` drops it from the config and
+    :func:`condify.save_pretrained` writes the folder without it; queries and refused calls leave the
+    config as it is. Where modules still run condify's forwards without condify's record (stripped
+    outside condify) the entries count, so that ``unmodify`` refuses the half-converted model.
     """
     check_model(model, "condify")
     model = unwrap(model)
@@ -179,19 +208,40 @@ def applied_configs(model: nn.Module) -> list[MethodConfig]:
         return configs
     owners = {m._condify_patch.method for _, m in patched(model)}
     live = [c for c in configs if c.method in owners]
-    if len(live) < len(configs) and not _remnants(model):
+    if len(live) == len(configs) or _remnants(model):
+        return configs
+    if model not in _WARNED_STALE:
+        _WARNED_STALE.add(model)
         stale = [c.method for c in configs if c.method not in owners]
-        _set_configs(model, live)
         warnings.warn(
             f"config.condify records {stale} but no module of this {type(model).__name__} is converted by "
             f"{'it' if len(stale) == 1 else 'them'}: the model is dense there (it was probably loaded without "
-            f"condify, e.g. with AutoModelForCausalLM.from_pretrained). The stale entry was removed from "
-            f"model.config; load condify checkpoints with condify.from_pretrained to get the converted model",
+            f"condify, e.g. with AutoModelForCausalLM.from_pretrained), and the stale entry is ignored (modify "
+            f"and condify.save_pretrained drop it). Load condify checkpoints with condify.from_pretrained",
             UserWarning,
             stacklevel=3,
         )
-        return live
-    return configs
+    return live
+
+
+_WARNED_STALE: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # models warned about a stale config.condify
+
+
+@contextlib.contextmanager
+def live_configs(model: nn.Module) -> Iterator[list[MethodConfig]]:
+    """While open, ``config.condify`` holds only the applied configs (:func:`applied_configs`); the
+    recorded entry is put back afterwards, whatever happens (e.g. for a save)."""
+    model = unwrap(model)
+    live = applied_configs(model)
+    had, saved = hasattr(model.config, CONFIG_KEY), getattr(model.config, CONFIG_KEY, None)
+    _set_configs(model, live)
+    try:
+        yield live
+    finally:
+        if had:
+            setattr(model.config, CONFIG_KEY, saved)
+        elif hasattr(model.config, CONFIG_KEY):
+            delattr(model.config, CONFIG_KEY)
 
 
 def _remnants(model: nn.Module) -> bool:

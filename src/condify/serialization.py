@@ -34,6 +34,7 @@ from .convert import (
     applied_configs,
     check_model,
     check_state,
+    live_configs,
     method_spec,
     modify,
     patched,
@@ -90,7 +91,7 @@ def save_pretrained(model: nn.Module, path: str | Path, **kwargs: Any) -> None:
             f"save_pretrained: the model has no weights to save ({len(meta)} tensors on the meta device, "
             f"e.g. {meta[0]!r}); load or materialise its weights first"
         )
-    applied_configs(model)  # a malformed config.condify is refused before writing; a stale one is dropped
+    applied_configs(model)  # a malformed config.condify is refused before writing
     if getattr(model.config, "quantization_config", None) is not None and _is_gguf(model):
         # GGUF models are dequantised on load; the quantizer would refuse to save them
         model.hf_quantizer = None
@@ -98,7 +99,8 @@ def save_pretrained(model: nn.Module, path: str | Path, **kwargs: Any) -> None:
     parent = path.absolute().parent
     tmp = Path(tempfile.mkdtemp(prefix=".condify-save-", dir=parent if parent.is_dir() else None))
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True, **kwargs)
+        with live_configs(model):  # a stale entry (no module converted by it) is not written
+            model.save_pretrained(str(tmp), safe_serialization=True, **kwargs)
         path.mkdir(parents=True, exist_ok=True)
         for old in path.iterdir():
             if old.is_file() and _WEIGHT_FILE.match(old.name):
