@@ -24,6 +24,7 @@ Under ``torch.compile`` (``fullgraph=True`` included) and on the meta device the
 whatever ``mode`` says: its shapes do not depend on the routing (no ``.item()``, no host sync), its
 values are the gathered path's, but every token is computed (no compute is saved while compiled). The
 ragged cache then appends every new row and marks the skipped ones empty (see :mod:`condify.cache`).
+``condify.track`` counts with a host sync: track eager runs, not compiled ones.
 
 KV caches: ``DynamicCache`` (what ``generate`` creates; upgraded in place to
 :class:`condify.cache.RaggedCache`) or a ``RaggedCache``. ``StaticCache`` (``cache_implementation="static"``)
