@@ -72,11 +72,15 @@ def calibrate(
     after, None without a hold-out), ``ratio``, ``executed`` (fraction of the method's compute that
     ran on the held-out batches; None where nothing is skipped per token), ``tokens`` (trained on),
     ``seconds``, and the method's own entries. A ratio above 1.5 is logged and warned
-    (:class:`QualityWarning`). On any error the model is left exactly as it came.
+    (:class:`QualityWarning`). On any error the model is left exactly as it came, the order of the
+    applied methods (``config.condify``) included; on success that order is kept too. A PEFT model is
+    unwrapped (its base model is calibrated: the method's own options say what is trained).
     """
     from .batches import as_batches, split_holdout, vocab_size
+    from .convert import order_configs, unwrap
     from .training import Run, restore, snapshot
 
+    model = unwrap(model)
     configs = applied_configs(model)
     if not configs:
         raise ModifyError("calibrate needs a modified model: call condify.modify(model, method=...) first")
@@ -99,6 +103,7 @@ def calibrate(
         dense_ppl = _perplexity(run.teacher(), held) if held else None
         entries = spec.calibrate(model, run, opts)
         run.drop_teacher()
+        order_configs(model, [c.method for c in configs])  # a method re-applied by its sweep stays in place
         measured = _measure(model, cfg.method, run) if held else {}
     except BaseException:
         run.drop_teacher()

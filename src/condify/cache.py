@@ -11,15 +11,46 @@ is applied by the attention mask), so the bytes are an upper bound there.
 layers behave exactly as in ``DynamicCache``. Gated layers upgrade a plain, still-empty
 ``DynamicCache`` in place on first use (:func:`ragged_layer`), which is how ``model.generate()``
 ends up with this cache without any option: ``generate`` creates a ``DynamicCache`` and the first
-forward turns it into a ``RaggedCache``.
+forward turns it into a ``RaggedCache`` (under ``torch.compile`` the class is left as it is, since
+dynamo cannot trace a ``__class__`` assignment: the layers are ragged all the same).
+
+Under ``torch.compile`` and on the meta device a ragged layer appends every new row (shapes that do
+not depend on the routing) and marks the rows it did not keep empty (slot ``-1``): the same keys are
+valid, only the skipped rows' memory is not saved. Eager appends after that stay correct (rows need
+not be left-aligned, only stored in increasing slot order).
+
+Fixed-size caches (``StaticCache``, ``cache_implementation="static"``) cannot hold ragged layers and are
+refused with :class:`UnsupportedCacheError` (:func:`check_cache`); use ``DynamicCache`` or
+:class:`RaggedCache`.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-__all__ = ["RaggedCache", "RaggedLayer", "cache_nbytes", "ragged_layer"]
+from .config import ConfigError
+
+__all__ = [
+    "RaggedCache",
+    "RaggedLayer",
+    "UnsupportedCacheError",
+    "cache_nbytes",
+    "check_cache",
+    "ragged_layer",
+]
+
+
+class UnsupportedCacheError(ConfigError, TypeError):
+    """A KV cache a mod-threshold model cannot fill (e.g. ``StaticCache``); raised before any layer
+    writes to it."""
+
+
+def _static_shapes(t: torch.Tensor) -> bool:
+    """Whether shapes must not depend on values: while compiling, or for meta tensors."""
+    return torch.compiler.is_compiling() or t.device.type == "meta"
 
 
 class RaggedLayer(DynamicLayer):
@@ -80,7 +111,13 @@ class RaggedLayer(DynamicLayer):
         return out
 
     def _append(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor) -> None:
-        length = (self.slots >= 0).sum(1)  # (B,) stored per row; rows are left-aligned
+        if _static_shapes(k):  # every row, the skipped ones marked empty
+            self.keys, self.values = torch.cat([self.keys, k], -2), torch.cat([self.values, v], -2)
+            self.slots = torch.cat([self.slots, torch.where(valid, slots, -1)], 1)
+            return
+        cols = torch.arange(1, self.slots.shape[1] + 1, device=self.slots.device)
+        used = torch.where(self.slots >= 0, cols, 0)
+        length = used.amax(1) if used.shape[1] else used.new_zeros(used.shape[0])  # (B,) columns in use
         new_len = length + valid.sum(1)
         size = int(new_len.max()) if new_len.numel() else 0
         dest = torch.where(valid, length[:, None] + valid.long().cumsum(1) - 1, size)  # dump col = size
@@ -182,6 +219,20 @@ class RaggedCache(DynamicCache):
         return cache_nbytes(self)
 
 
+def check_cache(cache: Any) -> None:
+    """Raise :class:`UnsupportedCacheError` unless ``cache`` is None or a dynamic cache (``DynamicCache``,
+    :class:`RaggedCache`): fixed-size caches (``StaticCache``, ...) cannot store ragged layers."""
+    if cache is None or isinstance(cache, DynamicCache):
+        return
+    raise UnsupportedCacheError(
+        f"mod-threshold needs a dynamic KV cache (DynamicCache or condify.cache.RaggedCache); got "
+        f"{type(cache).__name__}, whose layers have a fixed size, while gated layers store only the tokens "
+        f"they keep. Use generate()'s default cache (no cache_implementation='static'), or pass "
+        f"past_key_values=condify.cache.RaggedCache(); to compile, compile model.forward and pass a "
+        f"DynamicCache"
+    )
+
+
 def ragged_layer(cache: Cache, layer_idx: int, sliding_window: int | None) -> RaggedLayer:
     """The ragged layer ``layer_idx`` of ``cache``, upgrading a plain, still-empty dynamic cache in place.
 
@@ -189,13 +240,9 @@ def ragged_layer(cache: Cache, layer_idx: int, sliding_window: int | None) -> Ra
     layers are untouched). A layer that already holds dense K/V, or a cache of another kind (e.g.
     static), is refused: mod-threshold needs the dynamic cache.
     """
-    if type(cache) is DynamicCache:
+    check_cache(cache)
+    if type(cache) is DynamicCache and not torch.compiler.is_compiling():
         cache.__class__ = RaggedCache
-    if not isinstance(cache, DynamicCache):
-        raise TypeError(
-            f"mod-threshold needs a dynamic KV cache (DynamicCache or condify.cache.RaggedCache); got "
-            f"{type(cache).__name__}. Use generate() defaults or pass past_key_values=RaggedCache()"
-        )
     while len(cache.layers) <= layer_idx:
         cache.layers.append(DynamicLayer())
     layer = cache.layers[layer_idx]

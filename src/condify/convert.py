@@ -8,10 +8,13 @@ a method adds new child modules under new names (e.g. ``router``) and an instanc
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import inspect
+import sys
 import types
-from collections.abc import Callable
+import warnings
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -58,21 +61,33 @@ class SiteState:
 
 @dataclass
 class Patch:
-    """What condify added to one module (kept on the module as ``_condify_patch``)."""
+    """What condify added to one module (kept on the module as ``_condify_patch``).
+
+    ``peft_safe``: copied from the :class:`Target`; whether PEFT adapters inside the module leave
+    ``unmodify`` exact."""
 
     method: str
     children: tuple[str, ...]
     state: SiteState
+    peft_safe: bool = False
+    forward: Callable[..., Any] | None = field(default=None, repr=False)  # the function condify installed
+    previous: Any = field(default=None, repr=False)  # the forward it replaced (None: the class's)
 
 
 @dataclass
 class Target:
-    """One module a method will convert, found (and checked) before anything is mutated."""
+    """One module a method will convert, found (and checked) before anything is mutated.
+
+    ``peft_safe``: the method converts (and ``unmodify`` restores) this module exactly even with PEFT
+    adapters inside it (it calls the wrapped submodules and changes no weight in place). When False,
+    ``modify``/``unmodify`` refuse a target that holds PEFT tuner layers.
+    """
 
     path: str
     module: nn.Module
     layer: int
     kind: str = "layer"
+    peft_safe: bool = False
 
 
 def patch(
@@ -82,7 +97,11 @@ def patch(
     forward: Callable[..., Any] | None = None,
     children: dict[str, nn.Module] | None = None,
 ) -> None:
-    """Attach ``children`` under new names and (optionally) replace ``forward`` on this instance."""
+    """Attach ``children`` under new names and (optionally) replace ``forward`` on this instance.
+
+    A forward hook set by accelerate (``device_map``, ``cpu_offload``: ``module._hf_hook`` around
+    ``module._old_forward``) keeps running: condify's forward goes inside it, as ``_old_forward``. An
+    instance forward set by someone else is remembered and put back by :func:`unpatch`."""
     if hasattr(module, "_condify_patch"):
         raise ModifyError(
             f"module {type(module).__name__} is already converted by {module._condify_patch.method!r}"
@@ -93,9 +112,21 @@ def patch(
         raise ModifyError(f"cannot add {clash} to {type(module).__name__}: the name already exists")
     for name, child in children.items():
         module.add_module(name, child)
+    previous = None
     if forward is not None:
-        module.forward = types.MethodType(forward, module)
-    module._condify_patch = Patch(method, tuple(children), state)
+        slot = "_old_forward" if _hooked(module) else "forward"
+        previous = module.__dict__.get(slot)
+        setattr(module, slot, types.MethodType(forward, module))
+    module._condify_patch = Patch(method, tuple(children), state, forward=forward, previous=previous)
+
+
+def _is_class_forward(module: nn.Module, fwd: Any) -> bool:
+    return getattr(fwd, "__func__", None) is type(module).forward and getattr(fwd, "__self__", None) is module
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether accelerate's ``add_hook_to_module`` wraps ``module`` (its forward calls ``_old_forward``)."""
+    return getattr(module, "_hf_hook", None) is not None and "_old_forward" in module.__dict__
 
 
 def state(module: nn.Module) -> SiteState:
@@ -106,7 +137,15 @@ def state(module: nn.Module) -> SiteState:
 def unpatch(module: nn.Module) -> None:
     """Remove what :func:`patch` added (children that are already gone are skipped)."""
     p: Patch = module.__dict__.pop("_condify_patch")
-    module.__dict__.pop("forward", None)
+    for slot in ("_old_forward", "forward"):  # wherever condify's forward is now (a hook may have come)
+        fwd = module.__dict__.get(slot)
+        if p.forward is not None and getattr(fwd, "__func__", None) is p.forward:
+            if p.previous is not None and not (slot == "forward" and _is_class_forward(module, p.previous)):
+                setattr(module, slot, p.previous)
+            elif slot == "forward":
+                del module.__dict__["forward"]
+            else:  # accelerate's hook was added after condify: it calls the class's forward again
+                module._old_forward = types.MethodType(type(module).forward, module)
     for name in p.children:
         if name in module._modules:
             delattr(module, name)
@@ -121,12 +160,103 @@ def patched(model: nn.Module, method: str | None = None) -> list[tuple[str, nn.M
     ]
 
 
-def applied_configs(model: nn.Module) -> list[MethodConfig]:
-    """The method configs applied to ``model``, in order."""
-    check_model(model, "condify")
+def unwrap(model: Any) -> Any:
+    """The transformers model inside a PEFT wrapper (``PeftModel`` -> ``get_base_model()``, a PEFT tuner
+    such as ``LoraModel`` -> ``.model``); anything else as it is. PEFT is never imported here: a model
+    can only be a PEFT wrapper if ``peft`` is already loaded."""
+    peft = sys.modules.get("peft")
+    if peft is None:
+        return model
+    if isinstance(model, peft.PeftModel):
+        model = model.get_base_model()
+    tuners = sys.modules.get("peft.tuners.tuners_utils")
+    if tuners is not None and isinstance(model, tuners.BaseTuner):
+        model = model.model
+    return model
+
+
+def peft_layers(module: nn.Module, prefix: str = "") -> list[str]:
+    """Paths of the PEFT tuner layers (LoRA, IA3, ...) inside ``module`` (none if peft is not loaded)."""
+    tuners = sys.modules.get("peft.tuners.tuners_utils")
+    if tuners is None:
+        return []
+    return [n for n, m in module.named_modules(prefix=prefix) if isinstance(m, tuners.BaseTunerLayer)]
+
+
+def _recorded_configs(model: nn.Module) -> list[MethodConfig]:
+    """The configs ``config.condify`` records, whether or not the modules are converted."""
     state = getattr(model.config, CONFIG_KEY, None) or {}
     check_state(state, "config.condify")
     return [method_spec(d["method"]).config_cls.from_dict(d) for d in state.get("methods", [])]
+
+
+def applied_configs(model: nn.Module) -> list[MethodConfig]:
+    """The method configs applied to ``model``, in order.
+
+    The model's modules are the truth: a method that ``config.condify`` records but that converts no
+    module (e.g. a condify folder loaded with plain ``AutoModelForCausalLM.from_pretrained``, which
+    builds the dense model and keeps the config entry) is not applied: such a stale entry is ignored,
+    with one warning per model. A successful :func:`modify` drops it from the config and
+    :func:`condify.save_pretrained` writes the folder without it; queries and refused calls leave the
+    config as it is. Where modules still run condify's forwards without condify's record (stripped
+    outside condify) the entries count, so that ``unmodify`` refuses the half-converted model.
+    """
+    check_model(model, "condify")
+    model = unwrap(model)
+    configs = _recorded_configs(model)
+    if not configs:
+        return configs
+    owners = {m._condify_patch.method for _, m in patched(model)}
+    live = [c for c in configs if c.method in owners]
+    if len(live) == len(configs) or _remnants(model):
+        return configs
+    if model not in _WARNED_STALE:
+        _WARNED_STALE.add(model)
+        stale = [c.method for c in configs if c.method not in owners]
+        warnings.warn(
+            f"config.condify records {stale} but no module of this {type(model).__name__} is converted by "
+            f"{'it' if len(stale) == 1 else 'them'}: the model is dense there (it was probably loaded without "
+            f"condify, e.g. with AutoModelForCausalLM.from_pretrained), and the stale entry is ignored (modify "
+            f"and condify.save_pretrained drop it). Load condify checkpoints with condify.from_pretrained",
+            UserWarning,
+            stacklevel=3,
+        )
+    return live
+
+
+_WARNED_STALE: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # models warned about a stale config.condify
+
+
+@contextlib.contextmanager
+def live_configs(model: nn.Module) -> Iterator[list[MethodConfig]]:
+    """While open, ``config.condify`` holds only the applied configs (:func:`applied_configs`); the
+    recorded entry is put back afterwards, whatever happens (e.g. for a save)."""
+    model = unwrap(model)
+    live = applied_configs(model)
+    had, saved = hasattr(model.config, CONFIG_KEY), getattr(model.config, CONFIG_KEY, None)
+    _set_configs(model, live)
+    try:
+        yield live
+    finally:
+        if had:
+            setattr(model.config, CONFIG_KEY, saved)
+        elif hasattr(model.config, CONFIG_KEY):
+            delattr(model.config, CONFIG_KEY)
+
+
+def _remnants(model: nn.Module) -> bool:
+    """Whether some module still runs a condify forward without condify's record of it (the record was
+    stripped outside condify): the model is neither converted nor dense, and ``unmodify`` says so."""
+    for m in model.modules():
+        fwd = m.__dict__.get("forward")
+        func = getattr(fwd, "__func__", None)
+        if (
+            func is not None
+            and getattr(func, "__module__", "").startswith("condify.")
+            and not hasattr(m, "_condify_patch")
+        ):
+            return True
+    return False
 
 
 def check_state(state: Any, where: str) -> None:
@@ -148,6 +278,7 @@ def check_state(state: Any, where: str) -> None:
 
 
 def _set_configs(model: nn.Module, configs: list[MethodConfig]) -> None:
+    model = unwrap(model)
     if configs:
         setattr(
             model.config, CONFIG_KEY, {"version": FORMAT_VERSION, "methods": [c.to_dict() for c in configs]}
@@ -159,6 +290,29 @@ def _set_configs(model: nn.Module, configs: list[MethodConfig]) -> None:
 def update_config(model: nn.Module, cfg: MethodConfig) -> None:
     """Record a changed config of an applied method (e.g. after calibration chose its layers)."""
     _set_configs(model, [cfg if c.method == cfg.method else c for c in applied_configs(model)])
+
+
+def order_configs(model: nn.Module, methods: list[str]) -> None:
+    """Put the applied configs back in the order of ``methods`` (e.g. after a method was removed and
+    re-applied during its calibration, which appends it); methods not named keep their place at the end."""
+    configs = applied_configs(model)
+    rank = {m: i for i, m in enumerate(methods)}
+    _set_configs(model, sorted(configs, key=lambda c: rank.get(c.method, len(rank))))
+
+
+def free_layers(model: nn.Module, method: str) -> list[int]:
+    """Indices of the decoder layers in which no method other than ``method`` converts anything: the
+    layers ``method`` may use without overlapping another method (e.g. in a calibration sweep)."""
+    model = unwrap(model)
+    adapter = get_adapter(model)
+    layers = adapter.layer_list(model)
+    taken = [n for n, m in patched(model) if m._condify_patch.method != method]
+    out = []
+    for i in range(len(layers)):
+        path = f"{adapter.layers}.{i}"
+        if not any(n == path or n.startswith(path + ".") or path.startswith(n + ".") for n in taken):
+            out.append(i)
+    return out
 
 
 def _targets(model: nn.Module) -> dict[str, str]:
@@ -212,8 +366,16 @@ def modify(
     ``method`` is a registered name (see :func:`condify.list_methods`) with keyword ``options``, or a
     config object (not changed: the resolved copy is what gets recorded). Every check runs before the
     model is touched: on error it is left as it was.
+
+    A PEFT model (``PeftModel`` or a tuner such as ``LoraModel``) is unwrapped: its base model is
+    converted in place and the wrapper is returned, still wrapping it. Converting modules that already
+    hold PEFT adapters is refused (:class:`ModifyError`) unless the method converts them exactly with
+    the adapters inside (mod-threshold does: it calls the wrapped submodules and changes no weight);
+    methods that permute, fuse or re-initialise from weights would leave the adapters misaligned, so
+    there the order is: ``condify.modify`` (and ``calibrate``) first, then ``get_peft_model``.
     """
     check_model(model, "modify")
+    wrapper, model = model, unwrap(model)
     cfg = _as_config(method, options)
     spec = registry.get(cfg.method)
     adapter = get_adapter(model)
@@ -234,6 +396,14 @@ def modify(
     if not _from_checkpoint:  # a checkpoint's weights are loaded right after
         for t in targets:  # what the method converts (and may initialise from) must be finite
             check_finite_weights(t.module, f"modify ({cfg.method})", prefix=t.path)
+    for t in targets:
+        wrapped = [] if t.peft_safe else peft_layers(t.module, t.path)
+        if wrapped:
+            raise ModifyError(
+                f"{cfg.method}: {t.path!r} holds PEFT adapters ({wrapped[0]!r}, ...), which {cfg.method} "
+                f"cannot convert exactly (it changes or re-reads the wrapped weights); convert first, then "
+                f"wrap: condify.modify(model, ...) (and condify.calibrate), then peft.get_peft_model(model, ...)"
+            )
     taken = _targets(model)
     for t in targets:
         for other, owner in taken.items():
@@ -245,13 +415,15 @@ def modify(
     try:
         for t in targets:
             spec.patch(model, adapter, cfg, t, _from_checkpoint)
+            if hasattr(t.module, "_condify_patch"):
+                t.module._condify_patch.peft_safe = t.peft_safe
         if spec.attach is not None:
             spec.attach(model, adapter, cfg, targets)
     except Exception:
         _remove(model, adapter, cfg)  # leave no half-converted model behind
         raise
     _set_configs(model, [*existing, cfg])
-    return model
+    return wrapper
 
 
 def _remove(model: nn.Module, adapter: Adapter, cfg: MethodConfig) -> None:
@@ -266,8 +438,12 @@ def unmodify(model: nn.Module, method: str | None = None) -> nn.Module:
     """Undo ``modify`` (all methods, or only ``method``): original modules and weights, exactly.
 
     Everything is checked first (the config, every converted module still holding what condify
-    added); on error the model is left as it was."""
+    added); on error the model is left as it was. A PEFT wrapper is unwrapped (its base model is
+    restored, the wrapper returned); converted modules that hold PEFT adapters are refused unless their
+    method restores them exactly with the adapters inside (merge the adapters first:
+    ``model = peft_model.merge_and_unload()``)."""
     check_model(model, "unmodify")
+    wrapper, model = model, unwrap(model)
     configs = applied_configs(model)
     if not configs:
         raise ModifyError("this model is not modified by condify; nothing to undo")
@@ -284,6 +460,13 @@ def unmodify(model: nn.Module, method: str | None = None) -> nn.Module:
                 f"model was changed outside condify (reload it)"
             )
         for path, module in sites:
+            wrapped = [] if module._condify_patch.peft_safe else peft_layers(module, path)
+            if wrapped:
+                raise ModifyError(
+                    f"unmodify: {path!r} (converted by {cfg.method!r}) holds PEFT adapters ({wrapped[0]!r}, ...) "
+                    f"trained on the converted layout; undoing {cfg.method!r} under them would misalign them. "
+                    f"Merge them first (model = peft_model.merge_and_unload()), then condify.unmodify(model)"
+                )
             gone = [c for c in module._condify_patch.children if c not in module._modules]
             if gone:
                 raise ModifyError(
@@ -297,21 +480,32 @@ def unmodify(model: nn.Module, method: str | None = None) -> nn.Module:
         else:
             keep.insert(0, cfg)
     _set_configs(model, keep)
-    return model
+    return wrapper
 
 
 def describe(model: nn.Module) -> str:
-    """A short human-readable account of what condify converted where."""
+    """A short human-readable account of what condify converted where.
+
+    Per site: what its state reports (:meth:`SiteState.describe`: measured values such as a keep-rate)
+    and the scalar buffers of what condify added (e.g. a calibrated threshold ``tau``). An option of the
+    method line that the sites hold themselves shows their common value, or ``per site`` where they
+    differ, never a value the model no longer uses. A model whose modules are not converted is dense,
+    whatever ``config.condify`` says (see :func:`applied_configs`)."""
     check_model(model, "describe")
+    model = unwrap(model)
     configs = applied_configs(model)
     if not configs:
         return f"{type(model).__name__}: dense (not modified by condify)"
     lines = [f"{type(model).__name__}: {len(configs)} condify method(s)"]
     for cfg in configs:
         opts = {k: v for k, v in cfg.to_dict().items() if k not in ("method", "version")}
+        sites = [(path, module, _site_values(module)) for path, module in patched(model, cfg.method)]
+        for k in opts:
+            values = [shown[k] for _, _, shown in sites if k in shown]
+            if values:
+                opts[k] = values[0] if all(v == values[0] for v in values) else "per site"
         lines.append(f"- {cfg.method}: {opts}")
-        for path, module in patched(model, cfg.method):
-            shown = module._condify_patch.state.describe()
+        for path, module, shown in sites:
             extra = ", ".join(f"{k}={_fmt(v)}" for k, v in shown.items())
             added = ", ".join(module._condify_patch.children)
             lines.append(f"    {path}" + (f" (+{added})" if added else "") + (f": {extra}" if extra else ""))
@@ -323,6 +517,17 @@ def describe(model: nn.Module) -> str:
     )
     lines.append(f"new parameters: {n_new:,}")
     return "\n".join(lines)
+
+
+def _site_values(module: nn.Module) -> dict[str, Any]:
+    """What :func:`describe` shows for one converted module: its state's entries, then the scalar
+    floating-point buffers of the children condify added (their current values)."""
+    shown = dict(module._condify_patch.state.describe())
+    for c in module._condify_patch.children:
+        for name, b in module.get_submodule(c).named_buffers():
+            if b.dim() == 0 and b.is_floating_point() and b.device.type != "meta":
+                shown.setdefault(name.rpartition(".")[2], round(float(b), 4))
+    return shown
 
 
 def _fmt(v: Any) -> str:
@@ -337,10 +542,32 @@ def check_finite(name: str, t: torch.Tensor) -> None:
         )
 
 
-@functools.cache
-def _signature(cls: type) -> tuple[inspect.Signature, str | None]:
-    sig = inspect.signature(cls.forward)
-    return sig, next((n for n, p in sig.parameters.items() if p.kind is p.VAR_KEYWORD), None)
+_PARAMS: dict[type, tuple[tuple[str, ...], frozenset[str]]] = {}
+
+
+def _params(cls: type) -> tuple[tuple[str, ...], frozenset[str]]:
+    """``cls.forward``'s positional parameter names (after ``self``) and all its named parameters, cached
+    in a plain dict of tuples: torch.compile traces a lookup there, not ``inspect.Signature.bind``."""
+    if cls not in _PARAMS:
+        ps = list(inspect.signature(cls.forward).parameters.values())[1:]
+        pos = tuple(p.name for p in ps if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+        _PARAMS[cls] = pos, frozenset(p.name for p in ps if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+    return _PARAMS[cls]
+
+
+def bind_args(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of a ``module.forward(*args, **kwargs)`` call by name (``**kwargs`` entries flat)."""
+    pos, _ = _params(type(module))
+    if len(args) > len(pos):
+        raise TypeError(
+            f"{type(module).__name__}.forward takes {len(pos)} positional arguments, got {len(args)}"
+        )
+    named = dict(zip(pos, args, strict=False))
+    clash = [k for k in kwargs if k in named]
+    if clash:
+        raise TypeError(f"{type(module).__name__}.forward got multiple values for {clash}")
+    named.update(kwargs)
+    return named
 
 
 _CACHE_NAMES = ("cache", "past_key_values")
@@ -349,7 +576,7 @@ _CACHE_NAMES = ("cache", "past_key_values")
 def cache_key(module: nn.Module) -> str:
     """The keyword under which ``module.forward`` takes the KV cache: ``cache`` since transformers 5.24,
     ``past_key_values`` before."""
-    return "cache" if "cache" in _signature(type(module))[0].parameters else "past_key_values"
+    return "cache" if "cache" in _params(type(module))[1] else "past_key_values"
 
 
 def split_layer_args(
@@ -359,12 +586,8 @@ def split_layer_args(
 
     The KV cache is returned under the layer's own keyword (:func:`cache_key`), whichever name the
     caller used."""
-    sig, var_kw = _signature(type(layer))
-    named = dict(sig.bind(layer, *args, **kwargs).arguments)
-    named.pop("self")
-    extra = named.pop(var_kw, {}) if var_kw else {}
-    hidden = named.pop("hidden_states")
-    out = {**named, **extra}
+    out = bind_args(layer, args, kwargs)
+    hidden = out.pop("hidden_states")
     caches = [out.pop(n) for n in _CACHE_NAMES if n in out]
     cache = next((c for c in caches if c is not None), None)
     if caches:

@@ -30,12 +30,16 @@ from .config import ConfigError
 from .convert import (
     CONFIG_KEY,
     FORMAT_VERSION,
+    _recorded_configs,
     applied_configs,
     check_model,
     check_state,
+    live_configs,
     method_spec,
     modify,
     patched,
+    peft_layers,
+    unwrap,
 )
 
 
@@ -73,6 +77,14 @@ def save_pretrained(model: nn.Module, path: str | Path, **kwargs: Any) -> None:
         raise CheckpointError(str(e)) from None
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"save_pretrained: {path} exists and is not a folder; choose another path")
+    wrapped = peft_layers(unwrap(model))
+    if wrapped or unwrap(model) is not model:
+        raise CheckpointError(
+            f"save_pretrained: the model holds PEFT adapters ({(wrapped or ['a PEFT wrapper'])[0]!r}, ...); a "
+            f"condify checkpoint holds plain weights under their original names. Merge them first "
+            f"(condify.save_pretrained(peft_model.merge_and_unload(), path)), or save only the adapters with "
+            f"peft_model.save_pretrained(path)"
+        )
     meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if meta:
         raise CheckpointError(
@@ -87,7 +99,8 @@ def save_pretrained(model: nn.Module, path: str | Path, **kwargs: Any) -> None:
     parent = path.absolute().parent
     tmp = Path(tempfile.mkdtemp(prefix=".condify-save-", dir=parent if parent.is_dir() else None))
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True, **kwargs)
+        with live_configs(model):  # a stale entry (no module converted by it) is not written
+            model.save_pretrained(str(tmp), safe_serialization=True, **kwargs)
         path.mkdir(parents=True, exist_ok=True)
         for old in path.iterdir():
             if old.is_file() and _WEIGHT_FILE.match(old.name):
@@ -180,8 +193,10 @@ def from_pretrained(path: str | Path, **hf_kwargs: Any) -> nn.Module:
     """Load a folder written by :func:`save_pretrained`: dense model, then condify structure, then weights.
 
     Raises :class:`CheckpointError` for a missing or invalid folder, ``config.json`` or weight file (the
-    file is named), a condify format version this condify does not read, and original tensors missing from
-    the weights (transformers would initialise them randomly)."""
+    file is named), a condify format version this condify does not read, original tensors missing from
+    the weights (transformers would initialise them randomly), and a ``config.json`` that records condify
+    methods whose added tensors are all missing (a dense model re-saved with its stale ``condify`` entry:
+    the error says to load it with ``AutoModelForCausalLM`` and convert it again)."""
     from transformers import AutoModelForCausalLM
 
     path = _as_path(path, "from_pretrained")
@@ -219,7 +234,7 @@ def from_pretrained(path: str | Path, **hf_kwargs: Any) -> nn.Module:
         )
     if not state:
         return model
-    configs = applied_configs(model)
+    configs = _recorded_configs(model)  # the modules are dense until condify converts them below
     delattr(model.config, CONFIG_KEY)
     for cfg in configs:
         modify(model, cfg, _from_checkpoint=True)
@@ -238,6 +253,17 @@ def _load_extra(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) 
     }
     missing = sorted(k for k in added if k not in tensors)
     unexpected = sorted(k for k in tensors if k not in expected)
+    if added and missing == sorted(added) and not unexpected:
+        methods = [c["method"] for c in getattr(model.config, CONFIG_KEY)["methods"]]
+        raise CheckpointError(
+            f"{path}: config.json records condify {methods} but the weights hold none of the "
+            f"{len(added)} tensor(s) condify adds (e.g. {missing[0]!r}): the folder was saved from a dense "
+            f"model that kept config.json's `condify` entry (e.g. loaded with AutoModelForCausalLM."
+            f"from_pretrained, then model.save_pretrained). Its weights are a dense model: load it with "
+            f"transformers.AutoModelForCausalLM.from_pretrained (or delete `condify` from config.json) and "
+            f"convert it again with condify.modify + condify.calibrate; save converted models with "
+            f"condify.save_pretrained"
+        )
     if missing or unexpected:
         raise CheckpointError(
             f"{path}: the condify config in config.json does not match the saved weights "

@@ -19,12 +19,23 @@ Two execution paths with the same values:
   and their updates added back (:func:`condify.ops.scatter_tokens`). Both ops run Triton kernels on
   CUDA without host sync; the layer itself syncs once (``count.max()``) to size the compacted batch.
   With no cached keys yet (prefill) and sdpa, the compacted rows use sdpa's causal kernel, no mask.
+
+Under ``torch.compile`` (``fullgraph=True`` included) and on the meta device the masked path runs
+whatever ``mode`` says: its shapes do not depend on the routing (no ``.item()``, no host sync), its
+values are the gathered path's, but every token is computed (no compute is saved while compiled). The
+ragged cache then appends every new row and marks the skipped ones empty (see :mod:`condify.cache`).
+``condify.track`` counts with a host sync: track eager runs, not compiled ones.
+
+KV caches: ``DynamicCache`` (what ``generate`` creates; upgraded in place to
+:class:`condify.cache.RaggedCache`) or a ``RaggedCache``. ``StaticCache`` (``cache_implementation="static"``)
+and other fixed-size caches are refused with :class:`condify.cache.UnsupportedCacheError` before any layer
+runs: gated layers store only the tokens they keep. Use the dynamic cache (``generate``'s default;
+with ``torch.compile``, compile ``model.forward`` and pass a ``DynamicCache``).
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,11 +46,12 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ...adapters import Adapter
-from ...cache import ragged_layer
-from ...convert import SiteState, cache_key, check_finite, split_layer_args
+from ...cache import check_cache, ragged_layer
+from ...convert import SiteState, bind_args, cache_key, check_finite, split_layer_args
 from .config import ModThresholdConfig
 
 _DROP = ("encoder_hidden_states", "encoder_attention_mask", "output_attentions", "use_cache")
+_CACHE_ARGS = ("cache", "past_key_values")  # the decoder stack's cache argument, by transformers version
 
 
 class RouterState:
@@ -60,10 +72,12 @@ class RouterState:
         self.handle: RemovableHandle | None = None  # of the capture pre-hook, removed by ``remove``
 
     def capture(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        """Forward pre-hook (``with_kwargs=True``) on the module that owns the layer list."""
-        mask = kwargs.get("attention_mask")
-        if mask is None and args:
-            mask = _bind(type(module))(module, *args, **kwargs).arguments.get("attention_mask")
+        """Forward pre-hook (``with_kwargs=True``) on the module that owns the layer list: takes the 2-D
+        padding mask and checks the KV cache (before any layer writes to it)."""
+        named = bind_args(module, args, kwargs) if args else kwargs
+        for name in _CACHE_ARGS:
+            check_cache(named.get(name))
+        mask = named.get("attention_mask")
         self.mask2d = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         self._rank = None if self.mask2d is None else self.mask2d.ne(0).long().cumsum(1) - 1
 
@@ -94,11 +108,6 @@ class GatedState(SiteState):
 
     def describe(self) -> dict[str, Any]:
         return {} if self.keep_rate is None else {"keep_rate": self.keep_rate}
-
-
-@functools.cache
-def _bind(cls: type) -> Callable[..., inspect.BoundArguments]:
-    return inspect.signature(cls.forward).bind_partial
 
 
 @functools.cache
@@ -213,7 +222,9 @@ def gated_forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
     if st.counter is not None:
         st.count(keep.sum(), keep.numel() if real is None else real.sum())
 
-    if cfg.mode == "mask" or (self.training and torch.is_grad_enabled()):
+    # compiled or on meta: the masked path, whose shapes do not depend on the routing (no host sync)
+    static = torch.compiler.is_compiling() or x.device.type == "meta"
+    if cfg.mode == "mask" or (self.training and torch.is_grad_enabled()) or static:
         gate = keep.to(x.dtype)
         if g.requires_grad:
             gate = gate + (g - g.detach()).to(x.dtype)

@@ -1,7 +1,13 @@
 """Structural part of mod-threshold: check the gated layers, add a router to each, patch their forward.
 
 A forward pre-hook on the module that owns the layer list captures the 2-D padding mask for the
-gated layers (see :class:`~.modules.RouterState`); ``remove`` takes it off again.
+gated layers (see :class:`~.modules.RouterState`) and refuses a KV cache the gated layers cannot fill
+(e.g. ``StaticCache``) before any layer runs; ``remove`` takes it off again.
+
+PEFT: the gated layers call their (possibly wrapped) submodules and no weight is changed, so
+``modify`` after ``get_peft_model`` is exact (the router is a new, trainable ``nn.Linear``; a PEFT
+``save_pretrained`` does not save it: merge and save with ``condify.save_pretrained``). On the meta
+device (``accelerate.init_empty_weights()``) ``modify`` builds the routers on meta too.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ def targets(model: nn.Module, adapter: Adapter, cfg: ModThresholdConfig) -> list
     for i in cfg.resolve(len(layers)):
         if getattr(layers[i].get_submodule(adapter.attn), "layer_idx", None) is None:
             raise ConfigError(f"mod-threshold: layer {i}'s attention has no `layer_idx`; cannot cache it")
-        out.append(Target(f"{adapter.layers}.{i}", layers[i], i))
+        out.append(Target(f"{adapter.layers}.{i}", layers[i], i, peft_safe=True))  # calls submodules
     return out
 
 
