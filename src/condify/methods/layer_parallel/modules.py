@@ -181,7 +181,9 @@ class Parts:
 
 
 def _sub(m: nn.Module, name: str) -> nn.Module:
-    return getattr(m, name) if "." not in name else m.get_submodule(name)
+    """``m.get_submodule(name)``, fast for a direct child (this runs on every call)."""
+    child = m._modules.get(name)
+    return child if child is not None else m.get_submodule(name)
 
 
 def _is_capture_hook(hook: Any) -> bool:
@@ -195,7 +197,8 @@ def _is_capture_hook(hook: Any) -> bool:
 def _hooked(m: nn.Module, allow_capture: bool = False) -> bool:
     if m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
         return True
-    return any(not (allow_capture and _is_capture_hook(h)) for h in m._forward_hooks.values())
+    hooks = m._forward_hooks
+    return bool(hooks) and not (allow_capture and all(_is_capture_hook(h) for h in hooks.values()))
 
 
 def _global_hooks() -> bool:
@@ -223,10 +226,13 @@ def plain_parts(st: PairState, layers: tuple[nn.Module, nn.Module]) -> tuple[Par
     out = []
     for layer in layers:
         p = parts(st.adapter, layer)
-        if (type(p.attn), type(p.mlp)) != st.classes or _hooked(p.attn, allow_capture=True) or _hooked(p.mlp):
+        if type(p.attn) is not st.classes[0] or type(p.mlp) is not st.classes[1]:
             return None
-        if any(type(lin) is not nn.Linear or _hooked(lin) for lin in p.proj.values()):
+        if _hooked(p.attn, allow_capture=True) or _hooked(p.mlp):
             return None
+        for lin in p.proj.values():
+            if type(lin) is not nn.Linear or _hooked(lin):
+                return None
         out.append(p)
     return out[0], out[1]
 
@@ -234,8 +240,9 @@ def plain_parts(st: PairState, layers: tuple[nn.Module, nn.Module]) -> tuple[Par
 # --------------------------------------------------------------------------- shared storage
 
 
-def _weights(groups: tuple[Group, ...], ps: tuple[Parts, Parts]) -> list[torch.Tensor]:
-    return [ps[s.layer].proj[s.name].weight for g in groups for s in g.slots]
+def _weights(groups: tuple[Group, ...], ps: tuple[Parts, Parts]) -> list[torch.Tensor | None]:
+    """Each slot's registered ``weight`` parameter (None where the module holds none)."""
+    return [ps[s.layer].proj[s.name]._parameters.get("weight") for g in groups for s in g.slots]
 
 
 def _base(w: torch.Tensor) -> int:
@@ -243,24 +250,27 @@ def _base(w: torch.Tensor) -> int:
     return w.data_ptr() - w.storage_offset() * w.element_size()
 
 
-def _aliased(groups: tuple[Group, ...], ws: list[torch.Tensor]) -> bool:
-    """Whether every weight is its slot's view of one storage per group (O(1) per weight)."""
+def _aliased(groups: tuple[Group, ...], ws: list[torch.Tensor | None]) -> bool:
+    """Whether each weight reads exactly the bytes of its slot in a group view over the storage of the
+    group's first weight (O(1) per weight: address, dtype, shape, stride)."""
     i = 0
     for g in groups:
         first = ws[i]
-        if type(first) is not nn.Parameter:
+        if type(first) is not nn.Parameter or first.storage_offset() != 0:
             return False
-        base, dtype, cols = _base(first), first.dtype, g.size[2]
+        ptr, dtype, size = first.data_ptr(), first.dtype, first.element_size()
+        if first.untyped_storage().nbytes() < g.size[0] * g.size[1] * g.size[2] * size:
+            return False
+        stride = (g.size[2], 1)
         for s in g.slots:
             w = ws[i]
             i += 1
             if (
                 type(w) is not nn.Parameter
+                or w.data_ptr() != ptr + s.offset * size
                 or w.dtype != dtype
-                or w.storage_offset() != s.offset
                 or w.shape != s.shape
-                or w.stride() != (cols, 1)
-                or _base(w) != base
+                or w.stride() != stride
             ):
                 return False
     return True
@@ -278,9 +288,9 @@ def _exclusive(ws: list[torch.Tensor]) -> bool:
     return all(_use_count(w.untyped_storage()._cdata) == held[_base(w)] + 1 for w in ws)
 
 
-def _movable(groups: tuple[Group, ...], ws: list[torch.Tensor]) -> bool:
+def _movable(groups: tuple[Group, ...], ws: list[torch.Tensor | None]) -> bool:
     ref = ws[0]
-    if ref.device.type == "meta":
+    if type(ref) is not nn.Parameter or ref.device.type == "meta":
         return False
     slots = [s for g in groups for s in g.slots]
     for w, s in zip(ws, slots, strict=True):
