@@ -119,6 +119,37 @@ def test_lp_storage_held_elsewhere_is_never_taken_over():
     assert not torch.allclose(logits(model), got)
 
 
+def test_lp_weight_that_is_not_a_parameter_is_used_as_is():
+    """A projection whose ``weight`` is a plain tensor attribute (as FSDP's unsharded views are) is used as it
+    is; the reference is the generic path, forced by a no-op hook."""
+    model = pair_model()
+    logits(model)
+    lin = model.model.layers[1].self_attn.v_proj
+    w = lin.weight.detach().clone() * 2
+    del lin.weight
+    lin.weight = w
+    got = logits(model)
+    handle = model.model.layers[1].self_attn.q_proj.register_forward_hook(lambda *args: None)
+    torch.testing.assert_close(got, logits(model), rtol=0, atol=1e-5)
+    handle.remove()
+    assert not is_shared(model)
+
+
+def test_lp_training_gradients_equal_generic_path():
+    """With gradients the fused pair is differentiable w.r.t. the original parameters: the same loss and
+    gradients as the generic path, also after the pairs ran on shared storage."""
+    fused, generic = pair_model(), pair_model(fuse=False)
+    logits(fused)
+    assert is_shared(fused)
+    grads = {}
+    for name, model in (("fused", fused), ("generic", generic)):
+        model.train()
+        model(IDS, labels=IDS).loss.backward()
+        grads[name] = {n: p.grad for n, p in model.named_parameters()}
+    for n, g in grads["generic"].items():
+        torch.testing.assert_close(grads["fused"][n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_lp_to_bfloat16_still_fuses_and_is_exact():
     """Regression (issue 17.1): ``model.to(bfloat16)`` (new storage for every weight) re-shares and matches."""
     model = pair_model()
@@ -260,3 +291,19 @@ def test_lp_describe_shows_pair_fused_mixed_only():
         "model.layers.3: pair=(3, 4), fused=True",
         "model.layers.4: pair=(3, 4), fused=True",
     ]
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["shared-storage", "per-projection"])
+def test_lp_fused_with_biases_equals_generic(grad):
+    """Both fused variants (shared storage in inference, per-projection with gradients) add every bias."""
+    bias = dict(attention_bias=True, mlp_bias=True)
+    fused, generic = pair_model(**bias), pair_model(fuse=False, **bias)
+    with torch.no_grad():
+        for p in fused.parameters():
+            if p.dim() == 1:
+                p.normal_()
+    generic.load_state_dict(fused.state_dict())
+    with torch.set_grad_enabled(grad):
+        got = fused(IDS).logits
+    assert is_shared(fused) is not grad
+    torch.testing.assert_close(got.detach(), logits(generic), rtol=0, atol=1e-5)

@@ -26,8 +26,8 @@ tensor per group (q|k|v, o, gate|up, down), each layer's ``q_proj.weight`` being
 slice ``[i, q rows]`` of its group, so a group runs as one batched matmul over both layers. The
 parameters stay the same ``nn.Parameter`` objects with their names; any in-place change (optimizer
 steps, fused AdamW included, ``.data.copy_``, ``load_state_dict``) is a change of that storage and
-is seen by construction. Every call checks in O(1) per parameter (storage base, offset, shape,
-stride, dtype) that each parameter still is its view; if not (``p.data = t``, ``model.to(dtype)``,
+is seen by construction. Every call checks in O(1) per parameter (address, dtype, shape, stride)
+that each parameter still reads its slot of the group view; if not (``p.data = t``, ``model.to(dtype)``,
 materialised meta weights, FSDP), the current values are copied into fresh shared storage and the
 parameters pointed at it, under ``no_grad`` and outside inference mode, but only when nothing else
 holds their storage (plain ``nn.Parameter``, storage referenced by these parameters alone);
@@ -36,7 +36,12 @@ re-derived from the parameters on every call (``as_strided`` of the first one), 
 gradient is needed (training) and under ``torch.compile`` (where the storage check cannot be
 traced) the fused path calls each projection module with its own parameter: differentiable w.r.t.
 the original parameters, nothing copied, no check to trace. ``remove`` (``unmodify``) gives every
-aliased parameter its own storage again, values unchanged.
+aliased parameter its own storage again, values unchanged. Saving needs nothing special: the views
+are disjoint and contiguous (transformers clones them for safetensors).
+
+The fused path keeps both layers' KV in slot l, the generic path each in its own, so a cache filled
+on one path cannot be continued on the other (the next step fails with a shape mismatch): wrap or
+hook paired modules between generations, not within one.
 """
 
 from __future__ import annotations
@@ -336,7 +341,7 @@ def shared(st: PairState, ps: tuple[Parts, Parts]) -> dict[str, torch.Tensor] | 
     if torch.compiler.is_compiling() or st.groups is None:
         return None
     ws = _weights(st.groups, ps)
-    if torch.is_grad_enabled() and any(w.requires_grad for w in ws):
+    if any(w is None for w in ws) or (torch.is_grad_enabled() and any(w.requires_grad for w in ws)):
         return None
     if not _aliased(st.groups, ws):
         if not _movable(st.groups, ws):
