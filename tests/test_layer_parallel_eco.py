@@ -307,3 +307,25 @@ def test_lp_fused_with_biases_equals_generic(grad):
         got = fused(IDS).logits
     assert is_shared(fused) is not grad
     torch.testing.assert_close(got.detach(), logits(generic), rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_lp_smollm2_fused_adamw_matches_reloaded_checkpoint(tmp_path):
+    """Regression (issue 17.1) on the embedded SmolLM2: 2 fused-AdamW steps at lr 1e-5, eval logits in memory
+    == the checkpoint reloaded from disk (0.08 apart before the fix)."""
+    from condify import data
+
+    model, tok = data.load_model()
+    condify.modify(model, "layer-parallel", layers=[13, 14, 25, 26])
+    ids = tok("To be, or not to be, that is the question", return_tensors="pt").input_ids
+    logits(model, ids)  # eval first: pairs on shared storage
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    for _ in range(2):
+        opt.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+    model.eval()
+    got = logits(model, ids)
+    condify.save_pretrained(model, tmp_path)
+    torch.testing.assert_close(got, logits(condify.from_pretrained(tmp_path), ids), rtol=0, atol=1e-4)
