@@ -6,7 +6,7 @@ from ... import registry
 from ...registry import Data, Recipe
 from .calibrate import LayerParallelCalibration, calibrate
 from .config import LayerParallelConfig
-from .transform import patch_target, targets
+from .transform import patch_target, remove_pairs, targets
 
 RECIPES = {
     "quick": Recipe({"pairs": 1}, {"sweep_batches": 1, "finetune_steps": 2}, Data(2, 128, 3)),
@@ -28,6 +28,7 @@ registry.register(
         config_cls=LayerParallelConfig,
         targets=targets,
         patch=patch_target,
+        remove=remove_pairs,
         calibrate=calibrate,
         options=LayerParallelCalibration,
         recipes=RECIPES,
