@@ -297,10 +297,6 @@ def test_failed_calibrate_restores_composed_model_exactly():
     assert torch.equal(logits(model, x), ref)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs layer_parallel/calibrate.py to draw its candidates from convert.free_layers (reported)",
-)
 def test_calibrate_sweep_skips_layers_another_method_owns():
     """The default sweep (every start) must not try pairs on mod-threshold's layers 1, 2."""
     model = _composed()

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from ...adapters import get_adapter
 from ...config import ConfigError, Options, option
-from ...convert import applied_configs, modify, unmodify, update_config
+from ...convert import applied_configs, free_layers, modify, unmodify, update_config
 from ...training import Batch, Run, distill_loss, mean_nll
 from .config import LayerParallelConfig
 
@@ -91,7 +91,8 @@ def _choose_any(
     n = len(get_adapter(model).layer_list(model))
     dense_nll = mean_nll(model, score)
     allowed = opts.starts if opts.starts is not None else range(1, n - 2)
-    cands = [s for s in allowed if s >= 0 and s + 2 <= n]
+    usable = set(free_layers(model, "layer-parallel"))  # layers another method converts are not candidates
+    cands = [s for s in allowed if s >= 0 and s + 2 <= n and {s, s + 1} <= usable]
     cost = {
         s: _nll_with(model, cfg, [s, s + 1], score)
         for s in tqdm(cands, desc="pair sensitivity", disable=not run.progress, leave=False)
@@ -125,7 +126,11 @@ def _choose_any(
             f"layer-parallel: only {len(chosen) // 2} disjoint pairs fit the candidates, asked for {want}"
         )
     p = len(chosen) // 2
-    starts = [s for s in range(1, n - 2 * p) if opts.starts is None or s in opts.starts]
+    starts = [
+        s
+        for s in range(1, n - 2 * p)
+        if (opts.starts is None or s in opts.starts) and set(range(s, s + 2 * p)) <= usable
+    ]
     if p > 1 and starts:  # the contiguous rival
         start, v = _sweep(model, cfg, p, starts, score, run.progress)
         out["contiguous_ppl"] = math.exp(v)
@@ -145,9 +150,11 @@ def _choose(
     dense_nll = mean_nll(model, score)
     out: dict[str, Any] = {"sweep_dense_ppl": math.exp(dense_nll), "sweep": []}
 
+    usable = set(free_layers(model, "layer-parallel"))
+
     def candidates(p: int) -> list[int]:
         allowed = opts.starts if opts.starts is not None else range(1, n - 2 * p)
-        return [s for s in allowed if s >= 0 and s + 2 * p <= n]
+        return [s for s in allowed if s >= 0 and s + 2 * p <= n and set(range(s, s + 2 * p)) <= usable]
 
     if opts.max_ppl_increase is None:
         p = opts.pairs or cfg.pairs

@@ -22,7 +22,9 @@ def _shape(lin: nn.Module) -> tuple[int, int] | None:
 
 def targets(model: nn.Module, adapter: Adapter, cfg: LayerParallelConfig) -> list[Target]:
     layers = adapter.layer_list(model)
-    return [Target(f"{adapter.layers}.{i}", layers[i], i) for i in cfg.resolve(len(layers))]
+    return [
+        Target(f"{adapter.layers}.{i}", layers[i], i, peft_safe=True) for i in cfg.resolve(len(layers))
+    ]  # generic path calls wrapped modules
 
 
 def patch_target(
