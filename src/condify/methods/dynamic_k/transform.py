@@ -1,4 +1,9 @@
-"""Structural part of dynamic-k: check, patch the MLPs (and projections), cluster and permute in place."""
+"""Structural part of dynamic-k: check, patch the MLPs (and projections), cluster and permute in place.
+
+On a model without weights (meta device, e.g. ``accelerate.init_empty_weights()``) ``modify`` builds the
+structure only, as it does for a checkpoint: no clustering and no initialisation from the weights (there
+are no values); load a converted model's tensors (a condify checkpoint, ``load_state_dict``) before use.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +26,11 @@ from .modules import (
     model_activation,
     moe_forward,
 )
+
+
+def no_values(t: torch.Tensor) -> bool:
+    """True if ``t`` has no data to initialise from (meta device)."""
+    return t.device.type == "meta"
 
 
 def _indices(model: nn.Module, adapter: Adapter, cfg: DynamicKConfig) -> list[int]:
@@ -140,6 +150,7 @@ def _patch_projection(
     w = proj.weight
     bias = getattr(proj, "bias", None)
     mlp = ProjectionMLP(d_in, h, d_out, bias=bias is not None).to(device=w.device, dtype=w.dtype)
+    from_checkpoint = from_checkpoint or no_values(w)
     if not from_checkpoint:
         mlp.init_from_linear(w.t() if adapter.conv1d else w, bias)
     block_layout_([(mlp.up, False), (mlp.down, True)], conv1d=False)
@@ -163,6 +174,7 @@ def patch_target(
         return
     mlp, i = t.module, t.layer
     up = adapter.mlp_weights(mlp)["up"]
+    from_checkpoint = from_checkpoint or no_values(up)
     inter, d = up.shape
     experts = inter // cfg.expert_size
     router = Router(d, cfg.router_width, experts).to(device=up.device, dtype=up.dtype)

@@ -1,4 +1,8 @@
-"""Structural part of lte: check, patch the MLPs, cluster and permute in place (dynamic-k's machinery)."""
+"""Structural part of lte: check, patch the MLPs, cluster and permute in place (dynamic-k's machinery).
+
+On a model without weights (meta device) ``modify`` builds the structure only, as for a checkpoint (no
+clustering); load a converted model's tensors before use.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,15 @@ from ...config import ConfigError
 from ...convert import Target, patch
 from ..dynamic_k.clustering import balanced_kmeans, permutation
 from ..dynamic_k.modules import ExpertLayout, require_activation
-from ..dynamic_k.transform import _mlp_linears, block_layout_, divisors, gate_features, permute_, relayout_
+from ..dynamic_k.transform import (
+    _mlp_linears,
+    block_layout_,
+    divisors,
+    gate_features,
+    no_values,
+    permute_,
+    relayout_,
+)
 from .config import LteConfig
 from .modules import METHOD, LteSite, SigmoidRouter, converted, lte_forward
 
@@ -45,6 +57,7 @@ def patch_target(
 ) -> None:
     mlp, i = t.module, t.layer
     up = adapter.mlp_weights(mlp)["up"]
+    from_checkpoint = from_checkpoint or no_values(up)
     inter, d = up.shape
     experts = inter // cfg.expert_size
     router = SigmoidRouter(d, experts).to(device=up.device, dtype=up.dtype)

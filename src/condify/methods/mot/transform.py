@@ -1,4 +1,8 @@
-"""Structural part of mot: check, slice the MLPs into experts (in place), add the controller."""
+"""Structural part of mot: check, slice the MLPs into experts (in place), add the controller.
+
+On a model without weights (meta device) ``modify`` builds the structure only, as for a checkpoint (no
+clustering, no centroid controller init); load a converted model's tensors before use.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from ...config import ConfigError
 from ...convert import Target, patch, update_config
 from ..dynamic_k.clustering import balanced_kmeans, permutation
 from ..dynamic_k.modules import require_activation
-from ..dynamic_k.transform import block_layout_, divisors, gate_features, permute_, relayout_
+from ..dynamic_k.transform import block_layout_, divisors, gate_features, no_values, permute_, relayout_
 from .config import MoTConfig
 from .modules import METHOD, Controller, MoTLayout, MoTSite, converted, mot_forward
 
@@ -59,6 +63,7 @@ def patch_target(
 ) -> None:
     mlp, i = t.module, t.layer
     up = adapter.mlp_weights(mlp)["up"]
+    from_checkpoint = from_checkpoint or no_values(up)
     inter, d = up.shape
     E = cfg.num_experts
     router = Controller(d, E, cfg.temperature).to(device=up.device, dtype=up.dtype)
