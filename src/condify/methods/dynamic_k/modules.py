@@ -98,16 +98,29 @@ _GLOBAL_HOOKS = (
 PEFT_EXCLUDE = r".*\.router(\..*)?"  # PEFT ``exclude_modules``: every condify router (and its linears)
 
 
+_PLAIN_TENSORS = (nn.Parameter, torch.Tensor)
+
+
+def global_hooks() -> bool:
+    """True if a global module forward/backward (pre-)hook is registered (every module call runs it)."""
+    return any(_GLOBAL_HOOKS)
+
+
 def no_hooks(m: nn.Module) -> bool:
-    """True if calling ``m`` runs only its class ``forward``: no forward/backward (pre-)hooks, its own or
-    global, and no instance-level ``forward`` (accelerate's ``add_hook_to_module`` sets one)."""
+    """True if calling ``m`` runs only its class ``forward``: no forward/backward (pre-)hooks of its own
+    and no instance-level ``forward`` (accelerate's ``add_hook_to_module`` sets one); global hooks are
+    :func:`global_hooks`. Reads ``__dict__`` directly: this runs on every decode step."""
+    d = m.__dict__
     return not (
-        m._forward_hooks
-        or m._forward_pre_hooks
-        or m._backward_hooks
-        or m._backward_pre_hooks
-        or "forward" in m.__dict__
-        or any(_GLOBAL_HOOKS)
+        d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"]
+    ) and ("forward" not in d)
+
+
+def _plain(m: nn.Module | None) -> bool:
+    return m is None or (
+        type(m) in _PLAIN_TYPES
+        and type(m.__dict__["_parameters"].get("weight")) in _PLAIN_TENSORS
+        and no_hooks(m)
     )
 
 
@@ -115,10 +128,9 @@ def plain(m: nn.Module | None) -> bool:
     """True if calling ``m`` is exactly ``F.linear`` on its ``weight`` and ``bias`` (transposed weight for
     Conv1D), so a forward may read them instead: ``m`` is exactly an ``nn.Linear`` or transformers
     ``Conv1D`` (a PEFT, quantised or parametrized Linear has another class), its weight a plain tensor
-    (not a tensor subclass), and :func:`no_hooks`. ``None`` (no such projection) counts as plain."""
-    if m is None:
-        return True
-    return type(m) in _PLAIN_TYPES and type(m.weight) in (nn.Parameter, torch.Tensor) and no_hooks(m)
+    (not a tensor subclass), :func:`no_hooks` and no :func:`global_hooks`. ``None`` (no such projection)
+    counts as plain."""
+    return _plain(m) and not global_hooks()
 
 
 def is_peft_layer(m: nn.Module) -> bool:
@@ -204,7 +216,10 @@ _ROUTER_WHY = (
 
 def router_plain(r: nn.Module) -> bool:
     """True if ``r`` is condify's :class:`Router` with plain linears and no hooks (its weights may be read)."""
-    return type(r) is Router and no_hooks(r) and plain(r.fc1) and plain(r.fc2)
+    if type(r) is not Router or not no_hooks(r) or global_hooks():
+        return False
+    mods = r._modules
+    return _plain(mods["fc1"]) and _plain(mods["fc2"])
 
 
 def router_scores(mlp: nn.Module, st: ExpertSite, x: torch.Tensor) -> torch.Tensor:
@@ -248,8 +263,8 @@ class ProjectionWeights:
     """``mlp_weights`` / ``mlp_modules`` of a converted projection: its ``expert_mlp`` as a non-GLU MLP."""
 
     def mlp_modules(self, module: nn.Module) -> dict[str, nn.Module | None]:
-        e = module.expert_mlp
-        return {"gate": None, "up": e.up, "down": e.down, "gate_up": None}
+        e = module._modules["expert_mlp"]._modules
+        return {"gate": None, "up": e["up"], "down": e["down"], "gate_up": None}
 
     def mlp_weights(self, module: nn.Module) -> dict[str, torch.Tensor | None]:
         e = module.expert_mlp
@@ -327,8 +342,10 @@ def mlp_modules(adapter: Any, mlp: nn.Module) -> dict[str, nn.Module | None]:
     if isinstance(adapter, ProjectionWeights):
         return adapter.mlp_modules(mlp)
 
+    mods = mlp._modules  # not getattr: nn.Module.__getattr__ is slow, and this runs every decode step
+
     def get(name: str | None) -> nn.Module | None:
-        return None if name is None else getattr(mlp, name) if "." not in name else mlp.get_submodule(name)
+        return None if name is None else mods[name] if "." not in name else mlp.get_submodule(name)
 
     return {"gate": get(adapter.gate), "up": get(adapter.up), "down": get(adapter.down),
             "gate_up": get(adapter.gate_up)}  # fmt: skip
@@ -336,7 +353,7 @@ def mlp_modules(adapter: Any, mlp: nn.Module) -> dict[str, nn.Module | None]:
 
 def all_plain(mods: dict[str, nn.Module | None]) -> bool:
     """True if every projection in ``mods`` is :func:`plain` (the weight-reading fast paths may run)."""
-    return all(plain(m) for m in mods.values())
+    return not global_hooks() and all(_plain(m) for m in mods.values())
 
 
 def module_hidden(mods: dict[str, nn.Module | None], x: torch.Tensor, act: str) -> torch.Tensor:
