@@ -279,6 +279,11 @@ def test_peft_on_a_router_is_refused(method, targets):
             condify.ConfigError, match=r"condify routers are not PEFT targets.*exclude_modules"
         ):
             model(input_ids=ids(), use_cache=False)
+    if method == "dynamic-k":  # also while tau = 0 leaves the router unused (the error must not wait)
+        model = tiny("llama")
+        condify.modify(model, method, expert_size=8)
+        with pytest.raises(condify.ConfigError, match="condify routers are not PEFT targets"):
+            lora(model, target_modules=targets)(input_ids=ids(), use_cache=False)
     model = lora(converted(method), target_modules="all-linear", exclude_modules=PEFT_EXCLUDE)
     assert not any(".router" in n for n in lora_layers(model))
     set_lora_b(model)

@@ -38,7 +38,8 @@ executed fraction for :func:`condify.track` (what the sparse path would run, not
 
 Routers. A router whose linears are not plain is called as a module (hooks fire). A PEFT adapter on a
 router (e.g. ``target_modules="all-linear"`` matches ``router.fc1``/``fc2``) is refused with a
-:class:`~condify.config.ConfigError` at the first forward: routers are fitted by ``calibrate``
+:class:`~condify.config.ConfigError` at the first forward (in every mode but ``"original"``, also while
+``tau == 0`` leaves the router unused): routers are fitted by ``calibrate``
 (regression on expert norms) and get no gradient from the model's loss, so the adapter would never
 train. :data:`PEFT_EXCLUDE` is the ``exclude_modules`` pattern that leaves them out.
 
@@ -222,11 +223,13 @@ def router_plain(r: nn.Module) -> bool:
     return _plain(mods["fc1"]) and _plain(mods["fc2"])
 
 
-def router_scores(mlp: nn.Module, st: ExpertSite, x: torch.Tensor) -> torch.Tensor:
-    """The router's scores for ``x``, calling it as a module; a PEFT adapter on it raises (see above)."""
-    if not router_plain(mlp.router):
-        check_router(mlp, METHOD, st.layer, _ROUTER_WHY)
-    return mlp.router(x)
+def checked_router(mlp: nn.Module, st: ExpertSite) -> bool:
+    """:func:`router_plain` of ``mlp.router``; raises if a PEFT adapter wraps it (even while ``tau == 0``
+    does not call it: the error must not wait for calibration)."""
+    if router_plain(mlp.router):
+        return True
+    check_router(mlp, METHOD, st.layer, _ROUTER_WHY)
+    return False
 
 
 class ProjectionMLP(nn.Module):
@@ -398,7 +401,7 @@ def _module_forward(
         elif isinstance(tau, float) and tau == 0.0:
             mask = torch.ones(xf.shape[0], E, dtype=torch.bool, device=xf.device)
         else:
-            mask = select(router_scores(self, st, xf), tau)
+            mask = select(self.router(xf), tau)
     if st.counter is not None:
         st.count(mask.sum(), xf.shape[0] * E)
     return mods["down"](h * mask.repeat_interleave(s, dim=1).to(h.dtype))
@@ -414,6 +417,7 @@ def moe_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
     s, act = st.expert_size, st.activation
     shape = x.shape
     xf = x.reshape(-1, shape[-1])
+    fast_router = checked_router(self, st)
     mods = mlp_modules(a, self)
     if not all_plain(mods):  # a wrapped projection: call the modules, never read around them
         return _module_forward(self, st, mods, xf).reshape(*shape[:-1], -1)
@@ -432,7 +436,7 @@ def moe_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
     if mode in ("oracle", "masked"):
         h = hidden(xf, w, act)
         with torch.no_grad():
-            scores = expert_norms(h, w["down"], s) if mode == "oracle" else router_scores(self, st, xf)
+            scores = expert_norms(h, w["down"], s) if mode == "oracle" else self.router(xf)
             mask = select(scores, tau)
         out = F.linear(h * mask.repeat_interleave(s, dim=1).to(h.dtype), w["down"])
         selected: torch.Tensor | int = mask
@@ -441,11 +445,11 @@ def moe_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
         dense = isinstance(tau, float) and tau == 0.0
         r = self.router
         if (
-            not dense
+            fast_router
+            and not dense
             and xf.device.type == "cpu"
             and not torch.is_grad_enabled()
             and isinstance(tau, float)
-            and router_plain(r)
         ):
             # inference on CPU: router + selection + experts in one fused call (compiled kernel at decode)
             out, mask = sparse_ffn(
@@ -456,7 +460,7 @@ def moe_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
             if dense:
                 mask = torch.ones(xf.shape[0], E, dtype=torch.bool, device=x.device)
             else:
-                mask = select(router_scores(self, st, xf), tau)
+                mask = select(self.router(xf), tau)
             out = expert_mlp(
                 xf, c["up"], c["down"], mask, s, act, w_gate=c["gate"], b_up=c["b_up"], b_gate=c["b_gate"]
             )
