@@ -62,11 +62,29 @@ def empty_llama() -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(small("llama").config, attn_implementation="eager").eval()
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_modify_and_forward_on_the_meta_device(case):
+def meta(how: str, case: str) -> torch.nn.Module:
+    """A model without weights, converted with ``case``: built under ``init_empty_weights`` then
+    modified, a dense model moved ``.to("meta")`` then modified, or a converted model moved to meta."""
     method, opts = CASES[case]
-    model = empty_llama()
+    if how == "converted.to(meta)":
+        model = converted(case)
+        model.set_attn_implementation("eager")
+        return model.to("meta")
+    if how == "init_empty_weights":
+        model = empty_llama()
+    else:
+        model = small("llama")
+        model.set_attn_implementation("eager")
+        model.to("meta")
     condify.modify(model, method, **opts)
+    return model
+
+
+@pytest.mark.parametrize("how", ["init_empty_weights", ".to(meta)", "converted.to(meta)"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_modify_and_forward_on_the_meta_device(case, how):
+    method, _ = CASES[case]
+    model = meta(how, case)
     assert condify.applied_configs(model)[0].method == method
     added = [
         t
@@ -144,16 +162,17 @@ def test_compile_fullgraph_with_peft_lora_matches_eager(case):
 def test_compile_mot_batch_not_a_group_multiple_is_mots_error():
     """The MoT stage groups G sequences: a batch of 3 with G = 2 fails with mot's message, compiled or not
     (with fullgraph=True dynamo reports the exception it observed, mot's ValueError, as the cause)."""
-    model = converted("mot")
-    x = ids(b=3)
-    msg = r"mot: the batch size 3 is not a multiple of group_size=2"
+    mlp = patched(converted("mot"), "mot")[0][1]
+    x = torch.randn(3, 5, 32)
+    msg = "mot: the batch size 3 is not a multiple of group_size=2"
     with pytest.raises(ValueError, match=msg):
-        torch.compile(model, backend="eager")(input_ids=x, use_cache=False)
+        torch.compile(mlp, backend="eager")(x)
     torch._dynamo.reset()
     with pytest.raises(Exception) as info:
-        torch.compile(model, fullgraph=True, backend="eager")(input_ids=x, use_cache=False)
+        torch.compile(mlp, fullgraph=True, backend="eager")(x)
     chain, e = [], info.value
     while e is not None:
         chain.append(str(e))
         e = e.__cause__ or e.__context__
-    assert any("mot: the batch size 3 is not a multiple of group_size=2" in s for s in chain)
+    assert any(msg in s for s in chain)
+    torch.testing.assert_close(torch.compile(mlp, fullgraph=True, backend="eager")(x[:2]), mlp(x[:2]))
