@@ -327,3 +327,43 @@ def test_routers_are_called_as_modules(method):
     assert not torch.allclose(routed, base, atol=1e-4)
     if method != "mot":  # mot counts top_k experts per token whatever they are
         assert t.fraction(method) == pytest.approx(1 / E)  # lte: only expert 0 reaches the threshold
+
+
+# ----------------------------------------------------------------------------------------------------------
+# converting or restoring around PEFT: the neuron permutation cannot follow an adapter's own weights
+# ----------------------------------------------------------------------------------------------------------
+
+EXPERT_OPTIONS = {"dynamic-k": {"expert_size": 8, "clustering": "gate"}, "lte": {"expert_size": 8},
+                  "mot": {"num_experts": 4}}  # fmt: skip
+
+
+@pytest.mark.parametrize("method", list(EXPERT_OPTIONS))
+def test_modify_refuses_mlps_wrapped_by_peft(method):
+    inner = lora(tiny("llama"), target_modules=["up_proj"]).base_model.model
+    before = {k: v.clone() for k, v in inner.state_dict().items()}
+    with pytest.raises(
+        condify.ModifyError, match=r"up projection is a peft\..*not a plain nn.Linear.*Convert first"
+    ):
+        condify.modify(inner, method, **EXPERT_OPTIONS[method])
+    after = inner.state_dict()
+    assert not patched(inner) and not hasattr(inner.config, "condify")
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("method", list(EXPERT_OPTIONS))
+def test_unmodify_refuses_mlps_wrapped_by_peft_until_merged(method):
+    model = tiny("llama")
+    condify.modify(model, method, **EXPERT_OPTIONS[method])
+    peft = lora(model)
+    set_lora_b(peft)
+    x = ids()
+    adapted = logits(peft, x)
+    with pytest.raises(condify.ModifyError, match=r"not a plain nn.Linear.*merge_and_unload"):
+        condify.unmodify(model)
+    assert patched(model, method) and condify.applied_configs(model)[0].method == method
+    torch.testing.assert_close(logits(peft, x), adapted, atol=0, rtol=0)  # nothing changed
+    merged = peft.merge_and_unload()
+    condify.unmodify(merged)
+    assert not patched(merged)
+    if method != "mot":  # dense at init: the restored dense model computes what the adapted one did
+        torch.testing.assert_close(logits(merged, x), adapted, atol=1e-4, rtol=1e-4)
