@@ -35,6 +35,11 @@ Linear, accelerate's offload hooks), the forward calls the projection modules th
 then computes ``down(act(gate(x)) * up(x) * mask)`` on the dense hidden layer with the same selection,
 the same function as the sparse path, differentiable through the wrapped modules, and counts the same
 executed fraction for :func:`condify.track` (what the sparse path would run, not the dense work done).
+With ``attention=True`` a converted projection runs its ``expert_mlp``, not its own weight: adapt
+``expert_mlp.up`` / ``expert_mlp.down`` (what runs; LoRA there trains and merges like on an MLP). A LoRA
+wrapper on the projection itself adds its delta to the converted output, but ``merge_and_unload`` would
+fold it into the unused original weight, and PEFT cannot wrap the projection and its expert MLP at once
+(``target_modules="all-linear"`` fails inside PEFT on these nested linears).
 
 Routers. A router whose linears are not plain is called as a module (hooks fire). A PEFT adapter on a
 router (e.g. ``target_modules="all-linear"`` matches ``router.fc1``/``fc2``) is refused with a
