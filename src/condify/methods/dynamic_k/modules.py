@@ -27,11 +27,34 @@ Execution modes (set with :func:`set_mode` / the :func:`mode` context manager, n
   measuring layout error apart from router error, not for speed);
 - ``"dense"``: plain differentiable MLP that records hidden activations (sparsification fine-tune);
 - ``"original"``: the module's own class forward (for a projection: the original linear map).
+
+Wrapped projections. The fast paths read the gate/up/down weights (:meth:`Adapter.mlp_weights`); they
+run only while every projection is :func:`plain` (exactly an ``nn.Linear`` / transformers ``Conv1D``
+with plain tensors, no hooks). When one is not (PEFT LoRA, a forward hook, a quantised or parametrized
+Linear, accelerate's offload hooks), the forward calls the projection modules themselves: every mode
+then computes ``down(act(gate(x)) * up(x) * mask)`` on the dense hidden layer with the same selection,
+the same function as the sparse path, differentiable through the wrapped modules, and counts the same
+executed fraction for :func:`condify.track` (what the sparse path would run, not the dense work done).
+With ``attention=True`` a converted projection runs its ``expert_mlp``, not its own weight: adapt
+``expert_mlp.up`` / ``expert_mlp.down`` (what runs; LoRA there trains and merges like on an MLP). A LoRA
+wrapper on the projection itself adds its delta to the converted output, but ``merge_and_unload`` would
+fold it into the unused original weight, and PEFT cannot wrap the projection and its expert MLP at once
+(``target_modules="all-linear"`` fails inside PEFT on these nested linears).
+
+Routers. A router whose linears are not plain is called as a module (hooks fire). A PEFT adapter on a
+router (e.g. ``target_modules="all-linear"`` matches ``router.fc1``/``fc2``) is refused with a
+:class:`~condify.config.ConfigError` at the first forward (in every mode but ``"original"``, also while
+``tau == 0`` leaves the router unused): routers are fitted by ``calibrate``
+(regression on expert norms) and get no gradient from the model's loss, so the adapter would never
+train. :data:`PEFT_EXCLUDE` is the ``exclude_modules`` pattern that leaves them out.
+
+Meta device. Every mode runs on meta tensors (shape only): the threshold stays a tensor there.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +62,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _nn_module
 
 from ...adapters import Adapter
 from ...config import ConfigError
@@ -63,6 +87,79 @@ _ACT_FNS = {
     "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
     "relu": F.relu,
 }
+
+
+try:
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency
+    Conv1D = None
+
+_PLAIN_TYPES = frozenset(t for t in (nn.Linear, Conv1D) if t is not None)
+_GLOBAL_HOOKS = (
+    _nn_module._global_forward_hooks,
+    _nn_module._global_forward_pre_hooks,
+    _nn_module._global_backward_hooks,
+    _nn_module._global_backward_pre_hooks,
+)
+PEFT_EXCLUDE = r".*\.router(\..*)?"  # PEFT ``exclude_modules``: every condify router (and its linears)
+
+
+_PLAIN_TENSORS = (nn.Parameter, torch.Tensor)
+
+
+def global_hooks() -> bool:
+    """True if a global module forward/backward (pre-)hook is registered (every module call runs it)."""
+    return any(_GLOBAL_HOOKS)
+
+
+def no_hooks(m: nn.Module) -> bool:
+    """True if calling ``m`` runs only its class ``forward``: no forward/backward (pre-)hooks of its own
+    and no instance-level ``forward`` (accelerate's ``add_hook_to_module`` sets one); global hooks are
+    :func:`global_hooks`. Reads ``__dict__`` directly: this runs on every decode step."""
+    d = m.__dict__
+    return not (
+        d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"]
+    ) and ("forward" not in d)
+
+
+def _plain(m: nn.Module | None) -> bool:
+    return m is None or (
+        type(m) in _PLAIN_TYPES
+        and type(m.__dict__["_parameters"].get("weight")) in _PLAIN_TENSORS
+        and no_hooks(m)
+    )
+
+
+def plain(m: nn.Module | None) -> bool:
+    """True if calling ``m`` is exactly ``F.linear`` on its ``weight`` and ``bias`` (transposed weight for
+    Conv1D), so a forward may read them instead: ``m`` is exactly an ``nn.Linear`` or transformers
+    ``Conv1D`` (a PEFT, quantised or parametrized Linear has another class), its weight a plain tensor
+    (not a tensor subclass), :func:`no_hooks` and no :func:`global_hooks`. ``None`` (no such projection)
+    counts as plain."""
+    return _plain(m) and not global_hooks()
+
+
+def is_peft_layer(m: nn.Module) -> bool:
+    """True if ``m`` is a PEFT tuner layer (LoRA, IA3, ...); False when PEFT is not imported."""
+    tuners = sys.modules.get("peft.tuners.tuners_utils")
+    return tuners is not None and isinstance(m, tuners.BaseTunerLayer)
+
+
+def check_router(mlp: nn.Module, method: str, layer: int, why: str) -> None:
+    """Raise :class:`ConfigError` if a PEFT adapter wraps ``mlp.router`` or any module inside it."""
+    for name, m in mlp.router.named_modules(prefix="router"):
+        if is_peft_layer(m):
+            raise ConfigError(
+                f"{method}: PEFT wrapped the condify router `{name}` of the MLP of layer {layer} "
+                f"({type(m).__module__}.{type(m).__name__}); condify routers are not PEFT targets: {why}. "
+                f"Leave them out of target_modules (with target_modules='all-linear' pass "
+                f"exclude_modules={PEFT_EXCLUDE!r})"
+            )
+
+
+def scalar(t: torch.Tensor) -> float | torch.Tensor:
+    """``float(t)`` in eager mode; ``t`` itself while compiling (no sync) or on the meta device (no data)."""
+    return t if torch.compiler.is_compiling() or t.device.type == "meta" else float(t)
 
 
 def model_activation(config: Any) -> str | None:
@@ -110,9 +207,34 @@ class Router(nn.Module):
         self.fc1 = nn.Linear(d, width)
         self.fc2 = nn.Linear(width, experts)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # F.linear: no submodule calls on the decode path
-        h = F.relu(F.linear(x, self.fc1.weight, self.fc1.bias))
-        return F.linear(h, self.fc2.weight, self.fc2.bias).abs()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if plain(self.fc1) and plain(self.fc2):  # F.linear: no submodule calls on the decode path
+            h = F.relu(F.linear(x, self.fc1.weight, self.fc1.bias))
+            return F.linear(h, self.fc2.weight, self.fc2.bias).abs()
+        return self.fc2(F.relu(self.fc1(x))).abs()  # wrapped (hooks, quantised): call the modules
+
+
+_ROUTER_WHY = (
+    "dynamic-k routers are fitted by condify.calibrate (regression on the experts' output norms) and get "
+    "no gradient from the model's loss, so an adapter on them would never train"
+)
+
+
+def router_plain(r: nn.Module) -> bool:
+    """True if ``r`` is condify's :class:`Router` with plain linears and no hooks (its weights may be read)."""
+    if type(r) is not Router or not no_hooks(r) or global_hooks():
+        return False
+    mods = r._modules
+    return _plain(mods["fc1"]) and _plain(mods["fc2"])
+
+
+def checked_router(mlp: nn.Module, st: ExpertSite) -> bool:
+    """:func:`router_plain` of ``mlp.router``; raises if a PEFT adapter wraps it (even while ``tau == 0``
+    does not call it: the error must not wait for calibration)."""
+    if router_plain(mlp.router):
+        return True
+    check_router(mlp, METHOD, st.layer, _ROUTER_WHY)
+    return False
 
 
 class ProjectionMLP(nn.Module):
@@ -146,7 +268,11 @@ class ProjectionMLP(nn.Module):
 
 
 class ProjectionWeights:
-    """``mlp_weights`` of a converted projection: its ``expert_mlp`` as a non-GLU MLP (views)."""
+    """``mlp_weights`` / ``mlp_modules`` of a converted projection: its ``expert_mlp`` as a non-GLU MLP."""
+
+    def mlp_modules(self, module: nn.Module) -> dict[str, nn.Module | None]:
+        e = module._modules["expert_mlp"]._modules
+        return {"gate": None, "up": e["up"], "down": e["down"], "gate_up": None}
 
     def mlp_weights(self, module: nn.Module) -> dict[str, torch.Tensor | None]:
         e = module.expert_mlp
@@ -218,6 +344,74 @@ def _down(out: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     return out if b is None else out + b
 
 
+def mlp_modules(adapter: Any, mlp: nn.Module) -> dict[str, nn.Module | None]:
+    """The projection modules of a converted MLP (``gate``, ``up``, ``down``, fused ``gate_up``; None
+    where absent), for an :class:`Adapter` or :data:`PROJECTION`."""
+    if isinstance(adapter, ProjectionWeights):
+        return adapter.mlp_modules(mlp)
+
+    mods = mlp._modules  # not getattr: nn.Module.__getattr__ is slow, and this runs every decode step
+
+    def get(name: str | None) -> nn.Module | None:
+        return None if name is None else mods[name] if "." not in name else mlp.get_submodule(name)
+
+    return {"gate": get(adapter.gate), "up": get(adapter.up), "down": get(adapter.down),
+            "gate_up": get(adapter.gate_up)}  # fmt: skip
+
+
+def all_plain(mods: dict[str, nn.Module | None]) -> bool:
+    """True if every projection in ``mods`` is :func:`plain` (the weight-reading fast paths may run)."""
+    return not global_hooks() and all(_plain(m) for m in mods.values())
+
+
+def module_hidden(mods: dict[str, nn.Module | None], x: torch.Tensor, act: str) -> torch.Tensor:
+    """Dense MLP hidden activations ``act(gate(x)) * up(x)`` (``act(up(x))`` without a gate), calling the
+    projection modules (so PEFT adapters, hooks and quantised linears take part); :func:`hidden` on them."""
+    fn = _ACT_FNS[act]
+    if mods["gate_up"] is not None:
+        gate, up = mods["gate_up"](x).chunk(2, dim=-1)
+        return fn(gate) * up
+    up = mods["up"](x)
+    return fn(up) if mods["gate"] is None else fn(mods["gate"](x)) * up
+
+
+def module_expert_norms(h: torch.Tensor, down: nn.Module, expert_size: int) -> torch.Tensor:
+    """:func:`expert_norms` through the ``down`` module: expert e's output is ``down(h_e) - down(0)`` with
+    ``h_e`` the hidden layer restricted to block e (exact for any affine ``down``, LoRA included)."""
+    T, inter = h.shape
+    E = inter // expert_size
+    blocks = torch.eye(E, dtype=h.dtype, device=h.device).repeat_interleave(expert_size, dim=1)  # (E, I)
+    base = down(h.new_zeros(1, inter))
+    chunk = max(1, (1 << 22) // max(1, E * inter))
+    out = [(down(h[i : i + chunk, None, :] * blocks) - base).norm(dim=-1) for i in range(0, T, chunk)]
+    return torch.cat(out) if out else h.new_zeros(0, E)
+
+
+def _module_forward(
+    self: nn.Module, st: ExpertSite, mods: dict[str, nn.Module | None], xf: torch.Tensor
+) -> torch.Tensor:
+    """Every mode by calling the projections (some are not :func:`plain`): ``down(h * mask)`` on the
+    dense hidden layer ``h``, with the mask the sparse path would use; the down bias comes from ``down``."""
+    s, mode = st.expert_size, st.mode
+    h = module_hidden(mods, xf, st.activation)
+    if mode == "dense":
+        if st.record is not None:
+            st.record.append(h)
+        return mods["down"](h)
+    E = h.shape[-1] // s
+    tau = scalar(self.expert_layout.tau)
+    with torch.no_grad():
+        if mode == "oracle":
+            mask = select(module_expert_norms(h, mods["down"], s), tau)
+        elif isinstance(tau, float) and tau == 0.0:
+            mask = torch.ones(xf.shape[0], E, dtype=torch.bool, device=xf.device)
+        else:
+            mask = select(self.router(xf), tau)
+    if st.counter is not None:
+        st.count(mask.sum(), xf.shape[0] * E)
+    return mods["down"](h * mask.repeat_interleave(s, dim=1).to(h.dtype))
+
+
 def moe_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """Forward of a converted MLP (installed as an instance method)."""
     st: ExpertSite = self._condify_patch.state
@@ -226,9 +420,13 @@ def moe_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
         return type(self).forward(self, x, *args, **kwargs)
     a: Adapter = st.adapter
     s, act = st.expert_size, st.activation
-    w = a.mlp_weights(self)
     shape = x.shape
     xf = x.reshape(-1, shape[-1])
+    fast_router = checked_router(self, st)
+    mods = mlp_modules(a, self)
+    if not all_plain(mods):  # a wrapped projection: call the modules, never read around them
+        return _module_forward(self, st, mods, xf).reshape(*shape[:-1], -1)
+    w = a.mlp_weights(self)
     rec = st.record
 
     if mode == "dense":
@@ -237,8 +435,8 @@ def moe_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
             rec.append(h)
         return _down(F.linear(h, w["down"]), w["b_down"]).reshape(*shape[:-1], -1)
 
-    # a Python float outside torch.compile (fast tau == 0 path); the buffer itself while tracing (no sync)
-    tau = self.expert_layout.tau if torch.compiler.is_compiling() else float(self.expert_layout.tau)
+    # a Python float in eager mode (fast tau == 0 path); the buffer itself while tracing or on meta
+    tau = scalar(self.expert_layout.tau)
     E = w["up"].shape[0] // s
     if mode in ("oracle", "masked"):
         h = hidden(xf, w, act)
@@ -251,7 +449,13 @@ def moe_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
         c = {k: _blocks(k, v) for k, v in w.items()}
         dense = isinstance(tau, float) and tau == 0.0
         r = self.router
-        if not dense and xf.device.type == "cpu" and not torch.is_grad_enabled() and isinstance(tau, float):
+        if (
+            fast_router
+            and not dense
+            and xf.device.type == "cpu"
+            and not torch.is_grad_enabled()
+            and isinstance(tau, float)
+        ):
             # inference on CPU: router + selection + experts in one fused call (compiled kernel at decode)
             out, mask = sparse_ffn(
                 xf, r.fc1.weight, r.fc1.bias, r.fc2.weight, r.fc2.bias, "tau_max", tau,
@@ -261,7 +465,7 @@ def moe_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
             if dense:
                 mask = torch.ones(xf.shape[0], E, dtype=torch.bool, device=x.device)
             else:
-                mask = select(r(xf), tau)
+                mask = select(self.router(xf), tau)
             out = expert_mlp(
                 xf, c["up"], c["down"], mask, s, act, w_gate=c["gate"], b_up=c["b_up"], b_gate=c["b_gate"]
             )

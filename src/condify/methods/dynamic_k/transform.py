@@ -1,4 +1,9 @@
-"""Structural part of dynamic-k: check, patch the MLPs (and projections), cluster and permute in place."""
+"""Structural part of dynamic-k: check, patch the MLPs (and projections), cluster and permute in place.
+
+On a model without weights (meta device, e.g. ``accelerate.init_empty_weights()``) ``modify`` builds the
+structure only, as it does for a checkpoint: no clustering and no initialisation from the weights (there
+are no values); load a converted model's tensors (a condify checkpoint, ``load_state_dict``) before use.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,12 @@ from torch import nn
 
 from ...adapters import Adapter
 from ...config import ConfigError
-from ...convert import Target, patch
+from ...convert import ModifyError, Target, patch
 from .clustering import balanced_kmeans, permutation
 from .config import DynamicKConfig
 from .modules import (
+    _PLAIN_TENSORS,
+    _PLAIN_TYPES,
     METHOD,
     PROJECTION,
     ExpertLayout,
@@ -18,9 +25,37 @@ from .modules import (
     ProjectionMLP,
     Router,
     converted,
+    mlp_modules,
     model_activation,
     moe_forward,
 )
+
+
+def no_values(t: torch.Tensor) -> bool:
+    """True if ``t`` has no data to initialise from (meta device)."""
+    return t.device.type == "meta"
+
+
+def check_plain_linear(m: nn.Module, where: str, method: str, why: str) -> None:
+    """Raise :class:`ModifyError` unless ``m`` is exactly an ``nn.Linear`` / transformers ``Conv1D`` with
+    a plain weight (hooks are fine): a PEFT layer, a quantised or parametrized Linear holds weights of its
+    own that condify's in-place changes would not follow."""
+    if type(m) in _PLAIN_TYPES and type(m.__dict__["_parameters"].get("weight")) in _PLAIN_TENSORS:
+        return
+    raise ModifyError(
+        f"{method}: {where} is a {type(m).__module__}.{type(m).__name__}, not a plain nn.Linear / Conv1D; "
+        f"{why}, which the wrapper's own weights (PEFT adapters, quantised storage) would not follow, so "
+        f"nothing was changed. Convert first, then wrap (condify.modify, then get_peft_model); to calibrate "
+        f"or unmodify a wrapped model, merge the adapters into the weights first (merge_and_unload())"
+    )
+
+
+def check_permutable(mlp: nn.Module, adapter: Adapter | object, method: str, where: str = "the MLP") -> None:
+    """:func:`check_plain_linear` for every projection of ``mlp`` (what :func:`permute_` rewrites)."""
+    for name, m in mlp_modules(adapter, mlp).items():
+        if m is not None:
+            why = f"{method} permutes the MLP's neurons in place (modify, calibrate and unmodify do)"
+            check_plain_linear(m, f"{where}'s {name} projection", method, why)
 
 
 def _indices(model: nn.Module, adapter: Adapter, cfg: DynamicKConfig) -> list[int]:
@@ -68,9 +103,12 @@ def targets(model: nn.Module, adapter: Adapter, cfg: DynamicKConfig) -> list[Tar
             attn = layers[i].get_submodule(adapter.attn)
             for name in projections(adapter):
                 proj = attn.get_submodule(name)
+                where = f"{adapter.layers}.{i}.{adapter.attn}.{name}"
+                check_plain_linear(proj, where, METHOD, "dynamic-k converts it in place (attention=True)")
                 projection_shape(proj, adapter)
                 out.append(Target(f"{adapter.layers}.{i}.{adapter.attn}.{name}", proj, i, kind=name))
         mlp = layers[i].get_submodule(adapter.mlp)
+        check_permutable(mlp, adapter, METHOD, f"{adapter.layers}.{i}.{adapter.mlp}")
         inter = adapter.mlp_weights(mlp)["up"].shape[0]
         if inter % cfg.expert_size:
             raise ConfigError(
@@ -83,7 +121,9 @@ def targets(model: nn.Module, adapter: Adapter, cfg: DynamicKConfig) -> list[Tar
 
 @torch.no_grad()
 def permute_(mlp: nn.Module, adapter: Adapter, p: torch.Tensor) -> None:
-    """Reorder the MLP's neurons in place: new neuron j is old neuron ``p[j]`` (function unchanged)."""
+    """Reorder the MLP's neurons in place: new neuron j is old neuron ``p[j]`` (function unchanged).
+    Refused (:func:`check_permutable`, before anything changes) when a projection is wrapped."""
+    check_permutable(mlp, adapter, "condify")
     w = adapter.mlp_weights(mlp)
     p = p.to(w["up"].device)
     for k in ("gate", "up", "b_gate", "b_up"):
@@ -140,6 +180,7 @@ def _patch_projection(
     w = proj.weight
     bias = getattr(proj, "bias", None)
     mlp = ProjectionMLP(d_in, h, d_out, bias=bias is not None).to(device=w.device, dtype=w.dtype)
+    from_checkpoint = from_checkpoint or no_values(w)
     if not from_checkpoint:
         mlp.init_from_linear(w.t() if adapter.conv1d else w, bias)
     block_layout_([(mlp.up, False), (mlp.down, True)], conv1d=False)
@@ -163,6 +204,7 @@ def patch_target(
         return
     mlp, i = t.module, t.layer
     up = adapter.mlp_weights(mlp)["up"]
+    from_checkpoint = from_checkpoint or no_values(up)
     inter, d = up.shape
     experts = inter // cfg.expert_size
     router = Router(d, cfg.router_width, experts).to(device=up.device, dtype=up.dtype)
@@ -180,8 +222,12 @@ def patch_target(
 
 def remove(model: nn.Module, adapter: Adapter, cfg: DynamicKConfig) -> None:
     """Restore the original neuron order exactly (before the children are removed); projections keep
-    their original weights throughout, so dropping their children restores them."""
-    for _, mlp in converted(model, "mlp"):
+    their original weights throughout, so dropping their children restores them. Every MLP is checked
+    before any is changed (:func:`check_permutable`)."""
+    sites = converted(model, "mlp")
+    for path, mlp in sites:
+        check_permutable(mlp, adapter, "unmodify", path)
+    for _, mlp in sites:
         if "expert_layout" in mlp._modules:  # a half-patched module (a failed modify) has none yet
             permute_(mlp, adapter, torch.argsort(mlp.expert_layout.perm))
         block_layout_(_mlp_linears(mlp, adapter), adapter.conv1d, restore=True)

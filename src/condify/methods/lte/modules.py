@@ -24,6 +24,15 @@ Execution modes (:func:`set_mode` / :func:`mode`; runtime only, not saved):
 
 ``st.record`` (a list, or None) collects each call's scores (T, E) -- with their graph in soft mode --
 for the stage-1 losses and the threshold fit.
+
+Wrapped projections (PEFT LoRA, hooks, quantised linears: any gate/up/down that is not
+:func:`~condify.methods.dynamic_k.modules.plain`): every mode calls the projection modules instead of
+reading their weights -- ``down(act(gate(x)) * up(x) * mask)`` for hard/masked, the score-weighted
+hidden layer for soft: the same functions, differentiable through the wrapped modules, with the same
+executed fraction counted. The router is always called as a module (hooks on it fire); a PEFT adapter on
+it (``target_modules="all-linear"`` matches it) raises a :class:`~condify.config.ConfigError` at the
+first forward: LoRA's delta would be added after the sigmoid and the hard routing gives it no gradient;
+routers are trained by ``calibrate``. Everything runs on meta tensors (shape only).
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ from torch import nn
 
 from ...convert import SiteState, patched
 from ...ops import expert_mlp
-from ..dynamic_k.modules import _blocks, hidden
+from ..dynamic_k.modules import _blocks, all_plain, check_router, hidden, mlp_modules, module_hidden, no_hooks
 
 METHOD = "lte"
 MODES = ("hard", "masked", "soft", "original")
@@ -69,27 +78,46 @@ class SigmoidRouter(nn.Linear):
         return torch.sigmoid(F.linear(x, self.weight, self.bias))
 
 
+_ROUTER_WHY = (
+    "LoRA's delta would be added after the router's sigmoid and the hard routing gives it no gradient; "
+    "lte routers are trained by condify.calibrate (stage='soft')"
+)
+
+
+def router_scores(mlp: nn.Module, st: LteSite, x: torch.Tensor) -> torch.Tensor:
+    """``mlp.router(x)``; a PEFT adapter on the router raises (see the module docstring)."""
+    r = mlp.router
+    if type(r) is not SigmoidRouter or not no_hooks(r):
+        check_router(mlp, METHOD, st.layer, _ROUTER_WHY)
+    return r(x)
+
+
 def lte_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """Forward of a converted MLP (installed as an instance method)."""
     st: LteSite = self._condify_patch.state
     if st.mode == "original":
         return type(self).forward(self, x, *args, **kwargs)
     s, act = st.expert_size, st.activation
-    w = st.adapter.mlp_weights(self)
+    mods = mlp_modules(st.adapter, self)
+    w = st.adapter.mlp_weights(self) if all_plain(mods) else None  # None: call the wrapped modules
     shape = x.shape
     xf = x.reshape(-1, shape[-1])
     T, E = xf.shape[0], st.experts
     if st.mode == "soft":
-        scores = self.router(xf)
-        h = hidden(xf, w, act)
+        scores = router_scores(self, st, xf)
+        h = hidden(xf, w, act) if w is not None else module_hidden(mods, xf, act)
         g = (scores / st.init_score).to(h.dtype)
-        out = F.linear((h.view(T, E, s) * g[:, :, None]).view(T, E * s), w["down"])
+        hg = (h.view(T, E, s) * g[:, :, None]).view(T, E * s)
+        out = F.linear(hg, w["down"]) if w is not None else mods["down"](hg)
         selected: torch.Tensor | int = T * E  # every expert runs
     else:
         with torch.no_grad():
-            scores = self.router(xf)
+            scores = router_scores(self, st, xf)
             mask = scores >= self.expert_layout.tau
-        if st.mode == "masked":
+        if w is None:
+            h = module_hidden(mods, xf, act)
+            out = mods["down"](h * mask.repeat_interleave(s, dim=1).to(h.dtype))
+        elif st.mode == "masked":
             h = hidden(xf, w, act)
             out = F.linear(h * mask.repeat_interleave(s, dim=1).to(h.dtype), w["down"])
         else:
@@ -102,7 +130,7 @@ def lte_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
         st.record.append(scores)
     if st.counter is not None:
         st.count(selected.sum() if isinstance(selected, torch.Tensor) else selected, T * E)
-    if w["b_down"] is not None:
+    if w is not None and w["b_down"] is not None:  # the down module adds its own bias
         out = out + w["b_down"]
     return out.reshape(*shape[:-1], -1)
 

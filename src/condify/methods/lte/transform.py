@@ -1,4 +1,8 @@
-"""Structural part of lte: check, patch the MLPs, cluster and permute in place (dynamic-k's machinery)."""
+"""Structural part of lte: check, patch the MLPs, cluster and permute in place (dynamic-k's machinery).
+
+On a model without weights (meta device) ``modify`` builds the structure only, as for a checkpoint (no
+clustering); load a converted model's tensors before use.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,16 @@ from ...config import ConfigError
 from ...convert import Target, patch
 from ..dynamic_k.clustering import balanced_kmeans, permutation
 from ..dynamic_k.modules import ExpertLayout, require_activation
-from ..dynamic_k.transform import _mlp_linears, block_layout_, divisors, gate_features, permute_, relayout_
+from ..dynamic_k.transform import (
+    _mlp_linears,
+    block_layout_,
+    check_permutable,
+    divisors,
+    gate_features,
+    no_values,
+    permute_,
+    relayout_,
+)
 from .config import LteConfig
 from .modules import METHOD, LteSite, SigmoidRouter, converted, lte_forward
 
@@ -30,6 +43,7 @@ def targets(model: nn.Module, adapter: Adapter, cfg: LteConfig) -> list[Target]:
     out = []
     for i in _indices(model, adapter, cfg):
         mlp = layers[i].get_submodule(adapter.mlp)
+        check_permutable(mlp, adapter, METHOD, f"{adapter.layers}.{i}.{adapter.mlp}")
         inter = adapter.mlp_weights(mlp)["up"].shape[0]
         if inter % cfg.expert_size:
             raise ConfigError(
@@ -45,6 +59,7 @@ def patch_target(
 ) -> None:
     mlp, i = t.module, t.layer
     up = adapter.mlp_weights(mlp)["up"]
+    from_checkpoint = from_checkpoint or no_values(up)
     inter, d = up.shape
     experts = inter // cfg.expert_size
     router = SigmoidRouter(d, experts).to(device=up.device, dtype=up.dtype)
@@ -65,8 +80,12 @@ def patch_target(
 
 
 def remove(model: nn.Module, adapter: Adapter, cfg: LteConfig) -> None:
-    """Restore the original neuron order and weight layout exactly (before the children are removed)."""
-    for _, mlp in converted(model):
+    """Restore the original neuron order and weight layout exactly (before the children are removed);
+    every MLP is checked before any is changed (:func:`check_permutable`)."""
+    sites = converted(model)
+    for path, mlp in sites:
+        check_permutable(mlp, adapter, "unmodify", path)
+    for _, mlp in sites:
         if "expert_layout" in mlp._modules:  # a half-patched module (a failed modify) has none yet
             permute_(mlp, adapter, torch.argsort(mlp.expert_layout.perm))
         block_layout_(_mlp_linears(mlp, adapter), adapter.conv1d, restore=True)

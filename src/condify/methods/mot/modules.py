@@ -26,10 +26,20 @@ included, and with the KV cache. The router learns through a straight-through ga
 router gradient when k = 1). Weighting the outputs by ``k * softmax`` instead was measured to blow up
 the converted SmolLM2 (held-out perplexity 1.4e5 right after the switch: a peaked softmax gives one
 expert weight k).
+
+Wrapped projections (PEFT LoRA, hooks, quantised linears: any gate/up/down that is not
+:func:`~condify.methods.dynamic_k.modules.plain`): both stages call the projection modules instead of
+reading their weights, with the same function and the same executed fraction counted. ``"mot"``: the
+dense hidden layer of every expert's mixed input (E/G times the dense up/gate work), block e kept for
+expert e, weighted per token and summed by one ``down`` call. ``"moe"``: ``down(h * gates)`` with the
+straight-through gates scattered over the selected experts' blocks. The controller is always called as a
+module (``router(x)``: hooks on it fire; PEFT itself refuses it as a LoRA target, it is not a Linear).
+Everything runs on meta tensors (shape only).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -40,6 +50,7 @@ from torch import nn
 from ...convert import SiteState, patched
 from ...ops import expert_mlp
 from ...ops.reference import ACTIVATIONS
+from ..dynamic_k.modules import all_plain, mlp_modules, module_hidden, scalar
 
 METHOD = "mot"
 
@@ -94,32 +105,45 @@ def mixing_weights(logits: torch.Tensor, temperature: float | torch.Tensor) -> t
     return torch.softmax(z, dim=1).to(logits.dtype)
 
 
+def mix(
+    x: torch.Tensor, router: nn.Module, temperature: float | torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group a (B, T, d) batch, ``B`` a multiple of ``group_size``: mixing weights (N, G, T, E) from
+    ``router`` and the mixed inputs (N, T, E, d), one per expert, group and position."""
+    B, T, d = x.shape
+    xg = x.reshape(B // group_size, group_size, T, d)
+    wts = mixing_weights(router(xg), temperature)  # (N, G, T, E)
+    return wts, torch.einsum("ngte,ngtd->nted", wts, xg)
+
+
+def by_groups(
+    fn: Callable[[torch.Tensor, int], torch.Tensor], x: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """``fn(part, g)`` over the full groups of a (B, T, d) batch and, when ``B`` is not a multiple of
+    ``group_size``, over the last ``B % group_size`` sequences as one smaller group (a group of one
+    mixes nothing: every expert sees the token itself, the dense MLP)."""
+    B, r = x.shape[0], x.shape[0] % group_size
+    if not r:
+        return fn(x, group_size)
+    if group_size > B:
+        return fn(x, B)
+    return torch.cat([fn(x[: B - r], group_size), fn(x[B - r :], r)])
+
+
 def mot_mlp(
     x: torch.Tensor,
     w: dict[str, torch.Tensor | None],
-    wc: torch.Tensor,
+    router: nn.Module,
     temperature: float | torch.Tensor,
     group_size: int,
     expert_size: int,
     act: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """MoT over a (B, T, d) batch; returns the output (B, T, d_out) and the mixing weights (N, G, T, E).
-
-    When ``B`` is not a multiple of ``group_size`` the last ``B % group_size`` sequences form a smaller
-    group (a group of one mixes nothing: every expert sees the token itself, the dense MLP); the
-    weights returned are then those of the full groups (or of the small group when there is none)."""
-    B, T, d = x.shape
-    G, s, E = group_size, expert_size, wc.shape[0]
-    if B % G:
-        r = B % G
-        if B < G:
-            return mot_mlp(x, w, wc, temperature, B, expert_size, act)
-        head, wts = mot_mlp(x[: B - r], w, wc, temperature, G, expert_size, act)
-        tail, _ = mot_mlp(x[B - r :], w, wc, temperature, r, expert_size, act)
-        return torch.cat([head, tail]), wts
-    xg = x.reshape(B // G, G, T, d)
-    wts = mixing_weights(F.linear(xg, wc), temperature)  # (N, G, T, E)
-    m = torch.einsum("ngte,ngtd->nted", wts, xg)  # one mixed input per expert and group
+    """MoT over a (B, T, d) batch, ``B`` a multiple of ``group_size`` (see :func:`by_groups`); returns
+    the output (B, T, d_out) and the mixing weights (N, G, T, E)."""
+    B, T, _ = x.shape
+    wts, m = mix(x, router, temperature, group_size)
+    s, E = expert_size, wts.shape[-1]
     up = torch.einsum("nted,esd->ntes", m, _blocks(w["up"], E, s))
     if w["b_up"] is not None:
         up = up + _blocks(w["b_up"], E, s)
@@ -137,6 +161,26 @@ def mot_mlp(
     return (y if w["b_down"] is None else y + w["b_down"]), wts
 
 
+def mot_mlp_modules(
+    x: torch.Tensor,
+    mods: dict[str, nn.Module | None],
+    router: nn.Module,
+    temperature: float | torch.Tensor,
+    group_size: int,
+    expert_size: int,
+    act: str,
+) -> torch.Tensor:
+    """:func:`mot_mlp` calling the projection modules: expert e's block of the hidden layer of its mixed
+    input, weighted per token by ``w_ie``, and one ``down`` call (which adds its bias once)."""
+    B, T, _ = x.shape
+    wts, m = mix(x, router, temperature, group_size)
+    N, G, _, E = wts.shape
+    h = module_hidden(mods, m, act)  # (N, T, E, I): every block of every expert's mixed input
+    hb = h.unflatten(-1, (E, expert_size)).diagonal(dim1=2, dim2=3).transpose(-1, -2)  # (N, T, E, s)
+    mixed = torch.einsum("ngte,ntes->ngtes", wts, hb).reshape(N, G, T, E * expert_size)
+    return mods["down"](mixed).reshape(B, T, -1)
+
+
 def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-choice routing of (T, E) scores: top-k expert indices (T, k) and gates (T, k), value 1,
     gradient of the softmax over the selected scores (straight-through)."""
@@ -148,7 +192,7 @@ def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 def moe_mlp(
     xf: torch.Tensor,
     w: dict[str, torch.Tensor | None],
-    wc: torch.Tensor,
+    logits: torch.Tensor,
     k: int,
     expert_size: int,
     act: str,
@@ -159,14 +203,30 @@ def moe_mlp(
     call runs exactly the selected (token, expert) pairs (decode: the k selected blocks; prefill: tokens
     grouped per expert), and the gates weight each choice's output. The down bias is not included.
     """
-    T, E = xf.shape[0], wc.shape[0]
-    idx, gates = route(F.linear(xf, wc), k)
+    T, E = logits.shape
+    idx, gates = route(logits, k)
     rows = xf.repeat(k, 1) if k > 1 else xf  # row j*T + t: choice j of token t
     mask = F.one_hot(idx.t().reshape(-1), E).bool()
     out = expert_mlp(rows, w["up"], w["down"], mask, expert_size, act,
                      w_gate=w["gate"], b_up=w["b_up"], b_gate=w["b_gate"])  # fmt: skip
     out = out.reshape(k, T, -1) * gates.t()[:, :, None]
     return out.sum(0)
+
+
+def moe_mlp_modules(
+    xf: torch.Tensor,
+    mods: dict[str, nn.Module | None],
+    logits: torch.Tensor,
+    k: int,
+    expert_size: int,
+    act: str,
+) -> torch.Tensor:
+    """:func:`moe_mlp` calling the projection modules: ``down(h * g)`` with ``g`` the straight-through
+    gates on the selected experts' blocks, 0 elsewhere (the down module adds its bias)."""
+    idx, gates = route(logits, k)
+    g = torch.zeros_like(logits).scatter(1, idx, gates)  # (T, E)
+    h = module_hidden(mods, xf, act)
+    return mods["down"](h * g.repeat_interleave(expert_size, dim=1).to(h.dtype))
 
 
 def _contig(name: str, t: torch.Tensor | None) -> torch.Tensor | None:
@@ -179,25 +239,39 @@ def _contig(name: str, t: torch.Tensor | None) -> torch.Tensor | None:
 def mot_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """Forward of a converted MLP (installed as an instance method)."""
     st: MoTSite = self._condify_patch.state
-    w = st.adapter.mlp_weights(self)
+    mods = mlp_modules(st.adapter, self)
+    w = st.adapter.mlp_weights(self) if all_plain(mods) else None  # None: call the wrapped modules
     router: Controller = self.router
     if st.stage == "mot":
         if x.dim() != 3:
             raise ValueError(f"mot: expected hidden states (batch, seq, d), got shape {tuple(x.shape)}")
-        t = router.temperature if torch.compiler.is_compiling() else float(router.temperature)
-        y, _ = mot_mlp(x, w, router.weight, t, st.group_size, st.expert_size, st.activation)
+        t = scalar(router.temperature)
+        if w is not None:
+            y = by_groups(
+                lambda p, g: mot_mlp(p, w, router, t, g, st.expert_size, st.activation)[0], x, st.group_size
+            )
+        else:
+            y = by_groups(
+                lambda p, g: mot_mlp_modules(p, mods, router, t, g, st.expert_size, st.activation),
+                x,
+                st.group_size,
+            )
         if st.counter is not None:  # E expert evaluations per group (of up to G tokens)
             n = x.shape[0] * x.shape[1]
             st.count(-(-x.shape[0] // st.group_size) * x.shape[1] * st.experts, n * st.experts)
         return y
     shape = x.shape
     xf = x.reshape(-1, shape[-1])
-    c = {k: _contig(k, v) for k, v in w.items()}
-    out = moe_mlp(xf, c, router.weight, st.top_k, st.expert_size, st.activation)
+    logits = router(xf)
+    if w is None:
+        out = moe_mlp_modules(xf, mods, logits, st.top_k, st.expert_size, st.activation)
+    else:
+        c = {k: _contig(k, v) for k, v in w.items()}
+        out = moe_mlp(xf, c, logits, st.top_k, st.expert_size, st.activation)
+        if w["b_down"] is not None:
+            out = out + w["b_down"]
     if st.counter is not None:
         st.count(xf.shape[0] * st.top_k, xf.shape[0] * st.experts)
-    if w["b_down"] is not None:
-        out = out + w["b_down"]
     return out.reshape(*shape[:-1], -1)
 
 

@@ -1,4 +1,8 @@
-"""Structural part of mot: check, slice the MLPs into experts (in place), add the controller."""
+"""Structural part of mot: check, slice the MLPs into experts (in place), add the controller.
+
+On a model without weights (meta device) ``modify`` builds the structure only, as for a checkpoint (no
+clustering, no centroid controller init); load a converted model's tensors before use.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,15 @@ from ...config import ConfigError
 from ...convert import Target, patch, update_config
 from ..dynamic_k.clustering import balanced_kmeans, permutation
 from ..dynamic_k.modules import require_activation
-from ..dynamic_k.transform import block_layout_, divisors, gate_features, permute_, relayout_
+from ..dynamic_k.transform import (
+    block_layout_,
+    check_permutable,
+    divisors,
+    gate_features,
+    no_values,
+    permute_,
+    relayout_,
+)
 from .config import MoTConfig
 from .modules import METHOD, Controller, MoTLayout, MoTSite, converted, mot_forward
 
@@ -26,6 +38,7 @@ def targets(model: nn.Module, adapter: Adapter, cfg: MoTConfig) -> list[Target]:
     out = []
     for i in cfg.layers or []:
         mlp = layers[i].get_submodule(adapter.mlp)
+        check_permutable(mlp, adapter, METHOD, f"{adapter.layers}.{i}.{adapter.mlp}")
         inter = adapter.mlp_weights(mlp)["up"].shape[0]
         if inter % cfg.num_experts:
             raise ConfigError(
@@ -59,6 +72,7 @@ def patch_target(
 ) -> None:
     mlp, i = t.module, t.layer
     up = adapter.mlp_weights(mlp)["up"]
+    from_checkpoint = from_checkpoint or no_values(up)
     inter, d = up.shape
     E = cfg.num_experts
     router = Controller(d, E, cfg.temperature).to(device=up.device, dtype=up.dtype)
@@ -89,8 +103,12 @@ def set_stage(model: nn.Module, cfg: MoTConfig, new: str) -> MoTConfig:
 
 
 def remove(model: nn.Module, adapter: Adapter, cfg: MoTConfig) -> None:
-    """Restore the original neuron order and weight layout exactly (before the children are removed)."""
-    for _, mlp in converted(model):
+    """Restore the original neuron order and weight layout exactly (before the children are removed);
+    every MLP is checked before any is changed (:func:`check_permutable`)."""
+    sites = converted(model)
+    for path, mlp in sites:
+        check_permutable(mlp, adapter, "unmodify", path)
+    for _, mlp in sites:
         if "expert_layout" in mlp._modules:
             permute_(mlp, adapter, torch.argsort(mlp.expert_layout.perm))
         block_layout_(_linears(mlp, adapter), adapter.conv1d, restore=True)
