@@ -562,6 +562,23 @@ def _check_positive(**values: int) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _bos_id(tokenizer: PreTrainedTokenizerBase, bos: bool, seq_len: int) -> int | None:
+    """The BOS id to put first in every window, or ``None`` when ``bos`` is false."""
+    if not bos:
+        return None
+    if tokenizer.bos_token_id is None:
+        raise ValueError("bos=True needs a tokenizer with a bos_token_id; this one has none (use bos=False)")
+    if seq_len < 2:
+        raise ValueError(f"bos=True needs seq_len >= 2 (BOS plus at least one text token), got {seq_len}")
+    return int(tokenizer.bos_token_id)
+
+
+def _with_bos(windows: torch.Tensor, bos_id: int | None) -> torch.Tensor:
+    if bos_id is None:
+        return windows
+    return torch.cat([windows.new_full((windows.shape[0], 1), bos_id), windows], dim=1)
+
+
 def eval_batches(
     tokenizer: PreTrainedTokenizerBase,
     split: str = "test",
@@ -570,27 +587,32 @@ def eval_batches(
     batch_size: int = 8,
     *,
     text: str = DEFAULT_TEXT,
+    bos: bool = False,
 ) -> list[torch.Tensor]:
     """Fixed evaluation windows: ``num_sequences`` non-overlapping windows of ``seq_len`` tokens.
 
     Window ``i`` starts at ``i * (N - seq_len) // (num_sequences - 1)`` (N = tokens in the split):
     evenly spaced from the first to the last token, at least ``seq_len`` apart, so the windows depend
     only on the text, the split and the tokenizer.
+    With ``bos=True`` every window is the tokenizer's BOS followed by ``seq_len - 1`` text tokens
+    (placed as above with ``seq_len - 1``): models trained to always see BOS first (Gemma) need it.
     Returns a list of ``(b, seq_len)`` int64 tensors, ``b = batch_size`` except possibly the last.
     """
     _check_positive(num_sequences=num_sequences, seq_len=seq_len, batch_size=batch_size)
+    bos_id = _bos_id(tokenizer, bos, seq_len)
+    span = seq_len - (bos_id is not None)
     ids = tokens(tokenizer, split, text=text)
     n = ids.numel()
-    if num_sequences * seq_len > n:
+    if num_sequences * span > n:
         raise ValueError(
             f"split {split!r} has {n} tokens: too few for {num_sequences} non-overlapping windows of "
-            f"{seq_len} tokens (at most {n // seq_len} fit)"
+            f"{span} tokens (at most {n // span} fit)"
         )
     if num_sequences == 1:
         starts = [0]
     else:
-        starts = [i * (n - seq_len) // (num_sequences - 1) for i in range(num_sequences)]
-    windows = torch.stack([ids[s : s + seq_len] for s in starts])
+        starts = [i * (n - span) // (num_sequences - 1) for i in range(num_sequences)]
+    windows = _with_bos(torch.stack([ids[s : s + span] for s in starts]), bos_id)
     return list(windows.split(batch_size))
 
 
@@ -603,17 +625,21 @@ def train_batches(
     split: str = "train",
     *,
     text: str = DEFAULT_TEXT,
+    bos: bool = False,
 ) -> list[torch.Tensor]:
     """``num_batches`` tensors of shape ``(batch_size, seq_len)``: windows at uniformly random starts.
 
     Starts come from a ``torch.Generator`` seeded with ``seed``, so the batches are reproducible.
+    With ``bos=True`` each row is BOS followed by ``seq_len - 1`` text tokens (as in :func:`eval_batches`).
     """
     _check_positive(num_batches=num_batches, batch_size=batch_size, seq_len=seq_len)
+    bos_id = _bos_id(tokenizer, bos, seq_len)
+    span = seq_len - (bos_id is not None)
     ids = tokens(tokenizer, split, text=text)
     n = ids.numel()
-    if seq_len > n:
+    if span > n:
         raise ValueError(f"seq_len={seq_len} is longer than split {split!r} ({n} tokens)")
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, n - seq_len + 1, (num_batches, batch_size), generator=gen)
-    offsets = torch.arange(seq_len)
-    return [ids[row[:, None] + offsets] for row in starts]
+    starts = torch.randint(0, n - span + 1, (num_batches, batch_size), generator=gen)
+    offsets = torch.arange(span)
+    return [_with_bos(ids[row[:, None] + offsets], bos_id) for row in starts]
