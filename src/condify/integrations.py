@@ -39,6 +39,9 @@ __all__ = [  # and, built on first access (importing the Trainer takes seconds):
     "attached",
     "converted_model",
     "detach",
+    "fsdp_units",
+    "fsdp_wrap_policy",
+    "fully_shard",
     "step",
     "training_loss",
 ]
@@ -326,6 +329,60 @@ def step(model: Any) -> dict[str, float]:
     for name, h in session.hooks.items():
         out.update({f"{name}/{k}": v for k, v in h.after_step().items()})
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FSDP units
+# ----------------------------------------------------------------------------------------------------------
+
+
+def fsdp_units(model: Any) -> list[list[nn.Module]]:
+    """The decoder layers of the converted ``model`` grouped so that no FSDP unit splits what one condify
+    site reads: one group per layer, a layer-parallel pair (its first layer computes both) as one group.
+
+    FSDP2: :func:`fully_shard` (torch's, on each unit, then on the model). FSDP1:
+    ``auto_wrap_policy=fsdp_wrap_policy(model)``. Sharding every decoder layer on its own (e.g.
+    ``transformer_auto_wrap_policy`` or accelerate's ``TRANSFORMER_BASED_WRAP``) fails for layer-parallel:
+    a pair's first layer would read its partner's weights while they are sharded."""
+    m = _require(model, "fsdp_units")
+    groups: list[list[nn.Module]] = []
+    placed: set[int] = set()
+    for layer in get_adapter(m).layer_list(m):
+        if id(layer) in placed:
+            continue
+        patch = getattr(layer, "_condify_patch", None)
+        partner = getattr(patch.state, "partner", None) if patch is not None else None
+        group = [layer] + ([partner] if isinstance(partner, nn.Module) else [])
+        placed.update(id(x) for x in group)
+        groups.append(group)
+    return groups
+
+
+def fully_shard(model: Any, **kwargs: Any) -> nn.Module:
+    """FSDP2 for a converted model: torch's ``fully_shard(unit, **kwargs)`` on each of :func:`fsdp_units`,
+    then on the model; returns it. Strided parameters are made contiguous first (same values; FSDP2
+    refuses them, and dynamic-k, lte and mot keep ``down_proj.weight`` column-major for the CPU kernel,
+    which also reads the contiguous layout)."""
+    from torch.distributed.fsdp import fully_shard as shard
+
+    m = _require(model, "fully_shard")
+    units = fsdp_units(m)
+    with torch.no_grad():
+        for p in m.parameters():
+            if not p.is_contiguous():
+                p.data = p.data.contiguous()
+    for unit in units:
+        shard(unit[0] if len(unit) == 1 else unit, **kwargs)
+    return shard(m, **kwargs)
+
+
+def fsdp_wrap_policy(model: Any) -> Any:
+    """An FSDP1 ``auto_wrap_policy``: every decoder layer of :func:`fsdp_units` that is a unit alone
+    gets its own FSDP unit; layers grouped with another (layer-parallel pairs) stay in their parent's."""
+    from torch.distributed.fsdp.wrap import CustomPolicy
+
+    alone = {id(g[0]) for g in fsdp_units(model) if len(g) == 1}
+    return CustomPolicy(lambda module: id(module) in alone)
 
 
 # ----------------------------------------------------------------------------------------------------------
