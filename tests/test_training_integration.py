@@ -297,6 +297,11 @@ def test_attach_is_idempotent_and_detach_restores():
     with attach(model):  # a context manager too
         assert attached(model) is not None
     assert attached(model) is None
+    attach(model)
+    condify.unmodify(model)
+    assert detach(model)  # after unmodify too: the dense model is left as it came
+    assert all(dict(m._forward_pre_hooks) == hooks[n] for n, m in model.named_modules())
+    assert "_condify_training" not in model.__dict__
 
 
 def test_an_attached_model_copies_and_calibrates():
@@ -328,3 +333,29 @@ def test_converted_model_unwraps_peft_and_compile():
     assert converted_model(tiny("llama")) is None
     attach(peft_model)
     assert attached(model) is attached(peft_model) is not None
+
+
+def test_fsdp_units_keep_a_layer_parallel_pair_in_one_unit():
+    from condify.integrations import fsdp_units
+
+    model = converted("layer-parallel")  # pairs=1, start=2: layers 2 and 3 run as one pair
+    layers = list(model.model.layers)
+    units = fsdp_units(model)
+    assert [[layers.index(m) for m in u] for u in units] == [[0], [1], [2, 3], [4], [5]]
+    assert [len(u) for u in fsdp_units(converted("dynamic-k"))] == [1] * 6
+
+
+def test_registry_refuses_training_hooks_without_their_options():
+    from condify.methods.mod_threshold import ModThresholdCalibration, ModThresholdConfig
+    from condify.methods.mod_threshold.calibrate import CapacityHold
+
+    spec = registry.get("mod-threshold")
+    common = dict(
+        name="x", description="", config_cls=ModThresholdConfig, targets=spec.targets, patch=spec.patch
+    )
+    with pytest.raises(ValueError, match="has none"):
+        registry.Method(**common, training=CapacityHold)
+    with pytest.raises(ValueError, match="not calibrate options"):
+        registry.Method(
+            **common, options=ModThresholdCalibration, training=CapacityHold, training_options=("nope",)
+        )

@@ -90,10 +90,12 @@ def _collective_device() -> torch.device:
     backend = str(dist.get_backend())
     if "gloo" in backend or backend == "mpi":
         return torch.device("cpu")
-    acc = getattr(torch, "accelerator", None)
+    acc = getattr(torch, "accelerator", None)  # torch >= 2.6
     if acc is not None and acc.is_available():
         return torch.device(acc.current_accelerator().type, acc.current_device_index())
-    return torch.device("cuda", torch.cuda.current_device())
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def reduce_mean(values: list[float], weights: list[float]) -> tuple[list[float], list[float]]:
@@ -134,17 +136,22 @@ def _inner(m: nn.Module) -> nn.Module | None:
     return None
 
 
-def converted_model(model: Any) -> nn.Module | None:
-    """The condify-converted transformers model in ``model`` or inside its wrappers (DDP, FSDP,
-    ``accelerate.prepare``, ``torch.compile``, PEFT); None if there is none."""
+def _unwrapped(model: Any) -> nn.Module | None:
     m = model
     for _ in range(16):
         if not isinstance(m, nn.Module):
             return None
         inner = _inner(m)
         if inner is None:
-            break
+            return m
         m = inner
+    return None
+
+
+def converted_model(model: Any) -> nn.Module | None:
+    """The condify-converted transformers model in ``model`` or inside its wrappers (DDP, FSDP,
+    ``accelerate.prepare``, ``torch.compile``, PEFT); None if there is none."""
+    m = _unwrapped(model)
     cfg = getattr(m, "config", None)
     return m if cfg is not None and getattr(cfg, CONFIG_KEY, None) else None
 
@@ -273,8 +280,9 @@ def attach(model: Any, options: Options | None = None) -> Session:
 
 
 def detach(model: Any) -> bool:
-    """Undo :func:`attach` (stop recording, remove the hook); False if ``model`` was not attached."""
-    m = converted_model(model)
+    """Undo :func:`attach` (stop recording, remove the hook; also after ``unmodify``); False if ``model``
+    was not attached."""
+    m = _unwrapped(model)
     session = None if m is None else m.__dict__.get("_condify_training")
     if session is None:
         return False

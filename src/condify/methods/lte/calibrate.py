@@ -225,21 +225,21 @@ class LteTraining:
         self.executed = None if target is None else 1.0 - target
         self.eta, self.gain = opts.eta, opts.eta_gain
         self.separation, self.hold = opts.separation, opts.hold_target
+        self.states = [m._condify_patch.state for _, m in self.sites]
         self.recs: list[list[torch.Tensor]] = [RecordList() for _ in self.sites]
 
     def _soft(self) -> bool:
-        return any(m._condify_patch.state.mode == "soft" for _, m in self.sites)
+        return any(st.mode == "soft" for st in self.states)
 
     def begin_forward(self) -> None:
-        for (_, m), r in zip(self.sites, self.recs, strict=True):
-            st = m._condify_patch.state
+        for st, r in zip(self.states, self.recs, strict=True):
             if st.record is None or st.record is r:  # calibrate's own recording wins
                 r.clear()
                 st.record = r
 
     def loss(self) -> torch.Tensor | None:
-        soft = [torch.cat(r).flatten() for (_, m), r in zip(self.sites, self.recs, strict=True)
-                if r and m._condify_patch.state.mode == "soft"]  # fmt: skip
+        soft = [torch.cat(r).flatten() for st, r in zip(self.states, self.recs, strict=True)
+                if r and st.mode == "soft"]  # fmt: skip
         if not soft:
             return None
         return soft_terms(
@@ -270,9 +270,9 @@ class LteTraining:
         return out
 
     def close(self) -> None:
-        for (_, m), r in zip(self.sites, self.recs, strict=True):
-            if m._condify_patch.state.record is r:
-                m._condify_patch.state.record = None
+        for st, r in zip(self.states, self.recs, strict=True):  # the states: also after unmodify
+            if st.record is r:
+                st.record = None
             r.clear()
 
 
