@@ -19,6 +19,7 @@ from .adapters import UnsupportedModelError
 from .batches import DataError
 from .config import ConfigError, MethodConfig
 from .convert import ModifyError, applied_configs, describe, modify, unmodify
+from .integrations import training_loss
 from .registry import list_methods
 from .serialization import CheckpointError, from_pretrained, save_pretrained
 from .tracking import track
@@ -41,6 +42,7 @@ __all__ = [
     "modify",
     "save_pretrained",
     "track",
+    "training_loss",
     "unmodify",
 ]
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from .adapters import Adapter
@@ -33,6 +34,23 @@ class Recipe:
     data: Data
 
 
+class TrainingHooks(Protocol):
+    """One method's part in a user's training loop (made by ``Method.training`` when
+    :func:`condify.integrations.attach` arms a model)."""
+
+    def begin_forward(self) -> None:
+        """A forward of the model starts: drop what the last one recorded."""
+
+    def loss(self) -> torch.Tensor | None:
+        """The method's auxiliary loss of the last forward (None: no term)."""
+
+    def after_step(self) -> dict[str, float]:
+        """Per-step maintenance after an optimiser step (e.g. move router biases); returns a status."""
+
+    def close(self) -> None:
+        """Stop recording (the sites are left as before ``Method.training`` was called)."""
+
+
 @dataclass(frozen=True)
 class Method:
     """How one method plugs into condify. The core (:func:`condify.convert.modify`) owns the walk:
@@ -47,7 +65,10 @@ class Method:
     - ``calibrate(model, run, options) -> dict``: the data-dependent step, with a
       :class:`condify.training.Run` (fit / held-out batches, teacher, progress) and validated
       ``options`` (an instance of ``options``, a :class:`condify.config.Options` dataclass);
-    - ``recipes``: named budgets, ``"quick"`` (seconds) and ``"cpu"`` (minutes on 2 cores) at least.
+    - ``recipes``: named budgets, ``"quick"`` (seconds) and ``"cpu"`` (minutes on 2 cores) at least;
+    - ``training(model, options) -> TrainingHooks``: optional; the per-step terms of ``calibrate`` for
+      a user's own training loop (:mod:`condify.integrations`), reading the ``training_options`` of
+      ``options`` (an instance of ``options``, the calibrate options, so defaults are calibrate's).
     """
 
     name: str
@@ -60,6 +81,8 @@ class Method:
     calibrate: Callable[..., dict[str, Any]] | None = None
     options: type[Options] | None = None
     recipes: dict[str, Recipe] = field(default_factory=dict)
+    training: Callable[[nn.Module, Options], TrainingHooks] | None = None
+    training_options: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name, r in self.recipes.items():  # a recipe that cannot run is a bug: fail at import
@@ -68,6 +91,13 @@ class Method:
                 self.options.from_options(**r.calibrate)
             elif r.calibrate:
                 raise ValueError(f"{self.name}: recipe {name!r} has calibrate options but no calibrate")
+        if self.training is not None and self.options is None:
+            raise ValueError(f"{self.name}: `training` reads calibrate options, but the method has none")
+        unknown = (
+            set(self.training_options) - {f.name for f in fields(self.options)} if self.options else set()
+        )
+        if unknown:
+            raise ValueError(f"{self.name}: training_options {sorted(unknown)} are not calibrate options")
 
 
 _METHODS: dict[str, Method] = {}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ... import registry
 from ...registry import Data, Recipe
-from .calibrate import LteCalibration, calibrate
+from .calibrate import LteCalibration, LteTraining, calibrate
 from .config import LteConfig
 from .modules import mode, set_mode, set_threshold
 from .transform import patch_target, remove, targets
@@ -41,6 +41,8 @@ registry.register(
         calibrate=calibrate,
         options=LteCalibration,
         recipes=RECIPES,
+        training=LteTraining,
+        training_options=("target_sparsity", "eta", "eta_gain", "separation", "hold_target"),
     )
 )
 

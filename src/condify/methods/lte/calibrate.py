@@ -189,6 +189,93 @@ def fit_threshold(
     return tau, frac
 
 
+def soft_terms(s: torch.Tensor, tau: float, eta: float, separation: float) -> torch.Tensor:
+    """Stage 1's auxiliary loss on soft scores ``s``: ``eta * mean(s) + separation * mean(d / ((s - tau)^2 + d))``."""
+    return eta * s.mean() + separation * (SEP_FLOOR / ((s - tau) ** 2 + SEP_FLOOR)).mean()
+
+
+def next_eta(eta: float, executed_now: float, executed: float, gain: float) -> float:
+    """Stage 1's eta controller: ``log eta += gain * (executed_now - executed)``, within [1e-4, 1e4]."""
+    return min(1e4, max(1e-4, eta * math.exp(gain * (executed_now - executed))))
+
+
+def hold_threshold(model: nn.Module, logit: float, executed_now: float, executed: float) -> float:
+    """Stage 2's threshold controller: ``logit(tau) += HOLD_GAIN * (executed_now - executed)``, the new
+    shared threshold set on every converted MLP; returns the new logit."""
+    logit += HOLD_GAIN * (executed_now - executed)
+    set_threshold(model, min(1 - 1e-6, max(1e-6, 1 / (1 + math.exp(-logit)))))
+    return logit
+
+
+class LteTraining:
+    """lte in a user's training loop (:func:`condify.integrations.attach`), after the two stages of
+    ``calibrate``. In mode ``"soft"`` the loss term is stage 1's (:func:`soft_terms`, ``eta``,
+    ``separation``) and ``eta`` follows :func:`next_eta` after each step (``eta_gain``); in the other
+    modes there is no loss term and, with ``hold_target``, the shared threshold follows
+    :func:`hold_threshold` (stage 2's controller). Both aim at ``1 - target_sparsity`` executed (default:
+    the config's target; without one nothing is held). The executed fraction of each step is averaged
+    over data-parallel ranks, so every replica sets the same threshold."""
+
+    def __init__(self, model: nn.Module, opts: LteCalibration) -> None:
+        from ...integrations import RecordList
+
+        cfg = _cfg(model)
+        target = cfg.target_sparsity if opts.target_sparsity is None else opts.target_sparsity
+        self.model, self.sites = model, converted(model)
+        self.executed = None if target is None else 1.0 - target
+        self.eta, self.gain = opts.eta, opts.eta_gain
+        self.separation, self.hold = opts.separation, opts.hold_target
+        self.states = [m._condify_patch.state for _, m in self.sites]
+        self.recs: list[list[torch.Tensor]] = [RecordList() for _ in self.sites]
+
+    def _soft(self) -> bool:
+        return any(st.mode == "soft" for st in self.states)
+
+    def begin_forward(self) -> None:
+        for st, r in zip(self.states, self.recs, strict=True):
+            if st.record is None or st.record is r:  # calibrate's own recording wins
+                r.clear()
+                st.record = r
+
+    def loss(self) -> torch.Tensor | None:
+        soft = [torch.cat(r).flatten() for st, r in zip(self.states, self.recs, strict=True)
+                if r and st.mode == "soft"]  # fmt: skip
+        if not soft:
+            return None
+        return soft_terms(
+            torch.cat(soft), float(self.sites[0][1].expert_layout.tau), self.eta, self.separation
+        )
+
+    def after_step(self) -> dict[str, float]:
+        from ...integrations import reduce_mean
+
+        ran = total = 0.0
+        for (_, m), r in zip(self.sites, self.recs, strict=True):
+            if r:
+                sc = torch.cat(r).detach()
+                ran += float((sc >= m.expert_layout.tau).sum())
+                total += sc.numel()
+            r.clear()
+        (f,), (n,) = reduce_mean([ran / total if total else 0.0], [total])
+        out = {"executed": f if n else float("nan")}
+        if not n or self.executed is None:
+            return out
+        if self._soft():
+            self.eta = next_eta(self.eta, f, self.executed, self.gain)
+            out["eta"] = self.eta
+        elif self.hold:
+            tau = float(self.sites[0][1].expert_layout.tau)
+            hold_threshold(self.model, math.log(tau / (1 - tau)), f, self.executed)
+            out["threshold"] = float(self.sites[0][1].expert_layout.tau)
+        return out
+
+    def close(self) -> None:
+        for st, r in zip(self.states, self.recs, strict=True):  # the states: also after unmodify
+            if st.record is r:
+                st.record = None
+            r.clear()
+
+
 def soft_stage(model: nn.Module, run: Run, teacher: nn.Module | None, o: LteCalibration, executed: float,
                steps: int) -> dict[str, Any]:  # fmt: skip
     """Stage 1: train the routers in soft mode with the eta controller; returns losses and eta."""
@@ -202,12 +289,11 @@ def soft_stage(model: nn.Module, run: Run, teacher: nn.Module | None, o: LteCali
         for r in recs:
             r.clear()
         state["f"] = float((s.detach() >= tau).float().mean())
-        sep = (SEP_FLOOR / ((s - tau) ** 2 + SEP_FLOOR)).mean()
-        return state["eta"] * s.mean() + o.separation * sep
+        return soft_terms(s, tau, state["eta"], o.separation)
 
     def after(step: int, loss: float) -> str:
         fs.append(state["f"])
-        state["eta"] = min(1e4, max(1e-4, state["eta"] * math.exp(o.eta_gain * (state["f"] - executed))))
+        state["eta"] = next_eta(state["eta"], state["f"], executed, o.eta_gain)
         return f"executed={state['f']:.2f} eta={state['eta']:.3g}"
 
     routers = [m.router for _, m in sites]
@@ -250,8 +336,7 @@ def hard_stage(
         )
         fs.append(f)
         if o.hold_target:
-            state["logit"] += HOLD_GAIN * (f - executed)
-            set_threshold(model, min(1 - 1e-6, max(1e-6, 1 / (1 + math.exp(-state["logit"])))))
+            state["logit"] = hold_threshold(model, state["logit"], f, executed)
         return f"executed={f:.2f}"
 
     with mode(model, "masked"), recording(model) as recs:

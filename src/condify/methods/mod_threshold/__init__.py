@@ -5,6 +5,7 @@ from __future__ import annotations
 from ... import registry
 from ...registry import Data, Recipe
 from .calibrate import (
+    CapacityHold,
     ModThresholdCalibration,
     calibrate,
     keep_rates,
@@ -33,6 +34,8 @@ registry.register(
         calibrate=calibrate,
         options=ModThresholdCalibration,
         recipes=RECIPES,
+        training=CapacityHold,
+        training_options=("capacity", "bias_momentum"),
     )
 )
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -147,6 +148,80 @@ def init_routers(model: nn.Module, batches: list[Batch], scale: float = 2.0, rid
         layer.router.bias.fill_(float(-(xm @ w)))
 
 
+Reduce = Callable[[list[float], list[float]], tuple[list[float], list[float]]]
+
+
+@torch.no_grad()
+def hold_capacity(
+    gated: dict[int, nn.Module],
+    rec: dict[int, Any],
+    capacity: float,
+    threshold: float,
+    momentum: float,
+    reduce: Reduce | None = None,
+) -> float:
+    """The keep-rate controller of one training step: each gated layer's router bias moves by
+    ``(1 - momentum)`` x the logit shift that would have kept a fraction ``capacity`` of the tokens
+    ``rec`` recorded (``RouterState.record`` of the last forward), and ``rec`` is cleared. Returns the
+    mean hard keep-rate over the recorded layers. ``reduce(values, weights)`` gives weighted means over
+    data-parallel ranks and the total weights, so every replica moves its biases alike (None: one process)."""
+    layers = sorted(gated)
+    shifts, rates, counts = [0.0] * len(layers), [0.0] * len(layers), [0.0] * len(layers)
+    for j, i in enumerate(layers):
+        if i not in rec:
+            continue
+        g, keep, real, forced = rec[i]
+        kept = keep if real is None else keep[real]
+        if kept.numel():
+            shifts[j] = quantile_shift(g.detach(), real, capacity, threshold, forced)
+            rates[j], counts[j] = float(kept.float().mean()), float(kept.numel())
+    rec.clear()
+    if reduce is not None:  # one collective: per-layer means of shifts and rates, tokens over all ranks
+        means, totals = reduce(shifts + rates, counts + counts)
+        n = len(layers)
+        shifts, rates, counts = means[:n], means[n:], totals[:n]
+    for i, shift, n in zip(layers, shifts, counts, strict=True):
+        if n:
+            gated[i].router.bias += (1 - momentum) * shift
+    measured = [r for r, n in zip(rates, counts, strict=True) if n]
+    return sum(measured) / len(measured) if measured else float("nan")
+
+
+class CapacityHold:
+    """mod-threshold in a user's training loop (:func:`condify.integrations.attach`): no loss term (the
+    straight-through gate trains the routers through the LM loss); after each optimiser step
+    :func:`hold_capacity` moves the router biases so the keep-rate holds ``capacity`` (default: the
+    config's; calibrate's controller without its ramp), ``bias_momentum`` as in calibrate."""
+
+    def __init__(self, model: nn.Module, opts: ModThresholdCalibration) -> None:
+        from ...integrations import Records
+
+        cfg = next(c for c in applied_configs(model) if c.method == "mod-threshold")
+        self.gated, self.state = _gated(model), _state(model)
+        self.capacity = cfg.capacity if opts.capacity is None else opts.capacity
+        self.threshold, self.momentum = cfg.threshold, opts.bias_momentum
+        self.rec: dict[int, Any] = Records()
+
+    def begin_forward(self) -> None:
+        if self.state.record is None or self.state.record is self.rec:  # calibrate's own record wins
+            self.rec.clear()
+            self.state.record = self.rec
+
+    def loss(self) -> torch.Tensor | None:
+        return None
+
+    def after_step(self) -> dict[str, float]:
+        from ...integrations import reduce_mean
+
+        rate = hold_capacity(self.gated, self.rec, self.capacity, self.threshold, self.momentum, reduce_mean)
+        return {"keep_rate": rate, "capacity": self.capacity}
+
+    def close(self) -> None:
+        if self.state.record is self.rec:
+            self.state.record = None
+        self.rec.clear()
+
+
 def _params(
     model: nn.Module, adapter: Adapter, gated: dict[int, nn.Module], train: str
 ) -> list[nn.Parameter]:
@@ -229,16 +304,10 @@ def calibrate(model: nn.Module, run: Run, opts: ModThresholdCalibration) -> dict
     def after_step(_: int, loss: float) -> str:
         nonlocal step
         c_t = 1.0 - (1.0 - capacity) * min(1.0, (step + 1) / ramp_steps)
-        rates = []
-        with torch.no_grad():
-            for i, (g, keep, real, forced) in rec.items():
-                shift = quantile_shift(g.detach(), real, c_t, cfg.threshold, forced)
-                gated[i].router.bias += (1 - opts.bias_momentum) * shift
-                rates.append(float(keep.float().mean() if real is None else keep[real].float().mean()))
-        rec.clear()
+        keep = hold_capacity(gated, rec, c_t, cfg.threshold, opts.bias_momentum)
         result["losses"].append(loss)
         step += 1
-        return f"cap={c_t:.2f} keep={sum(rates) / max(1, len(rates)):.2f}"
+        return f"cap={c_t:.2f} keep={keep:.2f}"
 
     for phase, n, params in (
         ("routers", opts.router_steps, []),
