@@ -27,7 +27,11 @@ TARGETS = {"gentle": 1.10, "strong": 1.25}
 def main(argv: list[str] | None = None) -> None:
     p = harness.parser(__doc__, threads=2, out=harness.RESULTS, out_help="output folder")
     p.add_argument("--defaults", nargs="+", type=Path, help="frontier JSON runs: write defaults.md from them")
-    p.add_argument("--text", default="shakespeare", help="text (condify.data provides: shakespeare)")
+    p.add_argument(
+        "--text",
+        default="shakespeare",
+        help="text: shakespeare (default) or python-docs (condify.data.TEXTS)",
+    )
     p.add_argument("--methods", default=",".join(frontier.SWEEPS), help="comma-separated methods")
     p.add_argument("--batches", type=int, default=32, help="calibration windows (10 %% held out)")
     p.add_argument("--seq-len", type=int, default=512)

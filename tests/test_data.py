@@ -313,6 +313,19 @@ def test_bos_windows_start_with_bos_then_text(cache_root, small_tokenizer):
         data.eval_batches(tok, "validation", 1, 1, bos=True)
 
 
+def test_adds_bos_follows_the_tokenizer(small_tokenizer):
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    assert not data.adds_bos(small_tokenizer)  # no BOS token at all
+    inner = Tokenizer.from_str(small_tokenizer.backend_tokenizer.to_str())  # a copy: the fixture is shared
+    inner.post_processor = processors.TemplateProcessing(single="<eos> $A", special_tokens=[("<eos>", 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=inner, eos_token="<eos>", bos_token="<eos>")
+    assert data.adds_bos(tok)
+    tok.bos_token = None
+    assert not data.adds_bos(tok)
+
+
 def test_unknown_text_names_known_ones(small_tokenizer):
     with pytest.raises(ValueError, match="known texts: shakespeare, python-docs"):
         data.documents("wikitext", "test")
@@ -404,6 +417,7 @@ def test_gemma3_structure(gemma3):
         assert sum(p.numel() for p in m.parameters()) == 268_098_176
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (2, 1, 0)
     assert model.config.pad_token_id == 0
+    assert data.adds_bos(tok)  # Gemma's tokenizer puts BOS first: the frontier gives it bos=True windows
 
 
 @pytest.mark.slow

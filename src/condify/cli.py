@@ -109,7 +109,11 @@ def _parser() -> argparse.ArgumentParser:
         "frontier", help="every method at its budgets with its defaults vs a baseline: md + plot"
     )
     f.add_argument("--model", default=None, help="hub id or local folder (default: embedded SmolLM2-135M)")
-    f.add_argument("--text", default="shakespeare", help="text (condify.data provides: shakespeare)")
+    f.add_argument(
+        "--text",
+        default="shakespeare",
+        help="text: shakespeare (default) or python-docs (condify.data.TEXTS)",
+    )
     f.add_argument("--methods", default=None, help="comma-separated methods (default: all)")
     f.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run of a few minutes")
     f.add_argument("--batches", type=_positive, default=None, help="calibration windows (default 32)")

@@ -568,6 +568,13 @@ def tokens(tokenizer: PreTrainedTokenizerBase, split: str, *, text: str = DEFAUL
     return torch.from_numpy(array)
 
 
+def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether ``tokenizer`` puts BOS first when it encodes text (Gemma's does, SmolLM2's does not): pass it
+    as ``bos=`` to :func:`eval_batches` / :func:`train_batches` to give a model the windows it was trained on."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -253,13 +253,23 @@ def run(
     from . import data
     from .environment import environment
 
-    if text != "shakespeare":
-        raise ValueError(f"unknown text {text!r}; condify.data provides: shakespeare")
+    if text not in data.TEXTS:
+        raise ValueError(f"unknown text {text!r}; condify.data provides: {', '.join(data.TEXTS)}")
     torch.manual_seed(seed)
     model, tok = data.load_model(model_name)
-    name = model_name or "SmolLM2-135M-Instruct"
-    train = data.train_batches(tok, batches, 1, seq_len, seed=seed)  # random windows of the train plays
-    held = data.eval_batches(tok, "test", eval_sequences, seq_len, batch_size=1)  # evenly spaced, test plays
+    known = {
+        None: "SmolLM2-135M-Instruct",
+        data.DEFAULT_MODEL: "SmolLM2-135M-Instruct",
+        data.GEMMA3_MODEL: "Gemma-3-270M",
+    }
+    name = known.get(model_name and model_name.lower(), model_name)
+    bos = data.adds_bos(tok)  # the windows the model was trained on (Gemma: BOS first)
+    train = data.train_batches(
+        tok, batches, 1, seq_len, seed=seed, text=text, bos=bos
+    )  # random train windows
+    held = data.eval_batches(
+        tok, "test", eval_sequences, seq_len, batch_size=1, text=text, bos=bos
+    )  # test split
     env = environment()
     env["load_average"] = f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "nan"
     res = sweep(model, train, held, methods=methods, composed=composed, speed=speed, repeats=repeats, log=log)
@@ -273,7 +283,7 @@ def run(
         f"# Frontier: {name} on {text}",
         "",
         f"`{command}`: calibration on {batches} windows of {seq_len} tokens of the train split (calibrate "
-        f"holds out the last 10 %), judged on {eval_sequences} windows of the test split (never calibrated "
+        f"holds out the last 10 %){', BOS first in every window' if bos else ''}, judged on {eval_sequences} windows of the test split (never calibrated "
         f"on). Dense held-out perplexity {res['dense_ppl']:.3f}. Each point: `condify.modify(model, method)` "
         "+ `condify.calibrate(model, batches, <budget>)` with the defaults; the baseline is training-free.",
         "",
