@@ -4,7 +4,8 @@ covered), on a tiny llama with its new parameters randomised (routing is non-tri
 - dense at init where the method promises it (layer-parallel is not dense by design);
 - ``unmodify`` restores the dense model exactly (logits and tensors bitwise);
 - save / load is exact (logits bitwise, same configs);
-- cached ``generate()`` gives what recomputing without a cache gives;
+- cached ``generate()`` gives what recomputing without a cache gives (greedy, sampling, beams);
+- gradient checkpointing leaves the gradients as they are; the model runs in bf16;
 - batch invariance: a sequence's logits do not depend on the other sequences of its batch;
 - 2,000 decode steps do not grow the process memory;
 
@@ -129,6 +130,58 @@ def test_cached_generate_equals_recompute(method):
     whole = _logits(model, cached.sequences)
     for i, step in enumerate(cached.logits):
         torch.testing.assert_close(step, whole[:, x.shape[1] - 1 + i], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_sampling_and_beam_generate_cached_equals_recompute(method):
+    """Sampling (same seed) and beam search pick the same tokens with and without the cache."""
+    _, model = _model(method)
+    x = _ids(2, 7)
+    for kw in ({"do_sample": True, "top_k": 20}, {"do_sample": False, "num_beams": 3}):
+        out = []
+        for use_cache in (True, False):
+            torch.manual_seed(0)
+            with torch.no_grad():
+                out.append(model.generate(x, max_new_tokens=6, pad_token_id=0, use_cache=use_cache, **kw))
+        assert torch.equal(*out), kw
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_gradient_checkpointing_gives_the_same_gradients(method):
+    """``gradient_checkpointing_enable()`` leaves loss and every gradient as they are without it."""
+    _, model = _model(method)
+    model.train()
+    x = _ids(2, 9)
+    grads = []
+    for enable in (False, True):
+        if enable:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        model.zero_grad()
+        loss = model(x, labels=x, use_cache=False).loss
+        loss.backward()
+        grads.append(
+            (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        )
+    (l0, g0), (l1, g1) = grads
+    torch.testing.assert_close(l1, l0, atol=1e-6, rtol=1e-6)
+    assert g0.keys() == g1.keys() and g0
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bfloat16_model_runs_close_to_fp32(method):
+    """The whole converted model in bf16: finite logits close to its fp32 logits, and it generates."""
+    _, model = _model(method, routed=False)
+    x = _ids(2, 8)
+    ref = _logits(model, x)
+    model.to(torch.bfloat16)
+    got = _logits(model, x)
+    assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), ref, atol=0.1, rtol=0.05)
+    with torch.no_grad():
+        seq = model.generate(x, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert seq.shape == (2, 12)
 
 
 @pytest.mark.parametrize("method", METHODS)

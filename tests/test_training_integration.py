@@ -359,3 +359,22 @@ def test_registry_refuses_training_hooks_without_their_options():
         registry.Method(
             **common, options=ModThresholdCalibration, training=CapacityHold, training_options=("nope",)
         )
+
+
+def test_condify_trainer_on_an_attached_model_refuses_other_options(tmp_path):
+    """The callback attaches only a model that is not attached, and never drops options silently: other
+    options than the attached session's are refused; the same (or none) train under that session."""
+    from condify.integrations import CondifyTrainer
+
+    model = converted("lte")
+    session = attach(model, {"lte": {"eta": 0.2}})
+    batch = _ids(4, 16)
+    trainer = CondifyTrainer(model=model, args=_args(tmp_path), train_dataset=_Data(batch),
+                             condify_options={"lte": {"eta": 0.3}})  # fmt: skip
+    with pytest.raises(condify.ConfigError, match="already attached"):
+        trainer.train()
+    assert attached(model) is session
+    trainer = CondifyTrainer(model=model, args=_args(tmp_path), train_dataset=_Data(batch))
+    trainer.train()
+    assert attached(model) is session  # not the callback's to detach
+    detach(model)

@@ -413,9 +413,9 @@ def _callback_class() -> type:
             self._ours = False
 
         def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
-            if attached(model) is None:
-                attach(model, self.options)
-                self._ours = True
+            ours = attached(model) is None
+            attach(model, self.options)  # an attached model keeps its session; other options: ConfigError
+            self._ours = ours
 
         def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
             self.last = step(model)
