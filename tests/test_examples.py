@@ -81,11 +81,11 @@ def test_example_finetune_lora_with_trainer():
 
 @pytest.mark.slow
 def test_example_compose_methods():
-    out = _run("examples/compose_methods.py", "--pairs", "1", "--batches", "4", "--eval-sequences", "2",
-               "--seq-len", "64")  # fmt: skip
+    out = _run("examples/compose_methods.py", "--pairs", "1", "--batches", "4", "--eval-sequences", "4",
+               "--seq-len", "64", "--target-sparsity", "0.5")  # fmt: skip
     assert "reloaded: ['layer-parallel', 'dynamic-k'], identical logits = True" in out
     (executed,) = _numbers(r"dynamic-k on \d+ layers, executed ([\d.]+)", out)
-    assert 0.6 < executed < 0.95  # target_sparsity 0.25
+    assert 0.35 < executed < 0.7  # target_sparsity 0.5
     (flops,) = _numbers(r"flops: ([\d.]+) of dense in total", out)
     assert flops < 1.0
 

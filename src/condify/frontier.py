@@ -264,27 +264,35 @@ def run(
     }
     name = known.get(model_name and model_name.lower(), model_name)
     bos = data.adds_bos(tok)  # the windows the model was trained on (Gemma: BOS first)
-    train = data.train_batches(
-        tok, batches, 1, seq_len, seed=seed, text=text, bos=bos
-    )  # random train windows
-    held = data.eval_batches(
-        tok, "test", eval_sequences, seq_len, batch_size=1, text=text, bos=bos
-    )  # test split
+    train = data.train_batches(tok, batches, 1, seq_len, seed=seed, text=text, bos=bos)  # random windows
+    held = data.eval_batches(tok, "test", eval_sequences, seq_len, batch_size=1, text=text, bos=bos)
     env = environment()
     env["load_average"] = f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "nan"
-    res = sweep(model, train, held, methods=methods, composed=composed, speed=speed, repeats=repeats, log=log)
-    res.update({"model": name, "text": text, "environment": env, "command": command})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"frontier-{Path(name).name.split('-')[0].lower()}-{text}"
+    partial = out / f"{stem}.partial.json"  # every point as it lands: a long run that stops keeps them
+    done: list[dict[str, Any]] = []
+
+    def keep(point: dict[str, Any]) -> None:
+        done.append(point)
+        partial.write_text(json.dumps({"model": name, "text": text, "points": done}, indent=1, default=str))
+        if log is not None:
+            log(point)
+
+    res = sweep(
+        model, train, held, methods=methods, composed=composed, speed=speed, repeats=repeats, log=keep
+    )
+    res.update({"model": name, "text": text, "environment": env, "command": command})
     (out / f"{stem}.json").write_text(json.dumps(res, indent=1, default=str))
     plot(res["points"], out / f"{stem}.png", f"{name} on {text}: defaults at each budget vs magnitude top-k")
     lines = [
         f"# Frontier: {name} on {text}",
         "",
         f"`{command}`: calibration on {batches} windows of {seq_len} tokens of the train split (calibrate "
-        f"holds out the last 10 %){', BOS first in every window' if bos else ''}, judged on {eval_sequences} windows of the test split (never calibrated "
-        f"on). Dense held-out perplexity {res['dense_ppl']:.3f}. Each point: `condify.modify(model, method)` "
+        f"holds out the last 10 %){', BOS first in every window' if bos else ''}, judged on {eval_sequences} "
+        "windows of the test split (never calibrated on). "
+        f"Dense held-out perplexity {res['dense_ppl']:.3f}. Each point: `condify.modify(model, method)` "
         "+ `condify.calibrate(model, batches, <budget>)` with the defaults; the baseline is training-free.",
         "",
         f"Machine: {env['cpu']}, {env['cpu_count']} cores, torch {env['torch']}, {env['torch_threads']} "
@@ -295,6 +303,7 @@ def run(
         f"![frontier]({stem}.png)",
     ]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    partial.unlink(missing_ok=True)
     res["files"] = [str(out / f"{stem}.{x}") for x in ("md", "json", "png")]
     return res
 
