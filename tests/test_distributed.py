@@ -26,21 +26,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from small import one_thread  # noqa: F401 (autouse; the workers run one thread each too: bitwise-equal kernels)
 
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
 ENGINES = ("ddp", "fsdp1", "fsdp2")
 STEPS = 3
 LR = 1e-3
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The workers run one thread each; the kernels' results are bitwise the same only at the same count."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _batch() -> torch.Tensor:

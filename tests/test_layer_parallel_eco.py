@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from small import one_thread  # noqa: F401 (autouse: one thread)
 from tiny import tiny
 from transformers import AutoModelForCausalLM
 
@@ -19,15 +20,6 @@ from condify.methods.layer_parallel import modules as lp
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread avoids OpenMP barrier stalls on a shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def pair_model(fuse: bool = True, **overrides) -> torch.nn.Module:

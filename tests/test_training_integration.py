@@ -16,6 +16,7 @@ import math
 
 import pytest
 import torch
+from small import one_thread  # noqa: F401 (autouse: one thread)
 from test_equivalence import OPTIONS
 from tiny import tiny
 
@@ -31,14 +32,6 @@ METHODS = sorted(condify.list_methods())
 STEPS = 3
 CAPACITY = 0.5  # mod-threshold's target keep-rate in these tests
 LTE_TARGET = 0.5  # lte's target sparsity (executed 0.5)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _ids(b: int = 4, t: int = 16, seed: int = 0) -> torch.Tensor:

@@ -257,16 +257,8 @@ def _load_smollm2(cache: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase
     source = gguf_path()
     stamp = _source_stamp(source)
     target = cache_dir() / _MODEL_CACHE_NAME
-    stamp_file = target / "condify_source.json"
-    if cache and stamp_file.is_file():
-        try:
-            cached = json.loads(stamp_file.read_text())
-        except (OSError, ValueError):
-            cached = None
-        if cached == stamp:
-            model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(target)
-            return model, tokenizer
+    if cache and (hit := _from_cache(target, stamp)) is not None:
+        return hit
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -289,6 +281,23 @@ def _load_smollm2(cache: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase
     return model, tokenizer
 
 
+def _from_cache(
+    target: Path, stamp: dict[str, object]
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase] | None:
+    """The cached fp32 model and tokenizer in ``target`` when its source stamp is ``stamp``, else ``None``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        cached = json.loads((target / "condify_source.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if cached != stamp:
+        return None
+    return AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32), AutoTokenizer.from_pretrained(
+        target
+    )
+
+
 def _gemma3_stamp() -> dict[str, object]:
     return {
         "format": _CACHE_FORMAT,
@@ -303,16 +312,8 @@ def _load_gemma3(cache: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]
 
     stamp = _gemma3_stamp()  # raises first if a chunk package is missing
     target = cache_dir() / _GEMMA3_CACHE_NAME
-    stamp_file = target / "condify_source.json"
-    if cache and stamp_file.is_file():
-        try:
-            cached = json.loads(stamp_file.read_text())
-        except (OSError, ValueError):
-            cached = None
-        if cached == stamp:
-            model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(target)
-            return model, tokenizer
+    if cache and (hit := _from_cache(target, stamp)) is not None:
+        return hit
 
     with tempfile.TemporaryDirectory(prefix="condify-gemma3-") as tmp:
         source = _assemble_gemma3(Path(tmp))
