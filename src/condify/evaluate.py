@@ -199,6 +199,7 @@ def executed_flops(
     """
     from torch.utils.flop_counter import FlopCounterMode
 
+    from .hooks import observing
     from .ops._dispatch import register_flop_formulas
 
     register_flop_formulas()  # condify's custom ops (the Triton kernels) would otherwise count as 0
@@ -208,7 +209,7 @@ def executed_flops(
         kwargs["attention_mask"] = attention_mask.to(input_ids.device)
     mapping = {**_sdpa_mapping(), **(custom_mapping or {})}
     counter = FlopCounterMode(display=False, custom_mapping=mapping)
-    with _eval_mode(model), torch.inference_mode(), counter:
+    with _eval_mode(model), torch.inference_mode(), observing(counter):  # its module tracker only watches
         model(input_ids=input_ids, **kwargs)
     counts = counter.get_flop_counts()
     total = float(sum(counts.get("Global", {}).values()))

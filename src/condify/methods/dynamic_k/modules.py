@@ -62,11 +62,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as _nn_module
 
 from ...adapters import Adapter
 from ...config import ConfigError
 from ...convert import SiteState, patched
+from ...hooks import global_hooks
 from ...ops import expert_mlp, sparse_ffn  # custom ops: Triton on CUDA, compiled kernel / torch on CPU
 from ...tracking import Tracking, track
 
@@ -95,21 +95,10 @@ except ImportError:  # pragma: no cover - transformers is a dependency
     Conv1D = None
 
 _PLAIN_TYPES = frozenset(t for t in (nn.Linear, Conv1D) if t is not None)
-_GLOBAL_HOOKS = (
-    _nn_module._global_forward_hooks,
-    _nn_module._global_forward_pre_hooks,
-    _nn_module._global_backward_hooks,
-    _nn_module._global_backward_pre_hooks,
-)
 PEFT_EXCLUDE = r".*\.router(\..*)?"  # PEFT ``exclude_modules``: every condify router (and its linears)
 
 
 _PLAIN_TENSORS = (nn.Parameter, torch.Tensor)
-
-
-def global_hooks() -> bool:
-    """True if a global module forward/backward (pre-)hook is registered (every module call runs it)."""
-    return any(_GLOBAL_HOOKS)
 
 
 def no_hooks(m: nn.Module) -> bool:

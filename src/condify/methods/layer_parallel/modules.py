@@ -52,12 +52,12 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.nn.modules import module as _nn_module
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
 from ...adapters import Adapter
 from ...convert import SiteState, cache_key, split_layer_args
+from ...hooks import global_hooks
 
 
 @dataclass(frozen=True)
@@ -206,15 +206,6 @@ def _hooked(m: nn.Module, allow_capture: bool = False) -> bool:
     return bool(hooks) and not (allow_capture and all(_is_capture_hook(h) for h in hooks.values()))
 
 
-def _global_hooks() -> bool:
-    return bool(
-        _nn_module._global_forward_hooks
-        or _nn_module._global_forward_pre_hooks
-        or _nn_module._global_backward_hooks
-        or _nn_module._global_backward_pre_hooks
-    )
-
-
 def parts(a: Adapter, layer: nn.Module) -> Parts:
     """The attention, MLP and projection modules of ``layer`` (looked up now: they may be replaced)."""
     attn, mlp = _sub(layer, a.attn), _sub(layer, a.mlp)
@@ -226,7 +217,7 @@ def parts(a: Adapter, layer: nn.Module) -> Parts:
 def plain_parts(st: PairState, layers: tuple[nn.Module, nn.Module]) -> tuple[Parts, Parts] | None:
     """Both layers' parts if the fused path may run them (every module it does not call is plain), else
     None: the generic path then calls each layer's own modules."""
-    if _global_hooks():
+    if global_hooks():
         return None
     out = []
     for layer in layers:
