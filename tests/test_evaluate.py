@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -264,3 +265,30 @@ def test_report_writes_markdown_and_pngs(tmp_path):
 def test_report_default_environment():
     text = Report("env").to_markdown()
     assert torch.__version__ in text and "torch_threads" in text
+
+
+def test_flops_count_the_path_expert_methods_run_without_the_counter(model):
+    """FlopCounterMode's module tracker registers global hooks; condify declares them observers, so the
+    expert MLPs keep their fast path under the counter (executed < dense) and a real global hook, which
+    must see every projection call, still turns it off."""
+    import condify
+    from condify.hooks import global_hooks, observing
+
+    ids = torch.randint(0, VOCAB, (2, 16))
+    sparse = copy.deepcopy(model)
+    condify.modify(sparse, "dynamic-k", expert_size=8, tau=0.9)
+    ratio = ev.flops_ratio(sparse, model, ids)
+    assert ratio["mlp"] < 0.9  # tau 0.9 runs few experts; dense + router would be > 1
+    assert not global_hooks()
+    seen: list[nn.Module] = []
+    handle = nn.modules.module.register_module_forward_hook(lambda m, a, o: seen.append(m))
+    try:
+        assert global_hooks()
+        with observing(contextlib.nullcontext()):  # registers nothing: the user's hook is not an observer
+            assert global_hooks()
+        with torch.no_grad():
+            sparse(ids)
+        assert any(m is sparse.model.layers[0].mlp.up_proj for m in seen)  # called as a module: hook saw it
+    finally:
+        handle.remove()
+    assert not global_hooks()
