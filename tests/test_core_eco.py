@@ -99,6 +99,27 @@ def test_peft_modify_after_wrap_equals_wrap_after_modify_mod_threshold():
     assert not torch.equal(adapted, logits(pm, x))
 
 
+def test_peft_modify_after_wrap_equals_wrap_after_modify_layer_parallel():
+    """layer-parallel is peft_safe too: on a LoRA-wrapped model its pairs run the generic path (each
+    layer's wrapped modules), equal to converting first and wrapping after; unmodify keeps the adapters."""
+    x = ids()
+    first = tiny("llama")
+    condify.modify(first, "layer-parallel", pairs=1, start=2)
+    first = lora(first, ["q_proj", "v_proj", "down_proj"])
+    pm = lora(tiny("llama"), ["q_proj", "v_proj", "down_proj"])
+    assert condify.modify(pm, "layer-parallel", pairs=1, start=2) is pm
+    torch.testing.assert_close(logits(pm, x), logits(first, x), atol=1e-5, rtol=1e-5)
+    pm.train()
+    pm(input_ids=x, labels=x, use_cache=False).loss.backward()
+    grads = {n: p.grad for n, p in pm.named_parameters() if "lora_" in n}
+    assert grads and all(g is not None and bool(g.abs().sum() > 0) for g in grads.values())
+    pm.eval()
+    condify.unmodify(pm)
+    assert not patched(pm)
+    plain = lora(tiny("llama"), ["q_proj", "v_proj", "down_proj"])
+    assert torch.equal(logits(pm, x), logits(plain, x))
+
+
 def test_peft_modify_refused_where_adapters_sit_in_rewritten_modules():
     """dynamic-k permutes the MLP neurons in place: converting LoRA'd MLPs would misalign the adapters,
     so it is refused before anything changes, naming the order; adapters elsewhere are fine."""
