@@ -15,9 +15,10 @@ import contextlib
 import copy
 import logging
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,8 @@ from .batches import Batch, check_batch, cycle, real_tokens, vocab_size
 from .config import ConfigError
 
 log = logging.getLogger("condify")
+T = TypeVar("T")
+LR_FALLBACK = (1.0, 0.1)  # recovery fine-tunes: the method's rate, then a tenth of it (Run.keep_if_better)
 
 Loss = Callable[[nn.Module, Batch, int], torch.Tensor]
 Groups = Sequence[nn.Parameter] | Sequence[dict[str, Any]]
@@ -293,6 +296,50 @@ class Run:
         losses = train(self.model, params, batches, steps, loss_fn, progress=self.progress, **kwargs)
         self.tokens += sum(real_tokens([batches[i % len(batches)]]) for i in range(len(losses)))
         return losses
+
+    def held_nll(self) -> float:
+        """Mean NLL of the model on ``held`` as the core measures it (under ``eval_mode`` when set)."""
+        with self.eval_mode() if self.eval_mode is not None else contextlib.nullcontext():
+            return mean_nll(self.model, self.held)
+
+    def keep_if_better(
+        self, attempt: Callable[[float], T], lr: float, desc: str, factors: Sequence[float] = LR_FALLBACK
+    ) -> tuple[T | None, dict[str, Any]]:
+        """Run a recovery fine-tune ``attempt(lr)`` and keep it only if it lowers the held-out NLL.
+
+        For stages that keep the compute budget fixed and exist to win quality back (dynamic-k's routed
+        fine-tune, lte's hard stage, layer-parallel's paired-layer fine-tune): a step size that suits one
+        model can wreck another (Gemma-3-270M at the SmolLM2 rate: x1.19 -> x3.19). Tries ``lr * f`` for
+        each of ``factors``; an attempt that raises the held-out NLL is undone (every tensor of the model's
+        state put back) and the next, smaller rate is tried; when none helps, the model stays as it came
+        (result ``None``) and a warning says so. The held-out batches decide, so the ratio calibrate then
+        reports has been used for this one choice (the frontier judges on text calibrate never saw).
+        Returns the kept attempt's result and ``{"lr", "held_nll": (before, after), "tried": [(lr, nll)]}``.
+        """
+        if not self.held:
+            return attempt(lr), {"lr": lr, "held_nll": None, "tried": []}
+        state = {k: v.detach().clone() for k, v in self.model.state_dict(keep_vars=True).items()}
+        before = self.held_nll()
+        tried: list[tuple[float, float]] = []
+        for f in factors:
+            out = attempt(lr * f)
+            after = self.held_nll()
+            tried.append((lr * f, after))
+            if after <= before:
+                return out, {"lr": lr * f, "held_nll": (before, after), "tried": tried}
+            with torch.no_grad():
+                current = self.model.state_dict(keep_vars=True)
+                for k, v in state.items():
+                    current[k].data.copy_(v)
+            log.info(
+                "%s at lr %.3g raised the held-out NLL %.4f -> %.4f: undone", desc, lr * f, before, after
+            )
+        warnings.warn(
+            f"{desc}: no learning rate in {[t[0] for t in tried]} lowered the held-out NLL ({before:.4f} -> "
+            f"{[round(t[1], 4) for t in tried]}); the stage was undone and the model kept as it was before it",
+            stacklevel=3,
+        )
+        return None, {"lr": None, "held_nll": (before, before), "tried": tried}
 
 
 def snapshot(model: nn.Module) -> dict[str, Any]:

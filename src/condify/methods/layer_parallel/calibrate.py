@@ -200,10 +200,15 @@ def calibrate(model: nn.Module, run: Run, opts: LayerParallelCalibration) -> dic
     if steps:
         layers = get_adapter(model).layer_list(model)
         params = [prm for i in final.resolve(n) for prm in layers[i].parameters()]
-        losses = run.train(
-            params, steps, distill_loss(run.teacher() if opts.distill else None),
-            lr=opts.lr, desc="finetune pairs",
-        )  # fmt: skip
-        result.update(finetune_steps=steps, finetune_tokens=run.tokens, final_loss=losses[-1])
+        loss = distill_loss(run.teacher() if opts.distill else None)
+        losses, kept = run.keep_if_better(
+            lambda lr: run.train(params, steps, loss, lr=lr, desc="finetune pairs"),
+            opts.lr,
+            "layer-parallel finetune",
+        )
+        result.update(
+            finetune_steps=steps, finetune_tokens=run.tokens, final_loss=losses[-1] if losses else None
+        )
+        result.update(finetune_lr=kept["lr"], finetune_tried=kept["tried"])
     update_config(model, final)
     return result

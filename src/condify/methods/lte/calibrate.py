@@ -419,7 +419,12 @@ def calibrate(model: nn.Module, run: Run, opts: LteCalibration) -> dict[str, Any
                 res["ppl_after_soft"] = math.exp(mean_nll(model, run.held))
             res["executed_after_soft"] = t.fraction(METHOD)
     if hard and hard_steps:
-        res.update(hard_stage(model, run, teacher, o, executed, hard_steps))
+        hard, kept = run.keep_if_better(
+            lambda lr: hard_stage(model, run, teacher, dataclasses.replace(o, hard_lr=lr), executed, hard_steps),
+            o.hard_lr, "lte hard",
+        )  # fmt: skip
+        res.update(hard or {})
+        res["hard_lr"], res["hard_tried"] = kept["lr"], kept["tried"]
         model.eval()
         update_config(model, cfg.replace(calibrated="hard"))
     model.train(was_training)
