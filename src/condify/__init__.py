@@ -61,6 +61,7 @@ def calibrate(
     *,
     method: str | None = None,
     holdout: int | Any | None = None,
+    keep_if_better: bool = True,
     progress: bool = True,
     **options: Any,
 ) -> dict[str, Any]:
@@ -70,7 +71,10 @@ def calibrate(
     With several methods applied, name one with ``method=``; ``options`` are that method's calibrate
     options (validated before anything changes). ``holdout``: batches that are never trained on (see
     :func:`condify.batches.split_holdout`; default: the last 10 % of ``data``, at least one batch of
-    two or more). The result always has ``dense_ppl`` and ``ppl`` (held-out perplexity before and
+    two or more). ``keep_if_better`` (default): a recovery fine-tune (dynamic-k's routed fine-tune, lte's
+    hard stage, layer-parallel's paired-layer fine-tune) that raises the held-out NLL is undone and tried
+    once more at a tenth of its rate (:meth:`condify.training.Run.keep_if_better`); ``False`` keeps it as
+    trained. The result always has ``dense_ppl`` and ``ppl`` (held-out perplexity before and
     after, None without a hold-out), ``ratio``, ``executed`` (fraction of the method's compute that
     ran on the held-out batches; None where nothing is skipped per token), ``tokens`` (trained on),
     ``seconds``, and the method's own entries. A ratio above 1.5 is logged and warned
@@ -98,7 +102,7 @@ def calibrate(
     device = next(model.parameters()).device
     vocab = vocab_size(model)
     fit, held = split_holdout(as_batches(data, device, vocab), holdout, vocab)
-    run = Run(model, fit, held, progress=progress)
+    run = Run(model, fit, held, progress=progress, guard=keep_if_better)
     start = time.perf_counter()
     snap = snapshot(model)
     try:

@@ -261,6 +261,7 @@ class Run:
     fit: list[Batch]
     held: list[Batch]
     progress: bool = True
+    guard: bool = True  # recovery fine-tunes kept only if the held-out NLL drops (:meth:`keep_if_better`)
     tokens: int = 0
     eval_mode: Callable[[], contextlib.AbstractContextManager[Any]] | None = None
     _teacher: nn.Module | None = field(default=None, repr=False)
@@ -316,7 +317,7 @@ class Run:
         reports has been used for this one choice (the frontier judges on text calibrate never saw).
         Returns the kept attempt's result and ``{"lr", "held_nll": (before, after), "tried": [(lr, nll)]}``.
         """
-        if not self.held:
+        if not self.held or not self.guard:
             return attempt(lr), {"lr": lr, "held_nll": None, "tried": []}
         state = {k: v.detach().clone() for k, v in self.model.state_dict(keep_vars=True).items()}
         before = self.held_nll()
