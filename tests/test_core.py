@@ -258,6 +258,20 @@ def test_keep_if_better_undoes_a_fine_tune_that_hurts_held_out_quality():
     assert out is None and info["lr"] is None and lrs == pytest.approx([1e-3, 1e-4])
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
+    calls: list[int] = []
+
+    def fallback() -> None:  # the model without the stage (e.g. mod-threshold's refitted biases)
+        calls.append(1)
+        with torch.no_grad():
+            model.model.norm.weight.mul_(0.5)
+
+    with pytest.warns(UserWarning, match="undone"):
+        run.keep_if_better(wreck, 1e-3, "wreck", fallback=fallback)
+    assert len(calls) == 2  # once to measure the bar, once to leave the model there
+    assert torch.equal(model.model.norm.weight, before["model.norm.weight"] * 0.5)
+    with torch.no_grad():
+        model.model.norm.weight.copy_(before["model.norm.weight"])
+
     nll = mean_nll(model, batches[3:])
     out, info = run.keep_if_better(  # the held-out batch itself: training on it must lower its NLL
         lambda lr: run.train(params, 5, distill_loss(None), lr=lr, batches=batches[3:]), 1e-2, "fit"

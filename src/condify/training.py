@@ -304,7 +304,13 @@ class Run:
             return mean_nll(self.model, self.held)
 
     def keep_if_better(
-        self, attempt: Callable[[float], T], lr: float, desc: str, factors: Sequence[float] = LR_FALLBACK
+        self,
+        attempt: Callable[[float], T],
+        lr: float,
+        desc: str,
+        factors: Sequence[float] = LR_FALLBACK,
+        *,
+        fallback: Callable[[], None] | None = None,
     ) -> tuple[T | None, dict[str, Any]]:
         """Run a recovery fine-tune ``attempt(lr)`` and keep it only if it lowers the held-out NLL.
 
@@ -315,12 +321,25 @@ class Run:
         state put back) and the next, smaller rate is tried; when none helps, the model stays as it came
         (result ``None``) and a warning says so. The held-out batches decide, so the ratio calibrate then
         reports has been used for this one choice (the frontier judges on text calibrate never saw).
+        ``fallback``: what the model is without the stage, when that is not the model as it comes (e.g.
+        mod-threshold's routers refitted to the final capacity without training); it is applied to the
+        model as it came to measure the bar, and again when nothing is kept.
         Returns the kept attempt's result and ``{"lr", "held_nll": (before, after), "tried": [(lr, nll)]}``.
         """
         if not self.held or not self.guard:
             return attempt(lr), {"lr": lr, "held_nll": None, "tried": []}
         state = {k: v.detach().clone() for k, v in self.model.state_dict(keep_vars=True).items()}
+
+        def put_back() -> None:
+            with torch.no_grad():
+                current = self.model.state_dict(keep_vars=True)
+                for k, v in state.items():
+                    current[k].data.copy_(v)
+
+        if fallback is not None:
+            fallback()
         before = self.held_nll()
+        put_back()
         tried: list[tuple[float, float]] = []
         for f in factors:
             out = attempt(lr * f)
@@ -328,16 +347,15 @@ class Run:
             tried.append((lr * f, after))
             if after <= before:
                 return out, {"lr": lr * f, "held_nll": (before, after), "tried": tried}
-            with torch.no_grad():
-                current = self.model.state_dict(keep_vars=True)
-                for k, v in state.items():
-                    current[k].data.copy_(v)
+            put_back()
             log.info(
                 "%s at lr %.3g raised the held-out NLL %.4f -> %.4f: undone", desc, lr * f, before, after
             )
+        if fallback is not None:
+            fallback()
         warnings.warn(
             f"{desc}: no learning rate in {[t[0] for t in tried]} lowered the held-out NLL ({before:.4f} -> "
-            f"{[round(t[1], 4) for t in tried]}); the stage was undone and the model kept as it was before it",
+            f"{[round(t[1], 4) for t in tried]}); the stage was undone (the model is as it was without it)",
             stacklevel=3,
         )
         return None, {"lr": None, "held_nll": (before, before), "tried": tried}

@@ -248,7 +248,10 @@ class ModThresholdCalibration(Options):
     every router weight by ~lr per step, and the residual stream has a few huge coordinates, so the
     routing decisions drift away from the training-free init faster than the layers can follow):
     x1.81 held-out perplexity; 1e-5 kept the init's decisions and let the layers adapt: x1.17. ``lr``
-    (decoder layers) 3e-4 beat 5e-5 (x2.06 vs x3.04 after 40 steps, router_lr 1e-3).
+    (decoder layers) 3e-4 beat 5e-5 (x2.06 vs x3.04 after 40 steps, router_lr 1e-3). The training is
+    kept only if it beats, on the held-out batches, the training-free routers with biases fitted to the
+    same capacity; else it is retried once at a tenth of both rates, else dropped for that training-free
+    model (``Run.keep_if_better``; ``condify.calibrate(..., keep_if_better=False)`` keeps it as trained).
     """
 
     owner = "mod-threshold calibrate"
@@ -309,16 +312,28 @@ def calibrate(model: nn.Module, run: Run, opts: ModThresholdCalibration) -> dict
         step += 1
         return f"cap={c_t:.2f} keep={keep:.2f}"
 
-    for phase, n, params in (
-        ("routers", opts.router_steps, []),
-        (opts.train, steps, _params(model, adapter, gated, opts.train)),
-    ):
-        groups = [{"params": routers, "lr": opts.router_lr}] + (
-            [{"params": params, "lr": opts.lr}] if params else []
+    def attempt(scale: float) -> Any:  # both phases at ``scale`` x the learning rates, then the final biases
+        nonlocal step
+        step, result["losses"] = 0, []
+        for phase, n, params in (
+            ("routers", opts.router_steps, []),
+            (opts.train, steps, _params(model, adapter, gated, opts.train)),
+        ):
+            groups = [{"params": routers, "lr": opts.router_lr * scale}] + (
+                [{"params": params, "lr": opts.lr * scale}] if params else []
+            )
+            run.train(groups, n, loss_fn, after_step=after_step, desc=f"mod-threshold: train {phase}")
+        return fit_biases(model, fit_on, capacity)
+
+    if total:  # kept only if it beats the training-free routers at the same capacity on held-out text
+        shifts, kept = run.keep_if_better(
+            attempt, 1.0, "mod-threshold train", fallback=lambda: fit_biases(model, fit_on, capacity)
         )
-        run.train(groups, n, loss_fn, after_step=after_step, desc=f"mod-threshold: train {phase}")
+        result["lr_scale"], result["tried"] = kept["lr"], kept["tried"]
+    else:
+        shifts = fit_biases(model, fit_on, capacity)
     run.drop_teacher()  # free the dense copy before measuring
-    result["bias_shifts"] = fit_biases(model, fit_on, capacity)
+    result["bias_shifts"] = shifts
     update_config(model, cfg.replace(capacity=capacity))
     for layer in gated.values():
         layer._condify_patch.state.config.capacity = capacity
