@@ -27,6 +27,9 @@ TARGETS = {"gentle": 1.10, "strong": 1.25}
 def main(argv: list[str] | None = None) -> None:
     p = harness.parser(__doc__, threads=2, out=harness.RESULTS, out_help="output folder")
     p.add_argument("--defaults", nargs="+", type=Path, help="frontier JSON runs: write defaults.md from them")
+    p.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                   help="a finished run's JSON, then partial JSONs of runs that stopped (same model, text and "
+                   "sizes): one report with the points of all, each method from one run")  # fmt: skip
     p.add_argument(
         "--text",
         default="shakespeare",
@@ -42,6 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     args = harness.parse(p, frontier.QUICK, argv)
     if args.defaults:
         return render(args.out, args.defaults)
+    if args.merge:
+        return merge(args.out, args.merge)
     harness.setup(args)
     t0 = time.time()
 
@@ -56,6 +61,26 @@ def main(argv: list[str] | None = None) -> None:
         command=f"python benchmarks/frontier.py {' '.join(sys.argv[1:])}".strip(),
     )  # fmt: skip
     print("wrote", *res["files"])
+
+
+def merge(out: Path, runs: list[Path]) -> None:
+    """One report from a finished run and the points of stopped runs (methods the finished one lacks)."""
+    res = harness.read_json(runs[0])
+    have = {p["method"] for p in res["points"]}
+    extra, commands = [], [res["command"]]
+    for path in runs[1:]:
+        part = harness.read_json(path)
+        if (part["model"], part["text"]) != (res["model"], res["text"]):
+            raise SystemExit(
+                f"{path}: {part['model']} on {part['text']}, not {res['model']} on {res['text']}"
+            )
+        extra += [p for p in part["points"] if p["method"] not in have]
+        commands.append(part.get("command", str(path)))
+    order = {m: i for i, m in enumerate(frontier.SWEEPS)}
+    res["points"] = sorted(extra + res["points"], key=lambda p: order.get(p["method"], len(order)))
+    res["command"] = " ; ".join(commands)
+    stem = runs[0].name.removesuffix(".json")
+    print("wrote", *frontier.report(res, out, stem))
 
 
 def render(out: Path, runs: list[Path]) -> None:

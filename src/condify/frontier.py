@@ -276,24 +276,39 @@ def run(
 
     def keep(point: dict[str, Any]) -> None:
         done.append(point)
-        partial.write_text(json.dumps({"model": name, "text": text, "points": done}, indent=1, default=str))
+        partial.write_text(json.dumps({"model": name, "text": text, "command": command, "points": done}, indent=1,
+                                      default=str))  # fmt: skip
         if log is not None:
             log(point)
 
     res = sweep(
         model, train, held, methods=methods, composed=composed, speed=speed, repeats=repeats, log=keep
     )
-    res.update({"model": name, "text": text, "environment": env, "command": command})
+    res.update({"model": name, "text": text, "environment": env, "command": command, "bos": bos,
+                "batches": batches, "seq_len": seq_len, "eval_sequences": eval_sequences})  # fmt: skip
+    res["files"] = report(res, out, stem)
+    partial.unlink(missing_ok=True)
+    return res
+
+
+# --------------------------------------------------------------------------- report
+
+
+def report(res: dict[str, Any], out: Path, stem: str) -> list[str]:
+    """Write ``<stem>.json``, ``.md`` and ``.png`` for a run's result ``res``; returns the paths."""
+    import json
+
+    name, text, env = res["model"], res["text"], res["environment"]
     (out / f"{stem}.json").write_text(json.dumps(res, indent=1, default=str))
     plot(res["points"], out / f"{stem}.png", f"{name} on {text}: defaults at each budget vs magnitude top-k")
     lines = [
         f"# Frontier: {name} on {text}",
         "",
-        f"`{command}`: calibration on {batches} windows of {seq_len} tokens of the train split (calibrate "
-        f"holds out the last 10 %){', BOS first in every window' if bos else ''}, judged on {eval_sequences} "
-        "windows of the test split (never calibrated on). "
-        f"Dense held-out perplexity {res['dense_ppl']:.3f}. Each point: `condify.modify(model, method)` "
-        "+ `condify.calibrate(model, batches, <budget>)` with the defaults; the baseline is training-free.",
+        f"`{res['command']}`: calibration on {res['batches']} windows of {res['seq_len']} tokens of the train "
+        f"split (calibrate holds out the last 10 %){', BOS first in every window' if res['bos'] else ''}, "
+        f"judged on {res['eval_sequences']} windows of the test split (never calibrated on). Dense held-out "
+        f"perplexity {res['dense_ppl']:.3f}. Each point: `condify.modify(model, method)` + "
+        "`condify.calibrate(model, batches, <budget>)` with the defaults; the baseline is training-free.",
         "",
         f"Machine: {env['cpu']}, {env['cpu_count']} cores, torch {env['torch']}, {env['torch_threads']} "
         f"threads, load average {env['load_average']} at the start; {env['date']}.",
@@ -303,12 +318,7 @@ def run(
         f"![frontier]({stem}.png)",
     ]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    partial.unlink(missing_ok=True)
-    res["files"] = [str(out / f"{stem}.{x}") for x in ("md", "json", "png")]
-    return res
-
-
-# --------------------------------------------------------------------------- report
+    return [str(out / f"{stem}.{x}") for x in ("md", "json", "png")]
 
 
 def _cell(v: Any, fmt: str) -> str:
