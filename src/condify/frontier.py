@@ -235,6 +235,7 @@ def run(
     model_name: str | None = None,
     text: str = "shakespeare",
     methods: Sequence[str] | None = None,
+    values: dict[str, Sequence[float | int]] | None = None,
     batches: int = 32,
     seq_len: int = 512,
     eval_sequences: int = 16,
@@ -282,7 +283,15 @@ def run(
             log(point)
 
     res = sweep(
-        model, train, held, methods=methods, composed=composed, speed=speed, repeats=repeats, log=keep
+        model,
+        train,
+        held,
+        methods=methods,
+        values=values,
+        composed=composed,
+        speed=speed,
+        repeats=repeats,
+        log=keep,
     )
     res.update({"model": name, "text": text, "environment": env, "command": command, "bos": bos,
                 "batches": batches, "seq_len": seq_len, "eval_sequences": eval_sequences})  # fmt: skip
