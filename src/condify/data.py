@@ -266,15 +266,7 @@ def _load_smollm2(cache: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase
         model = AutoModelForCausalLM.from_pretrained(
             source.parent, gguf_file=source.name, dtype=torch.float32
         )
-    # The weights are already dequantised: drop the GGUF quantizer so the model saves and behaves
-    # like an ordinary fp32 checkpoint.
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
-        quantizer.remove_quantization_config(model)
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.is_quantized = False
+    _drop_gguf_quantizer(model)  # the weights are already dequantised
     model.config.name_or_path = _MODEL_CACHE_NAME
     if cache:
         _save_atomically(model, tokenizer, target, stamp)
