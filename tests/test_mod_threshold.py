@@ -345,3 +345,35 @@ def test_layer_sensitivity_finds_an_inert_layer_and_leaves_the_model_unchanged()
     condify.modify(model, method="mod-threshold")
     with pytest.raises(condify.ConfigError, match="before modify"):
         mod_threshold.layer_sensitivity(model, data, progress=False)
+
+
+def test_calibrate_chooses_the_default_layers_by_sensitivity_and_keeps_given_ones(tmp_path) -> None:
+    def inert(model: torch.nn.Module) -> torch.nn.Module:  # layers 2 and 4 add nothing: free to skip
+        with torch.no_grad():
+            for i in (2, 4):
+                model.model.layers[i].self_attn.o_proj.weight.zero_()
+                model.model.layers[i].mlp.down_proj.weight.zero_()
+        return model
+
+    data = [torch.randint(3, 128, (2, 24)) for _ in range(3)]
+    held = [torch.randint(3, 128, (2, 24))]
+    model = inert(tiny("llama"))
+    condify.modify(model, method="mod-threshold")  # the rule's set: [1, 3]
+    assert condify.applied_configs(model)[0].auto_layers
+    res = condify.calibrate(model, data, capacity=0.5, steps=0, holdout=held, progress=False)
+    assert res["layers"] == [2, 4] and set(res["keep_rates"]) == {2, 4}
+    assert all(v == pytest.approx(0.0, abs=1e-6) for v in res["layer_sensitivity"].values())
+    cfg = condify.applied_configs(model)[0]
+    assert cfg.layers == [2, 4] and not cfg.auto_layers and res["ratio"] == pytest.approx(1.0, abs=1e-5)
+    condify.save_pretrained(model, tmp_path)  # the chosen set is what is saved and reloaded
+    assert condify.applied_configs(condify.from_pretrained(tmp_path))[0].layers == [2, 4]
+    again = condify.calibrate(model, data, capacity=0.5, steps=0, holdout=held, progress=False)
+    assert "layer_sensitivity" not in again  # chosen once
+
+    given = inert(tiny("llama"))
+    condify.modify(given, method="mod-threshold", layers=[1, 3])
+    assert not condify.applied_configs(given)[0].auto_layers
+    res = condify.calibrate(given, data, capacity=0.5, steps=0, holdout=held, progress=False)
+    assert set(res["keep_rates"]) == {1, 3} and condify.applied_configs(given)[0].layers == [1, 3]
+    old = ModThresholdConfig.from_dict({"method": "mod-threshold", "version": 2, "layers": [1, 3]})
+    assert not old.auto_layers  # checkpoints before version 3 keep their layers

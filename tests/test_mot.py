@@ -217,7 +217,7 @@ def test_calibrate_mot_anneals_temperature_then_transition() -> None:
     r = condify.calibrate(model, data(), stage="mot", steps=4, temperature_end=0.1, progress=False)
     assert r["executed"] == pytest.approx(0.5) and len(r["losses"]) == 4
     assert all(t == pytest.approx(0.1) for t in r["temperature"].values())
-    r = condify.calibrate(model, data(), stage="transition", steps=2, progress=False)
+    r = condify.calibrate(model, data(), stage="transition", steps=2, keep_if_better=False, progress=False)
     assert stage(model) == "moe" and condify.applied_configs(model)[0].stage == "moe"
     assert r["executed"] == pytest.approx(2 / 4) and r["mot_ppl"] > 0 and len(r["transition_losses"]) == 2
     with condify.track(model) as t:
@@ -378,3 +378,14 @@ def test_hf_trainer_trains_the_mot_model(tmp_path) -> None:
     transformers.Trainer(model=model, args=args, train_dataset=rows).train()
     assert not torch.equal(site(model).router.weight.detach(), w0)
     assert logits(model.eval(), ids(4)).isfinite().all()
+
+
+def test_default_calibrate_ends_transitioned_after_one_pass_per_stage() -> None:
+    """``calibrate(model, data)`` alone: MoT for one pass over the (regrouped) fit batches, then the
+    transitioned MoE for one pass against the dense model, kept only if it helps on held-out text."""
+    model = tiny("llama")
+    condify.modify(model, "mot", group_size=2, num_experts=4, layers=[0, 1])
+    res = condify.calibrate(model, data(n=6, b=1) + data(n=6, b=1), holdout=[ids(2, 16)], progress=False)
+    assert stage(model) == "moe" and res["steps"] == {"mot": 6, "transition": 6}  # 12 sequences -> 6 groups
+    assert len(res["losses"]) == 6 and len(res["transition_losses"]) in (0, 6)
+    assert res["tokens"] in (6 * 2 * 16 * k for k in (1, 2, 3)) and math.isfinite(res["ratio"])

@@ -30,6 +30,7 @@ from ...config import ConfigError, Options, option
 from ...convert import applied_configs, modify, patched, unmodify
 from ...tracking import track
 from ...training import Batch, Run, distill_loss, kl_loss
+from .config import ModThresholdConfig
 from .modules import RouterState, quantile_shift
 
 _TRAIN = ("all", "gated", "routers")
@@ -252,6 +253,8 @@ class ModThresholdCalibration(Options):
     kept only if it beats, on the held-out batches, the training-free routers with biases fitted to the
     same capacity; else it is retried once at a tenth of both rates, else dropped for that training-free
     model (``Run.keep_if_better``; ``condify.calibrate(..., keep_if_better=False)`` keeps it as trained).
+    When the config's ``auto_layers`` is set (``modify`` without ``layers=``), the gated layers are first
+    chosen on the first ``select_batches`` fit batches (:func:`choose_layers`).
     """
 
     owner = "mod-threshold calibrate"
@@ -268,6 +271,7 @@ class ModThresholdCalibration(Options):
     bias_momentum: float = option(0.5, ge=0.0, lt=1.0)
     init: bool = True
     fit_batches: int = option(8, ge=1)
+    select_batches: int = option(2, ge=1)
 
 
 def calibrate(model: nn.Module, run: Run, opts: ModThresholdCalibration) -> dict[str, Any]:
@@ -277,6 +281,7 @@ def calibrate(model: nn.Module, run: Run, opts: ModThresholdCalibration) -> dict
 
     cfg = next(c for c in applied_configs(model) if c.method == "mod-threshold")
     capacity = cfg.capacity if opts.capacity is None else opts.capacity
+    chosen = choose_layers(model, run, cfg, capacity, opts.select_batches) if cfg.auto_layers else None
     adapter = get_adapter(model)
     gated, state, batches = _gated(model), _state(model), run.fit
     routers = [p for layer in gated.values() for p in layer.router.parameters()]
@@ -290,6 +295,7 @@ def calibrate(model: nn.Module, run: Run, opts: ModThresholdCalibration) -> dict
     base = distill_loss(run.teacher() if opts.distill and total else None, lm_weight=opts.lm_weight)
     result: dict[str, Any] = {
         "capacity": capacity,
+        **({"layers": sorted(chosen), "layer_sensitivity": chosen} if chosen else {}),
         "train": opts.train,
         "distill": opts.distill,
         "losses": [],
@@ -334,6 +340,7 @@ def calibrate(model: nn.Module, run: Run, opts: ModThresholdCalibration) -> dict
         shifts = fit_biases(model, fit_on, capacity)
     run.drop_teacher()  # free the dense copy before measuring
     result["bias_shifts"] = shifts
+    cfg = next(c for c in applied_configs(model) if c.method == "mod-threshold")
     update_config(model, cfg.replace(capacity=capacity))
     for layer in gated.values():
         layer._condify_patch.state.config.capacity = capacity
@@ -364,7 +371,7 @@ def layer_sensitivity(
     initialised and its bias fitted on ``batches`` (:func:`init_routers`, :func:`fit_biases`), compared
     with the model as it came on ``holdout`` (default: ``batches``), then converted back (``unmodify``:
     the model is left as it came). ``candidates`` default to every layer but the first and the last.
-    Cost: four forwards of the data per candidate.
+    Cost: the data once, then three forwards of it per candidate (two of them for the last position only).
     """
     from ...batches import as_batches
 
@@ -381,25 +388,41 @@ def layer_sensitivity(
     model.eval()
     out: dict[int, float] = {}
     try:
+        refs = [model(**b, use_cache=False).logits for b in holdout]  # the model as it came, once
         for i in tqdm(candidates, desc="mod-threshold: layer sensitivity", disable=not progress, leave=False):
             modify(model, "mod-threshold", **{**options, "layers": [i], "capacity": capacity})
             try:
                 init_routers(model, batches)
                 fit_biases(model, batches, capacity)
-                state, total = _state(model), 0.0
-                for b in holdout:
-                    state.keep_all = True
-                    try:
-                        ref = model(**b, use_cache=False).logits
-                    finally:
-                        state.keep_all = False
-                    total += float(kl_loss(model(**b, use_cache=False).logits, ref, b))
-                out[i] = total / len(holdout)
+                kl = [
+                    float(kl_loss(model(**b, use_cache=False).logits, r, b))
+                    for b, r in zip(holdout, refs, strict=True)
+                ]
+                out[i] = sum(kl) / len(kl)
             finally:
                 unmodify(model, "mod-threshold")
     finally:
         model.train(was_training)
     return out
+
+
+def choose_layers(
+    model: nn.Module, run: Run, cfg: ModThresholdConfig, capacity: float, batches: int
+) -> dict[int, float]:
+    """Re-gate the model's ``len(cfg.layers)`` least sensitive layers (:func:`layer_sensitivity` at
+    ``capacity`` on the first ``batches`` fit batches, every layer but the first and the last) and record
+    them (``auto_layers`` off). Returns the chosen layers' sensitivities (nats/token)."""
+    if any(layer.router.weight.any() for layer in _gated(model).values()):
+        raise ConfigError(
+            "mod-threshold calibrate: `auto_layers` would re-choose the gated layers, but their routers are "
+            "trained; modify with `layers=` (or auto_layers=False) to keep a trained set"
+        )
+    unmodify(model, "mod-threshold")
+    options = {k: getattr(cfg, k) for k in ("threshold", "mode", "init_bias", "sink_tokens", "debug_checks")}
+    sens = layer_sensitivity(model, run.fit[:batches], capacity=capacity, progress=run.progress, **options)
+    keep = sorted(sens, key=sens.__getitem__)[: len(cfg.layers or [])]
+    modify(model, cfg.replace(layers=sorted(keep), auto_layers=False))
+    return {i: round(sens[i], 4) for i in sorted(keep)}
 
 
 def least_sensitive_layers(

@@ -19,6 +19,12 @@ class ModThresholdConfig(MethodConfig):
       other layers 0.05-0.22; every other layer from 1 vs from 3 is x4.3 vs x1.6 perplexity at
       capacity 0.75, training-free (``benchmarks/results/mod_threshold.md``). :func:`.layer_sensitivity`
       measures this for any model and :func:`.least_sensitive_layers` picks a data-driven set.
+    - ``auto_layers``: with ``layers=None`` (the default set above), the first ``calibrate`` replaces
+      the set by the same number of layers that cost least to gate alone on its data
+      (:func:`.layer_sensitivity` at the calibrated capacity) and records them. The fixed rule does not
+      carry over to every model: on Gemma-3-270M it gates the full-attention layers 5 and 11 (x16.7
+      training-free at capacity 0.75, ``benchmarks/results/frontier-gemma-python-docs.md``). ``False`` keeps
+      the rule's set; ignored (False) when ``layers`` is given.
     - ``threshold``: a token takes a gated layer iff ``sigmoid(w·h + b) >= threshold``; in (0, 1).
     - ``capacity``: the target keep-rate in (0, 1] that :func:`calibrate` trains towards.
     - ``mode``: ``"gather"`` (inference runs kept tokens only, ragged per sequence) or ``"mask"``
@@ -32,13 +38,14 @@ class ModThresholdConfig(MethodConfig):
     """
 
     method: ClassVar[str] = "mod-threshold"
-    VERSION: ClassVar[int] = 2  # 2: default layers from 3 (was 1), sink_tokens 4 (was 0)
+    VERSION: ClassVar[int] = 3  # 2: default layers from 3 (was 1), sink_tokens 4 (was 0); 3: auto_layers
 
     threshold: float = option(0.5, gt=0.0, lt=1.0)
     capacity: float = option(0.5, gt=0.0, le=1.0)
     mode: str = option("gather", choices=("gather", "mask"))
     init_bias: float = option(5.0, ge=-100.0, le=100.0)
     sink_tokens: int = option(4, ge=0, le=1 << 20)
+    auto_layers: bool = True
     debug_checks: bool = False
 
     def validate(self) -> None:
@@ -47,7 +54,9 @@ class ModThresholdConfig(MethodConfig):
 
     @classmethod
     def upgrade(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
-        return {"sink_tokens": 0, **data} if version < 2 else data  # version 1 had no sink tokens
+        if version < 2:  # version 1 had no sink tokens
+            data = {"sink_tokens": 0, **data}
+        return {"auto_layers": False, **data} if version < 3 else data  # earlier sets were fixed
 
     def resolve(self, num_layers: int) -> list[int]:
         """The gated layer indices for a model with ``num_layers`` layers."""
@@ -61,4 +70,6 @@ class ModThresholdConfig(MethodConfig):
         return out
 
     def resolved(self, num_layers: int) -> ModThresholdConfig:
-        return self.replace(layers=self.resolve(num_layers))
+        return self.replace(
+            layers=self.resolve(num_layers), auto_layers=self.auto_layers and self.layers is None
+        )

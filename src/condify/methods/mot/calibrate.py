@@ -2,16 +2,21 @@
 
 Stages (``condify.calibrate(model, data, stage=...)``):
 
-- ``"mot"``: ``steps`` steps of the continuous MoT model. ``temperature_end`` anneals every layer's
+- ``"mot"``: ``steps`` steps (default: one pass over the calibration batches) of the continuous MoT model. ``temperature_end`` anneals every layer's
   mixing temperature geometrically from its current value to ``temperature_end`` over the steps (the
   paper's schedule before the transition: t toward 0, where MoT becomes one-token-per-expert routing).
 - ``"transition"``: every MoT layer becomes a token-choice top-k MoE initialised from the MoT weights
   (the controller is the router; the experts are the same blocks), recorded in the saved config, then
-  ``steps`` steps of fine-tuning (the paper: ~10 % of the MoT steps). The KL target is the MoT model as
-  it was before the switch (``transition_teacher="mot"``, a frozen copy) or the dense reading of the
-  weights (``"dense"``).
-- ``"full"``: ``"mot"`` for ``steps``, then ``"transition"`` for ``transition_steps`` (default 10 % of
-  ``steps``, at least 1). One call that ends in the batch-independent model (the ``cpu`` recipe).
+  ``steps`` steps of fine-tuning (default: one pass), kept only if it lowers the held-out NLL of the
+  untrained transitioned MoE (:meth:`~condify.training.Run.keep_if_better`). The KL target is the dense
+  model as the call received it (``transition_teacher="dense"``, the default: a pretrained model's own
+  function) or the MoT model as it was before the switch (``"mot"``, a frozen copy: for MoT trained from
+  scratch, as in the paper).
+- ``"full"`` (the default): ``"mot"`` for ``steps``, then ``"transition"`` for ``transition_steps``: one
+  call that ends in the batch-independent model. ``transition_steps`` defaults to 10 % of ``steps`` (at
+  least 1; the paper's schedule) when ``steps`` is given, and to one pass when both are sized from the
+  data: on a pretrained model the MoT start is far from dense (x16 on SmolLM2) and the transition
+  fine-tune is what wins quality back (``benchmarks/results/mot.md``).
 
 ``params``: what trains: ``"mlp"`` (the converted MLPs and their controllers), ``"layers"`` (the whole
 converted decoder layers), ``"all"``. Controllers train at ``router_lr``.
@@ -45,8 +50,8 @@ STAGES = ("mot", "transition", "full")
 class MoTCalibration(Options):
     owner: ClassVar[str] = "mot calibrate"
 
-    stage: str = option("mot", choices=STAGES)
-    steps: int = option(100, ge=0)
+    stage: str = option("full", choices=STAGES)
+    steps: int | None = option(None, ge=0)
     transition_steps: int | None = option(None, ge=0)
     lr: float = option(1e-4, gt=0.0)
     router_lr: float = option(1e-3, gt=0.0)
@@ -54,7 +59,7 @@ class MoTCalibration(Options):
     lm_weight: float = option(0.0, ge=0.0)
     params: str = option("mlp", choices=("mlp", "layers", "all"))
     temperature_end: float | None = option(None, gt=0.0)
-    transition_teacher: str = option("mot", choices=("mot", "dense"))
+    transition_teacher: str = option("dense", choices=("dense", "mot"))
 
     def validate(self) -> None:
         if self.transition_steps is not None and self.stage != "full":
@@ -141,9 +146,15 @@ def _transition(model: nn.Module, run: Run, opts: MoTCalibration, steps: int) ->
         else:
             teacher = run.teacher()
     set_stage(model, _config(model), "moe")
-    groups = param_groups(model, opts.params, opts.lr, opts.router_lr)
-    out["transition_losses"] = run.train(groups, steps, distill_loss(teacher, lm_weight=opts.lm_weight),
-                                         desc="transition")  # fmt: skip
+    loss = distill_loss(teacher, lm_weight=opts.lm_weight)
+
+    def attempt(lr: float) -> list[float]:
+        groups = param_groups(model, opts.params, lr, opts.router_lr * lr / opts.lr)
+        return run.train(groups, steps, loss, desc="transition")
+
+    losses, kept = run.keep_if_better(attempt, opts.lr, "mot transition") if steps else ([], {})
+    out["transition_losses"] = losses or []
+    out["lr_scale"] = None if not kept or kept["lr"] is None else kept["lr"] / opts.lr
     return out
 
 
@@ -157,19 +168,20 @@ def calibrate(model: nn.Module, run: Run, opts: MoTCalibration) -> dict[str, Any
             "stage (train it as an ordinary model, or unmodify and modify again)"
         )
     run.fit = grouped(run.fit, G)
+    one_pass = len(run.fit)
+    steps = one_pass if opts.steps is None else opts.steps
     result: dict[str, Any] = {"stage": opts.stage}
     if opts.stage in ("mot", "full"):
-        result["losses"] = _train_mot(model, run, opts, opts.steps)
+        result["losses"] = _train_mot(model, run, opts, steps)
     if opts.stage in ("transition", "full"):
-        if opts.stage == "full":
-            steps = (
-                opts.transition_steps
-                if opts.transition_steps is not None
-                else max(1, round(0.1 * opts.steps))
-            )
+        if opts.stage == "transition":
+            t_steps = steps
+        elif opts.transition_steps is not None:
+            t_steps = opts.transition_steps
         else:
-            steps = opts.steps
-        result.update(_transition(model, run, opts, steps))
+            t_steps = one_pass if opts.steps is None else max(1, round(0.1 * steps))
+        result["steps"] = {"mot": steps if opts.stage == "full" else 0, "transition": t_steps}
+        result.update(_transition(model, run, opts, t_steps))
     result["temperature"] = {
         m._condify_patch.state.layer: float(m.router.temperature) for _, m in converted(model)
     }
