@@ -190,7 +190,7 @@ def read_json(path: Path) -> Any:
 
 def site_state(module: torch.nn.Module) -> Any:
     """The typed condify state of a converted module (the one place the benchmarks read it)."""
-    return condify.convert.state(module)
+    return condify.patching.state(module)
 
 
 def dynamic_k_copy(base: torch.nn.Module, size: int, **opts: Any) -> torch.nn.Module:

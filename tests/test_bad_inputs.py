@@ -21,7 +21,7 @@ from tiny import tiny
 
 import condify
 from condify import cli, registry
-from condify.convert import patched
+from condify.patching import patched
 
 METHODS = [m.name for m in registry.all_methods()]
 CALIBRATED = [m.name for m in registry.all_methods() if m.calibrate is not None]

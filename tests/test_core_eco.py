@@ -20,8 +20,9 @@ from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 
 import condify
 from condify.cache import RaggedLayer, UnsupportedCacheError
-from condify.convert import free_layers, patched
+from condify.convert import free_layers
 from condify.methods.dynamic_k.modules import set_tau
+from condify.patching import patched
 
 
 def ids(b: int = 3, t: int = 10, seed: int = 0) -> torch.Tensor:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from condify import data
+from condify import data, models
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -335,7 +335,7 @@ def test_unknown_text_names_known_ones(small_tokenizer):
 
 # --------------------------------------------------------------------------- the second model: gemma3
 
-HAVE_GEMMA3 = all(importlib.util.find_spec(module) is not None for module, _, _ in data._GEMMA3_PARTS)
+HAVE_GEMMA3 = all(importlib.util.find_spec(module) is not None for module, _, _ in models._GEMMA3_PARTS)
 
 
 def test_missing_gemma3_package_says_how_to_install(monkeypatch, tmp_path: Path):
@@ -369,16 +369,16 @@ def test_gemma3_chunks_reassemble_and_are_checked(monkeypatch, tmp_path: Path):
     chunks = [b"GGUF" + bytes(range(200)), b"middle" * 1000, b"end"]
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     parts = _fake_chunk_packages(tmp_path / "site", chunks)
-    monkeypatch.setattr(data, "_GEMMA3_PARTS", tuple(parts))
-    monkeypatch.setattr(data, "_GEMMA3_SHA256", hashlib.sha256(b"".join(chunks)).hexdigest())
+    monkeypatch.setattr(models, "_GEMMA3_PARTS", tuple(parts))
+    monkeypatch.setattr(models, "_GEMMA3_SHA256", hashlib.sha256(b"".join(chunks)).hexdigest())
     out = tmp_path / "out"
     out.mkdir()
-    assert data._assemble_gemma3(out).read_bytes() == b"".join(chunks)
+    assert models._assemble_gemma3(out).read_bytes() == b"".join(chunks)
 
-    monkeypatch.setattr(data, "_GEMMA3_SHA256", "0" * 64)  # content that is not the expected file
+    monkeypatch.setattr(models, "_GEMMA3_SHA256", "0" * 64)  # content that is not the expected file
     with pytest.raises(ValueError, match="SHA-256.*--force-reinstall"):
-        data._assemble_gemma3(out)
-    monkeypatch.setattr(data, "_GEMMA3_PARTS", (*parts[:2], (parts[2][0], parts[2][1], 4)))  # truncated
+        models._assemble_gemma3(out)
+    monkeypatch.setattr(models, "_GEMMA3_PARTS", (*parts[:2], (parts[2][0], parts[2][1], 4)))  # truncated
     with pytest.raises(FileNotFoundError, match="not 4 bytes.*pip install gemma3"):
         data.gemma3_gguf_parts()
 

@@ -27,7 +27,6 @@ from tiny import tiny
 
 import condify
 from condify import registry
-from condify.convert import patched
 from condify.ops import (
     compact_tokens_reference,
     expert_mlp,
@@ -35,6 +34,7 @@ from condify.ops import (
     expert_mlp_torch,
     scatter_tokens_reference,
 )
+from condify.patching import patched
 
 METHODS = [m.name for m in registry.all_methods()]
 # options for the 6-layer tiny llama (intermediate 96); `routed`: options that make routing non-trivial

@@ -19,7 +19,7 @@ from small import one_thread, small, snapshot  # noqa: F401 (autouse fixture)
 from transformers import AutoModelForCausalLM
 
 import condify
-from condify.convert import patched
+from condify.patching import patched
 
 CASES = {
     "dynamic-k": ("dynamic-k", {"expert_size": 8, "tau": 0.5}),

@@ -8,9 +8,9 @@ from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Mi
 
 import condify
 from condify.cache import RaggedCache, RaggedLayer
-from condify.convert import patched
 from condify.methods import mod_threshold
 from condify.methods.mod_threshold import ModThresholdConfig, keep_rates
+from condify.patching import patched
 
 COMMON = dict(
     hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -229,6 +230,24 @@ def test_fallback_forced_matches(fallback, monkeypatch):
     for T in (1, 5):
         a = make(T=T)
         assert_close(call(expert_mlp, a, "gelu"), loop_oracle(**a, activation="gelu"), torch.float32)
+
+
+def test_a_killed_build_lock_is_cleared_but_a_fresh_one_is_left(monkeypatch, tmp_path):
+    """torch's builder waits forever on the ``lock`` a killed build leaves; a fresh lock is a build running."""
+    import os
+    import time
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory("condify_test_ext", False)) / "lock"
+    lock.touch()
+    assert not cpu.clear_stale_lock("condify_test_ext") and lock.exists()  # a build may be running
+    old = time.time() - 2 * cpu.STALE_LOCK_S
+    os.utime(lock, (old, old))
+    with pytest.warns(UserWarning, match="stale build lock"):
+        assert cpu.clear_stale_lock("condify_test_ext")
+    assert not lock.exists() and not cpu.clear_stale_lock("condify_test_ext")  # no lock: nothing to do
 
 
 def test_no_compiler_falls_back_with_one_warning(monkeypatch):

@@ -31,10 +31,10 @@ from test_equivalence import OPTIONS, ROUTED
 from tiny import tiny
 
 import condify
-from condify.convert import patched
 from condify.methods.dynamic_k.modules import PEFT_EXCLUDE
 from condify.methods.dynamic_k.modules import set_mode as dk_set_mode
 from condify.methods.lte.modules import set_mode as lte_set_mode
+from condify.patching import patched
 
 METHODS = sorted(condify.list_methods())
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

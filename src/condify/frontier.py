@@ -29,7 +29,7 @@ from torch import nn
 
 from . import evaluate, registry
 from .adapters import get_adapter
-from .convert import patched
+from .patching import patched
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
     from .adapters import Adapter
     from .config import MethodConfig, Options
-    from .convert import Target
+    from .patching import Target
 
 
 @dataclass(frozen=True)

@@ -37,10 +37,10 @@ from .convert import (
     live_configs,
     method_spec,
     modify,
-    patched,
     peft_layers,
     unwrap,
 )
+from .patching import patched
 
 
 class CheckpointError(ValueError):

@@ -1,6 +1,6 @@
 """``condify.track``: what fraction of each converted site's compute really ran, for every method.
 
-Each converted module's state (:class:`condify.convert.SiteState`) counts executed and total units of
+Each converted module's state (:class:`condify.patching.SiteState`) counts executed and total units of
 its own compute while a tracker is open: expert-token pairs for dynamic-k, kept tokens for
 mod-threshold. Counting costs a host sync per site and call, so it is off unless tracked.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .convert import patched
+from .patching import patched
 
 
 @dataclass

@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -79,6 +80,26 @@ def _cpu_tag() -> str:
     return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:6]
 
 
+STALE_LOCK_S = 900.0
+
+
+def clear_stale_lock(name: str, older_than_s: float = STALE_LOCK_S) -> bool:
+    """Remove the ``lock`` file a killed build of extension ``name`` left behind (torch's builder waits on
+    it forever); one younger than ``older_than_s`` may be a build in progress and stays. Returns whether
+    one was removed."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lock = Path(_get_build_directory(name, False)) / "lock"
+        if time.time() - lock.stat().st_mtime <= older_than_s:
+            return False
+        lock.unlink()
+    except (ImportError, OSError):  # no lock (the usual case), or torch moved its helper
+        return False
+    warnings.warn(f"condify: removed a stale build lock {lock} (a build was killed)", stacklevel=2)
+    return True
+
+
 def _build() -> Any:
     from torch.utils.cpp_extension import load
 
@@ -86,6 +107,7 @@ def _build() -> Any:
     common = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=fast"]
     err: Exception | None = None
     for arch, suffix in ((["-march=native"], _cpu_tag()), ([], "generic")):  # generic if -march=native fails
+        clear_stale_lock(f"condify_cpu_{tag}_{suffix}")
         try:
             return load(
                 name=f"condify_cpu_{tag}_{suffix}",

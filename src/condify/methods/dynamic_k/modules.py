@@ -65,9 +65,9 @@ from torch import nn
 
 from ...adapters import Adapter
 from ...config import ConfigError
-from ...convert import SiteState, patched
 from ...hooks import global_hooks
 from ...ops import expert_mlp, sparse_ffn  # custom ops: Triton on CUDA, compiled kernel / torch on CPU
+from ...patching import SiteState, patched
 from ...tracking import Tracking, track
 
 METHOD = "dynamic-k"

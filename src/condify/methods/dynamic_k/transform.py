@@ -12,7 +12,8 @@ from torch import nn
 
 from ...adapters import Adapter
 from ...config import ConfigError
-from ...convert import ModifyError, Target, patch
+from ...convert import ModifyError
+from ...patching import Target, patch
 from .clustering import balanced_kmeans, permutation
 from .config import DynamicKConfig
 from .modules import (

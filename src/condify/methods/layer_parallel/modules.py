@@ -56,8 +56,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
 from ...adapters import Adapter
-from ...convert import SiteState, cache_key, split_layer_args
 from ...hooks import global_hooks
+from ...patching import SiteState, cache_key, split_layer_args
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ...adapters import Adapter
-from ...convert import Target, patch, patched
+from ...patching import Target, patch, patched
 from .config import LayerParallelConfig
 from .modules import PairState, layout, pair_forward, parts, remove, second_forward
 

@@ -46,8 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...convert import SiteState, patched
 from ...ops import expert_mlp
+from ...patching import SiteState, patched
 from ..dynamic_k.modules import _blocks, all_plain, check_router, hidden, mlp_modules, module_hidden, no_hooks
 
 METHOD = "lte"

@@ -11,7 +11,7 @@ from torch import nn
 
 from ...adapters import Adapter
 from ...config import ConfigError
-from ...convert import Target, patch
+from ...patching import Target, patch
 from ..dynamic_k.clustering import balanced_kmeans, permutation
 from ..dynamic_k.modules import ExpertLayout, require_activation
 from ..dynamic_k.transform import (

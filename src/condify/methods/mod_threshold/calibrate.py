@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from ...adapters import Adapter, get_adapter
 from ...config import ConfigError, Options, option
-from ...convert import applied_configs, modify, patched, unmodify
+from ...convert import applied_configs, modify, unmodify
+from ...patching import patched
 from ...tracking import track
 from ...training import Batch, Run, distill_loss, kl_loss
 from .config import ModThresholdConfig

@@ -47,7 +47,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ...adapters import Adapter
 from ...cache import check_cache, ragged_layer
-from ...convert import SiteState, bind_args, cache_key, check_finite, split_layer_args
+from ...patching import SiteState, bind_args, cache_key, check_finite, split_layer_args
 from .config import ModThresholdConfig
 
 _DROP = ("encoder_hidden_states", "encoder_attention_mask", "output_attentions", "use_cache")

@@ -18,8 +18,8 @@ from transformers.cache_utils import get_layer_types_and_kwargs
 
 from ...adapters import Adapter
 from ...config import ConfigError
-from ...convert import Target, patched
-from ...convert import patch as patch_module
+from ...patching import Target, patched
+from ...patching import patch as patch_module
 from .config import ModThresholdConfig
 from .modules import GatedState, RouterState, gated_forward
 

@@ -47,9 +47,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...convert import SiteState, patched
 from ...ops import expert_mlp
 from ...ops.reference import ACTIVATIONS
+from ...patching import SiteState, patched
 from ..dynamic_k.modules import all_plain, mlp_modules, module_hidden, scalar
 
 METHOD = "mot"

@@ -12,7 +12,8 @@ from torch import nn
 
 from ...adapters import Adapter
 from ...config import ConfigError
-from ...convert import Target, patch, update_config
+from ...convert import update_config
+from ...patching import Target, patch
 from ..dynamic_k.clustering import balanced_kmeans, permutation
 from ..dynamic_k.modules import require_activation
 from ..dynamic_k.transform import (
