@@ -277,3 +277,30 @@ def test_keep_if_better_undoes_a_fine_tune_that_hurts_held_out_quality():
         lambda lr: run.train(params, 5, distill_loss(None), lr=lr, batches=batches[3:]), 1e-2, "fit"
     )
     assert out is not None and info["lr"] == pytest.approx(1e-2) and info["held_nll"][1] < nll
+
+
+def test_kl_loss_in_chunks_equals_the_whole_batch_in_value_and_gradient(monkeypatch) -> None:
+    """kl_loss splits large-vocabulary logits into checkpointed chunks: same loss, same gradient."""
+    from condify import training
+
+    torch.manual_seed(0)
+    student = (3 * torch.randn(3, 7, 50)).requires_grad_()
+    teacher = 3 * torch.randn(3, 7, 50)
+    batch = {"attention_mask": torch.tensor([[1] * 7, [0, 0] + [1] * 5, [1] * 6 + [0]])}
+
+    def loss_and_grad() -> tuple[torch.Tensor, torch.Tensor]:
+        student.grad = None
+        loss = training.kl_loss(student, teacher, batch, temperature=2.0)
+        loss.backward()
+        return loss.detach(), student.grad.clone()
+
+    whole = loss_and_grad()  # 21 x 50 entries: one chunk
+    p = torch.log_softmax(teacher / 2, -1)
+    ref = (p.exp() * (p - torch.log_softmax(student.detach() / 2, -1))).sum(-1)
+    m = batch["attention_mask"].float()
+    torch.testing.assert_close(whole[0], (ref * m).sum() / m.sum() * 4)
+    monkeypatch.setattr(training, "KL_CHUNK_ABOVE", 100)
+    monkeypatch.setattr(training, "KL_CHUNK_ELEMENTS", 4 * 50)  # chunks of 4 positions (the last of 1)
+    chunked = loss_and_grad()
+    torch.testing.assert_close(chunked[0], whole[0])
+    torch.testing.assert_close(chunked[1], whole[1])
