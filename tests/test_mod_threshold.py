@@ -375,5 +375,10 @@ def test_calibrate_chooses_the_default_layers_by_sensitivity_and_keeps_given_one
     assert not condify.applied_configs(given)[0].auto_layers
     res = condify.calibrate(given, data, capacity=0.5, steps=0, holdout=held, progress=False)
     assert set(res["keep_rates"]) == {1, 3} and condify.applied_configs(given)[0].layers == [1, 3]
+    trained = inert(tiny("llama"))
+    condify.modify(trained, method="mod-threshold")
+    randomize_routers(trained)  # routers trained in the user's own loop: their layers are the user's
+    res = condify.calibrate(trained, data, capacity=0.5, steps=0, holdout=held, progress=False)
+    assert set(res["keep_rates"]) == {1, 3} and not condify.applied_configs(trained)[0].auto_layers
     old = ModThresholdConfig.from_dict({"method": "mod-threshold", "version": 2, "layers": [1, 3]})
     assert not old.auto_layers  # checkpoints before version 3 keep their layers

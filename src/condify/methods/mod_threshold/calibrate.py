@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -27,12 +28,14 @@ from tqdm.auto import tqdm
 
 from ...adapters import Adapter, get_adapter
 from ...config import ConfigError, Options, option
-from ...convert import applied_configs, modify, unmodify
+from ...convert import applied_configs, modify, unmodify, update_config
 from ...patching import patched
 from ...tracking import track
 from ...training import Batch, Run, distill_loss, kl_loss
 from .config import ModThresholdConfig
 from .modules import RouterState, quantile_shift
+
+log = logging.getLogger("condify")
 
 _TRAIN = ("all", "gated", "routers")
 
@@ -278,8 +281,6 @@ class ModThresholdCalibration(Options):
 def calibrate(model: nn.Module, run: Run, opts: ModThresholdCalibration) -> dict[str, Any]:
     """Train routers (and the model, per ``train``) to keep a fraction ``capacity`` of tokens per
     layer. Returns per-layer keep-rates (fit and held-out batches), losses and bias shifts."""
-    from ...convert import update_config
-
     cfg = next(c for c in applied_configs(model) if c.method == "mod-threshold")
     capacity = cfg.capacity if opts.capacity is None else opts.capacity
     chosen = choose_layers(model, run, cfg, capacity, opts.select_batches) if cfg.auto_layers else None
@@ -409,15 +410,17 @@ def layer_sensitivity(
 
 def choose_layers(
     model: nn.Module, run: Run, cfg: ModThresholdConfig, capacity: float, batches: int
-) -> dict[int, float]:
+) -> dict[int, float] | None:
     """Re-gate the model's ``len(cfg.layers)`` least sensitive layers (:func:`layer_sensitivity` at
     ``capacity`` on the first ``batches`` fit batches, every layer but the first and the last) and record
-    them (``auto_layers`` off). Returns the chosen layers' sensitivities (nats/token)."""
+    them (``auto_layers`` off). Returns the chosen layers' sensitivities (nats/token); None, with the set
+    kept and recorded as fixed, when a router was already trained (its layer choice is the user's)."""
     if any(layer.router.weight.any() for layer in _gated(model).values()):
-        raise ConfigError(
-            "mod-threshold calibrate: `auto_layers` would re-choose the gated layers, but their routers are "
-            "trained; modify with `layers=` (or auto_layers=False) to keep a trained set"
-        )
+        log.info("mod-threshold calibrate: routers already trained; the gated layers %s are kept", cfg.layers)
+        update_config(model, cfg.replace(auto_layers=False))
+        for layer in _gated(model).values():
+            layer._condify_patch.state.config.auto_layers = False
+        return None
     unmodify(model, "mod-threshold")
     options = {k: getattr(cfg, k) for k in ("threshold", "mode", "init_bias", "sink_tokens", "debug_checks")}
     sens = layer_sensitivity(model, run.fit[:batches], capacity=capacity, progress=run.progress, **options)

@@ -19,12 +19,13 @@ class ModThresholdConfig(MethodConfig):
       other layers 0.05-0.22; every other layer from 1 vs from 3 is x4.3 vs x1.6 perplexity at
       capacity 0.75, training-free (``benchmarks/results/mod_threshold.md``). :func:`.layer_sensitivity`
       measures this for any model and :func:`.least_sensitive_layers` picks a data-driven set.
-    - ``auto_layers``: with ``layers=None`` (the default set above), the first ``calibrate`` replaces
-      the set by the same number of layers that cost least to gate alone on its data
-      (:func:`.layer_sensitivity` at the calibrated capacity) and records them. The fixed rule does not
-      carry over to every model: on Gemma-3-270M it gates the full-attention layers 5 and 11 (x16.7
-      training-free at capacity 0.75, ``benchmarks/results/frontier-gemma-python-docs.md``). ``False`` keeps
-      the rule's set; ignored (False) when ``layers`` is given.
+    - ``auto_layers``: with ``layers=None`` (the default set above; ``auto_layers=None`` means exactly
+      that), the first ``calibrate`` on untrained routers replaces the set by the same number of layers
+      that cost least to gate alone on its data (:func:`.layer_sensitivity` at the calibrated capacity)
+      and records them (``auto_layers`` becomes False). The fixed rule does not carry over to every
+      model: on Gemma-3-270M it gates the full-attention layer 5 and layer 3 (x16.7 training-free at
+      capacity 0.75, chosen x2.29; ``benchmarks/results/frontier-gemma-python-docs.md``). ``False``
+      keeps the rule's set; routers trained before the first calibrate (e.g. in your own loop) keep it too.
     - ``threshold``: a token takes a gated layer iff ``sigmoid(w·h + b) >= threshold``; in (0, 1).
     - ``capacity``: the target keep-rate in (0, 1] that :func:`calibrate` trains towards.
     - ``mode``: ``"gather"`` (inference runs kept tokens only, ragged per sequence) or ``"mask"``
@@ -45,7 +46,7 @@ class ModThresholdConfig(MethodConfig):
     mode: str = option("gather", choices=("gather", "mask"))
     init_bias: float = option(5.0, ge=-100.0, le=100.0)
     sink_tokens: int = option(4, ge=0, le=1 << 20)
-    auto_layers: bool = True
+    auto_layers: bool | None = None
     debug_checks: bool = False
 
     def validate(self) -> None:
@@ -70,6 +71,5 @@ class ModThresholdConfig(MethodConfig):
         return out
 
     def resolved(self, num_layers: int) -> ModThresholdConfig:
-        return self.replace(
-            layers=self.resolve(num_layers), auto_layers=self.auto_layers and self.layers is None
-        )
+        auto = self.layers is None if self.auto_layers is None else self.auto_layers
+        return self.replace(layers=self.resolve(num_layers), auto_layers=auto)
