@@ -2,9 +2,10 @@
 
 Stages (``condify.calibrate(model, data, stage=...)``):
 
-- ``"mot"``: ``steps`` steps (default: one pass over the calibration batches) of the continuous MoT model. ``temperature_end`` anneals every layer's
-  mixing temperature geometrically from its current value to ``temperature_end`` over the steps (the
-  paper's schedule before the transition: t toward 0, where MoT becomes one-token-per-expert routing).
+- ``"mot"``: ``steps`` steps (default: one pass over the calibration batches) of the continuous MoT
+  model. ``temperature_end`` anneals every layer's mixing temperature geometrically from its current
+  value to ``temperature_end`` over the steps (the paper's schedule before the transition: t toward 0,
+  where MoT becomes one-token-per-expert routing).
 - ``"transition"``: every MoT layer becomes a token-choice top-k MoE initialised from the MoT weights
   (the controller is the router; the experts are the same blocks), recorded in the saved config, then
   ``steps`` steps of fine-tuning (default: one pass), kept only if it lowers the held-out NLL of the
