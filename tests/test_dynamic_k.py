@@ -114,6 +114,25 @@ def test_router_regression_target_sparsity_and_oracle() -> None:
     assert condify.applied_configs(model)[0].target_sparsity == 0.5
 
 
+def test_sensitivity_allocation_spares_the_layer_that_matters() -> None:
+    model = small("llama", 128, layers=3)
+    with torch.no_grad():  # layer 1's MLP barely reaches the residual stream: it can run few experts
+        model.model.layers[1].mlp.down_proj.weight.mul_(0.02)
+    condify.modify(model, "dynamic-k", expert_size=8)
+    batches = data(8)
+    res = condify.calibrate(
+        model, batches, router_steps=100, target_sparsity=0.5, allocation="sensitivity", adapt_steps=0,
+        sensitivity_tokens=256, progress=False,
+    )  # fmt: skip
+    with torch.no_grad(), condify.track(model) as t:
+        for b in batches[:-1]:
+            model(b, use_cache=False)
+    layer = t.per_layer("dynamic-k", "mlp")
+    assert layer[1] < 0.3 and layer[1] <= min(layer[0], layer[2]) and max(layer.values()) > 0.6, layer
+    assert abs(t.fraction("dynamic-k", "mlp") - 0.5) < 0.05  # the budget is the same as uniform's
+    assert len(set(res["tau"].values())) == 3
+
+
 def test_order_experts_keeps_function_and_joins_runs() -> None:
     from condify.batches import as_batches
     from condify.methods.dynamic_k.calibrate import _collect_inputs, order_experts_, runs_per_token

@@ -16,7 +16,9 @@
    L2 norms (MSE, Adam) on up to ``router_tokens`` dense-model MLP inputs.
 4. **Thresholds** (``target_sparsity``, or the config's): per layer, so that a fraction
    ``1 - target_sparsity`` of expert compute runs on the calibration tokens, spread by ``allocation``:
-   the same fraction in every layer (the default, measured best) or one global ``tau``. Selection by router scores, or by true norms with ``oracle=True`` (then the
+   by measured cost (``"sensitivity"``, the default: each MLP alone at a few fractions, KL to dense on
+   ``sensitivity_tokens`` calibration tokens, then :func:`condify.allocation.allocate`), the same
+   fraction in every layer (``"uniform"``) or one global ``tau``. Selection by router scores, or by true norms with ``oracle=True`` (then the
    reported ``ppl`` and ``executed`` are for oracle selection too; evaluate that way later with
    ``mode(model, "oracle")``).
    Then (``reorder=True``, router selection only) the experts of each site are renumbered so that
@@ -51,10 +53,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ...allocation import allocate
 from ...config import ConfigError, Options, in_range, option
 from ...convert import applied_configs, update_config
 from ...tracking import track
-from ...training import Batch, Run, fit_regression, mean_nll
+from ...training import Batch, Run, fit_regression, kl_loss, mean_nll
 from .clustering import balanced_kmeans, permutation
 from .config import DynamicKConfig
 from .finetune import PARAMS, adapt_, sparsify_
@@ -62,7 +65,8 @@ from .losses import PENALTIES
 from .modules import METHOD, Sites, converted, expert_norms, mode, select
 from .transform import gate_features, relayout_
 
-ALLOCATIONS = ("uniform", "global")
+ALLOCATIONS = ("uniform", "global", "sensitivity")
+SENSITIVITY_STRIDE = 4  # site_sensitivity: KL at every 4th position
 MIN_TOKENS = 256  # calibration tokens (outside the hold-out) below which calibrate refuses to run
 
 
@@ -70,6 +74,16 @@ def _tokens(batches: list[Batch]) -> int:
     return sum(
         int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches
     )
+
+
+def _first(batches: list[Batch], tokens: int) -> list[Batch]:
+    """The shortest prefix of ``batches`` with at least ``tokens`` real tokens (all of them if fewer)."""
+    out: list[Batch] = []
+    for b in batches:
+        if _tokens(out) >= tokens:
+            break
+        out.append(b)
+    return out
 
 
 def _ppl(model: nn.Module, batches: list[Batch]) -> float:
@@ -263,6 +277,56 @@ def _bisect(f: Any, target: float, iters: int = 40) -> float:
     return hi
 
 
+def sensitivity_grid(goal: float) -> tuple[float, ...]:
+    """The fractions :func:`site_sensitivity` measures at for a budget ``goal``: halfway to dense, the
+    goal, and half of it (plus 1.5 x the goal when below 1), descending."""
+    pts = {(1 + goal) / 2, goal, goal / 2} | ({1.5 * goal} if 1.5 * goal < 1 else set())
+    return tuple(sorted(pts, reverse=True))
+
+
+def _sampled_kl(model: nn.Module, b: Batch, ref: torch.Tensor, idx: torch.Tensor) -> float:
+    """KL(ref || model) at positions ``idx`` (the LM head runs on those positions only)."""
+    logits = model(**b, use_cache=False, logits_to_keep=idx).logits
+    view = {"attention_mask": b["attention_mask"][:, idx]} if "attention_mask" in b else {}
+    return float(kl_loss(logits, ref, view))
+
+
+@torch.no_grad()
+def site_sensitivity(
+    model: nn.Module,
+    batches: list[Batch],
+    scores: dict[str, torch.Tensor],
+    grid: tuple[float, ...],
+    oracle: bool = False,
+    progress: bool = True,
+) -> dict[str, list[tuple[float, float]]]:
+    """Per MLP site in ``scores``: ``(fraction, KL)`` points, the mean per-token KL(dense || model) on
+    ``batches`` when that site alone runs a ``fraction`` of its experts (tau fitted on its ``scores``;
+    router selection in mode ``"masked"``, or ``oracle``) and every other site is dense; ``(1.0, 0.0)``
+    first. KL is taken at every ``SENSITIVITY_STRIDE``-th position (the LM head dominates the cost on
+    large vocabularies; the layers still see every token)."""
+    sites = [(p, m) for p, m in converted(model, "mlp") if p in scores]
+    idx = [torch.arange(0, b["input_ids"].shape[1], SENSITIVITY_STRIDE) for b in batches]
+    with mode(model, "dense"):
+        refs = [
+            model(**b, use_cache=False, logits_to_keep=i).logits for b, i in zip(batches, idx, strict=True)
+        ]
+    out = {}
+    for p, m in tqdm(sites, desc="dynamic-k: site sensitivity", disable=not progress, leave=False):
+        old = m.expert_layout.tau.clone()
+        pts = [(1.0, 0.0)]
+        try:
+            with mode(model, "dense"), mode(model, "oracle" if oracle else "masked", [(p, m)]):
+                for f in grid:
+                    m.expert_layout.tau.fill_(_bisect(lambda t, s=scores[p]: _fraction(s, t), f))
+                    kl = [_sampled_kl(model, b, r, i) for b, r, i in zip(batches, refs, idx, strict=True)]
+                    pts.append((f, sum(kl) / len(kl)))
+        finally:
+            m.expert_layout.tau.copy_(old)
+        out[p] = pts
+    return out
+
+
 @torch.no_grad()
 def fit_tau(
     model: nn.Module,
@@ -271,12 +335,16 @@ def fit_tau(
     *,
     allocation: str = "uniform",
     oracle: bool = False,
+    batches: list[Batch] | None = None,
+    progress: bool = True,
 ) -> dict[str, float]:
     """Set ``expert_layout.tau`` of every site in ``data`` so that ``1 - target_sparsity`` of the expert
-    compute runs on ``data``: the same fraction at every site (``"uniform"``) or one global tau
-    (``"global"``). Measured on SmolLM2 (32-neuron experts, routers only, 4 x 256 held-out tokens):
-    uniform x4.23 @ 55 % executed, global x6.13 @ 53 %; a greedy allocation by dropped expert-output
-    energy (TEAL-style, tried and removed) x5.57 @ 55 %, and x2.36 vs uniform x1.24 at 75 %."""
+    compute runs on ``data``: the same fraction at every site (``"uniform"``), one global tau
+    (``"global"``), or per MLP site by measured cost (``"sensitivity"``: :func:`site_sensitivity` on
+    ``batches``, then :func:`condify.allocation.allocate`; projections stay uniform). Measured on SmolLM2
+    (32-neuron experts, routers only, 4 x 256 held-out tokens): uniform x4.23 @ 55 % executed, global
+    x6.13 @ 53 %; a greedy allocation by dropped expert-output energy (tried and removed) x5.57 @ 55 %,
+    and x2.36 vs uniform x1.24 at 75 %."""
     in_range("target_sparsity", target_sparsity, 0.0, 1.0, hi_open=True)
     goal = 1.0 - target_sparsity
     sites = [(p, m) for p, m in converted(model) if p in data]
@@ -284,13 +352,22 @@ def fit_tau(
     for p, m in sites:
         x, norms = data[p]
         scores[p] = norms if oracle else m.router(x)
+    fractions = dict.fromkeys(scores, goal)
     if goal >= 1:
         taus = dict.fromkeys(scores, 0.0)
-    elif allocation == "uniform":
-        taus = {p: _bisect(lambda t, s=s: _fraction(s, t), goal) for p, s in scores.items()}
-    else:
+    elif allocation == "global":
         t = _bisect(lambda t: sum(_fraction(s, t) for s in scores.values()) / len(scores), goal)
         taus = dict.fromkeys(scores, t)
+    else:
+        if allocation == "sensitivity":
+            if not batches:
+                raise ConfigError("dynamic-k fit_tau: allocation='sensitivity' needs `batches` to measure on")
+            mlp = {p: s for p, s in scores.items() if p in dict(converted(model, "mlp"))}
+            curves = site_sensitivity(model, batches, mlp, sensitivity_grid(goal), oracle, progress)
+            st = {p: m._condify_patch.state for p, m in sites}
+            weights = {p: st[p].experts * st[p].expert_size for p in curves}
+            fractions.update(allocate(curves, goal, weights))
+        taus = {p: _bisect(lambda t, s=s: _fraction(s, t), fractions[p]) for p, s in scores.items()}
     for p, m in sites:
         m.expert_layout.tau.fill_(taus[p])
     return taus
@@ -407,7 +484,8 @@ class DynamicKCalibration(Options):
     router_lr: float = option(1e-3, ge=0.0)
     router_tokens: int = option(8192, ge=1)
     target_sparsity: float | None = option(None, ge=0.0, lt=1.0)
-    allocation: str = option("uniform", choices=ALLOCATIONS)
+    allocation: str = option("sensitivity", choices=ALLOCATIONS)
+    sensitivity_tokens: int = option(512, ge=1)
     reorder: bool = True
     adapt_steps: int | None = option(None, ge=0)
     adapt_lr: float = option(3e-4, ge=0.0)
@@ -473,7 +551,10 @@ def calibrate(model: nn.Module, run: Run, opts: DynamicKCalibration) -> dict[str
         res.update(train_routers(model, data, o.router_steps, o.router_lr, progress=run.progress))
     if target is not None:
         data = data or _collect_inputs(model, fit, o.router_tokens)
-        res["tau"] = fit_tau(model, data, target, allocation=o.allocation, oracle=o.oracle)
+        res["tau"] = fit_tau(
+            model, data, target, allocation=o.allocation, oracle=o.oracle,
+            batches=_first(fit, o.sensitivity_tokens), progress=run.progress,
+        )  # fmt: skip
         if o.reorder and not o.oracle:
             res.update(order_experts_(model, data))
         update_config(model, cfg.replace(target_sparsity=target))
