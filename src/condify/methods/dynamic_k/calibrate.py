@@ -16,9 +16,11 @@
    L2 norms (MSE, Adam) on up to ``router_tokens`` dense-model MLP inputs.
 4. **Thresholds** (``target_sparsity``, or the config's): per layer, so that a fraction
    ``1 - target_sparsity`` of expert compute runs on the calibration tokens, spread by ``allocation``:
-   by measured cost (``"sensitivity"``, the default: each MLP alone at a few fractions, KL to dense on
-   ``sensitivity_tokens`` calibration tokens, then :func:`condify.allocation.allocate`), the same
-   fraction in every layer (``"uniform"``) or one global ``tau``. Selection by router scores, or by true norms with ``oracle=True`` (then the
+   the same fraction in every layer (``"uniform"``, the default), by measured cost (``"sensitivity"``:
+   each MLP alone at a few fractions, KL to dense on ``sensitivity_tokens`` calibration tokens, then
+   :func:`condify.allocation.allocate`; after the routed fine-tune it matched uniform on SmolLM2 and
+   was slightly worse on Gemma-3, ``benchmarks/results/calibration_choices.md``) or one global ``tau``.
+   Selection by router scores, or by true norms with ``oracle=True`` (then the
    reported ``ppl`` and ``executed`` are for oracle selection too; evaluate that way later with
    ``mode(model, "oracle")``).
    Then (``reorder=True``, router selection only) the experts of each site are renumbered so that
@@ -344,7 +346,8 @@ def fit_tau(
     ``batches``, then :func:`condify.allocation.allocate`; projections stay uniform). Measured on SmolLM2
     (32-neuron experts, routers only, 4 x 256 held-out tokens): uniform x4.23 @ 55 % executed, global
     x6.13 @ 53 %; a greedy allocation by dropped expert-output energy (tried and removed) x5.57 @ 55 %,
-    and x2.36 vs uniform x1.24 at 75 %."""
+    and x2.36 vs uniform x1.24 at 75 %. With the routed fine-tune after it, sensitivity vs uniform on
+    both frontier settings: within 2 % either way at twice the time (``calibration_choices.md``)."""
     in_range("target_sparsity", target_sparsity, 0.0, 1.0, hi_open=True)
     goal = 1.0 - target_sparsity
     sites = [(p, m) for p, m in converted(model) if p in data]
@@ -484,7 +487,7 @@ class DynamicKCalibration(Options):
     router_lr: float = option(1e-3, ge=0.0)
     router_tokens: int = option(8192, ge=1)
     target_sparsity: float | None = option(None, ge=0.0, lt=1.0)
-    allocation: str = option("sensitivity", choices=ALLOCATIONS)
+    allocation: str = option("uniform", choices=ALLOCATIONS)
     sensitivity_tokens: int = option(512, ge=1)
     reorder: bool = True
     adapt_steps: int | None = option(None, ge=0)
