@@ -77,3 +77,16 @@ def test_run_quick_writes_report(tiny_dir, tmp_path, capsys):
 def test_bad_option_is_a_clear_error():
     with pytest.raises(SystemExit, match="key=value"):
         cli.main(["convert", "--method", "layer-parallel", "-o", "pairs", "--out", "x"])
+
+
+def test_summary_names_every_flops_group(capsys):
+    from condify.pipeline import print_summary
+
+    dense = {"attention": 2e9, "mlp": 4e9, "lm_head": 1e9, "other": 0.0, "total": 7e9}
+    fused = {"attention": 1.6e9, "mlp": 3.2e9, "lm_head": 1e9, "other": 1.2e9, "total": 7e9}  # a fused pair
+    ev = {"dense_ppl": 10.0, "ppl": 11.0, "ratio": 1.1, "flops": fused, "flops_dense": dense}
+    print_summary({"evaluation": ev, "report": "r.md"})
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("executed FLOPs"))
+    assert line == (
+        "executed FLOPs vs dense: x1.000 (attention x0.800, mlp x0.800, lm_head x1.000, other +1.20 GFLOPs)"
+    )
