@@ -18,8 +18,9 @@
    ``1 - target_sparsity`` of expert compute runs on the calibration tokens, spread by ``allocation``:
    the same fraction in every layer (``"uniform"``, the default), by measured cost (``"sensitivity"``:
    each MLP alone at a few fractions, KL to dense on ``sensitivity_tokens`` calibration tokens, then
-   :func:`condify.allocation.allocate`; after the routed fine-tune it matched uniform on SmolLM2 and
-   was slightly worse on Gemma-3, ``benchmarks/results/calibration_choices.md``) or one global ``tau``.
+   :func:`condify.allocation.allocate`; after the routed fine-tune within 2 % of uniform either way on
+   SmolLM2 and Gemma-3, at twice the time: ``benchmarks/results/calibration_choices.md``) or one global
+   ``tau``.
    Selection by router scores, or by true norms with ``oracle=True`` (then the
    reported ``ppl`` and ``executed`` are for oracle selection too; evaluate that way later with
    ``mode(model, "oracle")``).
