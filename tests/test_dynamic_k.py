@@ -135,7 +135,8 @@ def test_sensitivity_allocation_spares_the_layer_that_matters() -> None:
 
 def test_order_experts_keeps_function_and_joins_runs() -> None:
     from condify.batches import as_batches
-    from condify.methods.dynamic_k.calibrate import _collect_inputs, order_experts_, runs_per_token
+    from condify.methods.dynamic_k.calibrate import _collect_inputs
+    from condify.methods.dynamic_k.thresholds import order_experts_, runs_per_token
 
     model = tiny("llama", inter=128)
     condify.modify(model, "dynamic-k", expert_size=8)
@@ -152,7 +153,7 @@ def test_order_experts_keeps_function_and_joins_runs() -> None:
     assert sum(runs) / len(runs) == pytest.approx(res["runs_per_token_after"])
     assert res["runs_per_token_after"] < res["runs_per_token_before"]
     # a planted structure: experts {0, 5} and {2, 7} always run together -> one run each after ordering
-    from condify.methods.dynamic_k.calibrate import adjacent_order
+    from condify.methods.dynamic_k.thresholds import adjacent_order
 
     planted = torch.zeros(100, 8, dtype=torch.bool)
     planted[::2, [0, 5]] = True
