@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tiny import CONFIGS, tiny
+from torch import nn
 from transformers import AutoModelForCausalLM, BertConfig, BertForMaskedLM
 
 import condify
@@ -304,3 +305,50 @@ def test_kl_loss_in_chunks_equals_the_whole_batch_in_value_and_gradient(monkeypa
     chunked = loss_and_grad()
     torch.testing.assert_close(chunked[0], whole[0])
     torch.testing.assert_close(chunked[1], whole[1])
+
+
+def test_rates_scaled_to_the_weights_give_the_same_relative_step_at_any_weight_size() -> None:
+    """lr_scale="weights": a model whose matrices are 10x smaller (and whose forward undoes that, so it
+    computes the same function) takes 10x smaller steps, the same relative change as the original;
+    vectors and parameters condify added keep the rate as given; "none" moves both by the same amount."""
+    from condify.training import LR_REFERENCE_RMS, scale_to_weights, train
+
+    class Net(nn.Module):
+        def __init__(self, scale: float) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.scale = scale
+            self.lin = nn.Linear(8, 4)
+            with torch.no_grad():
+                self.lin.weight.mul_(scale)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.linear(x, self.lin.weight / self.scale, self.lin.bias)
+
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+
+    def loss(m: nn.Module, b: dict, _: int) -> torch.Tensor:
+        return (m(b["x"]) - 1).pow(2).mean()
+
+    def relative_step(scale: float, lr_scale: str) -> torch.Tensor:
+        net = Net(scale)
+        w0 = net.lin.weight.detach().clone()
+        train(net, list(net.parameters()), [{"x": x}], 3, loss, lr=1e-2, warmup=0, lr_scale=lr_scale, max_grad_norm=0,
+              progress=False)  # fmt: skip
+        return (net.lin.weight.detach() - w0) / w0
+
+    torch.testing.assert_close(
+        relative_step(0.1, "weights"), relative_step(1.0, "weights"), rtol=1e-4, atol=1e-6
+    )
+    assert (relative_step(0.1, "none").abs() / relative_step(1.0, "none").abs()).median() > 5
+
+    model = tiny("llama")
+    condify.modify(model, "dynamic-k")
+    mlp = model.model.layers[0].mlp
+    groups = scale_to_weights(model, [{"params": list(mlp.parameters()), "lr": 1e-3}])
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    w = mlp.up_proj.weight
+    assert lr_of[id(w)] == pytest.approx(1e-3 * float(w.detach().pow(2).mean().sqrt()) / LR_REFERENCE_RMS)
+    assert all(lr_of[id(p)] == 1e-3 for p in mlp.router.parameters())
+    with pytest.raises(condify.ConfigError, match="lr_scale"):
+        condify.calibrate(model, [torch.randint(0, 128, (1, 16)) for _ in range(4)], lr_scale="adam")

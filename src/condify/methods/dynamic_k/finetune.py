@@ -60,7 +60,7 @@ def sparsify_(
         with mode(model, "dense"):
             return run.train(
                 _trainable(model, params), steps, distill_loss(teacher, extra=penalty_term),
-                lr=lr, warmup=max(1, steps // 10), desc="sparsify",
+                lr=lr, desc="sparsify",
             )  # fmt: skip
     finally:
         for m in mlps:
@@ -81,5 +81,5 @@ def adapt_(
     with mode(model, "masked"):
         return run.train(
             _trainable(model, params), steps, distill_loss(teacher),
-            lr=lr, warmup=max(1, steps // 10), desc="adapt",
+            lr=lr, desc="adapt",
         )  # fmt: skip
