@@ -390,7 +390,8 @@ class Run:
 
         For stages that keep the compute budget fixed and exist to win quality back (dynamic-k's routed
         fine-tune, lte's hard stage, layer-parallel's paired-layer fine-tune): a step size that suits one
-        model can wreck another (Gemma-3-270M at the SmolLM2 rate: x1.19 -> x3.19). Tries ``lr * f`` for
+        model can wreck another (Gemma-3-270M at the SmolLM2 rate, before rates were scaled to the weights:
+        x1.19 -> x3.19). Tries ``lr * f`` for
         each of ``factors``; an attempt that raises the held-out NLL is undone (every tensor of the model's
         state put back) and the next, smaller rate is tried; when none helps, the model stays as it came
         (result ``None``) and a warning says so. The held-out batches decide, so the ratio calibrate then

@@ -34,7 +34,9 @@
    thresholds stay fixed, so the model learns to work with the selection it will run with. This is the
    step that recovers quality on a non-ReLU model (``benchmarks/results/dynamic_k_adapt.md``). It is kept
    only if it lowers the held-out NLL, else retried at a tenth of ``adapt_lr``, else undone
-   (``Run.keep_if_better``: on Gemma-3-270M the SmolLM2 rate made x1.19 into x3.19).
+   (``Run.keep_if_better``). ``adapt_lr`` is quoted for weights of RMS 0.2 (``condify.calibrate``'s
+   ``lr_scale``): unscaled, it took Gemma-3-270M x1.66 -> x3.21 at a 50 % target, scaled x1.66 -> x1.46
+   (``benchmarks/results/finetune_rates.md``).
 
 The teacher of stages 1 and 5 (``distill=True``) is the model as ``calibrate`` received it, unmodified:
 the original dense model on a first call.
