@@ -78,10 +78,10 @@ def calibrate(
     trained. ``lr_scale="weights"`` (default): the methods' fine-tuning rates are quoted for weight
     matrices of RMS 0.2 and each of the model's own matrices trains at rate x its RMS / 0.2
     (:func:`condify.training.scale_to_weights`: Gemma-3-270M's, 5-10x smaller than SmolLM2-135M's, take
-    5-10x smaller steps); ``"none"``: the rates as given. The result always has ``dense_ppl`` and ``ppl`` (held-out perplexity before and
-    after, None without a hold-out), ``ratio``, ``executed`` (fraction of the method's compute that
-    ran on the held-out batches; None where nothing is skipped per token), ``tokens`` (trained on),
-    ``seconds``, and the method's own entries. A ratio above 1.5 is logged and warned
+    5-10x smaller steps); ``"none"``: the rates as given. The result always has ``dense_ppl`` and
+    ``ppl`` (held-out perplexity before and after, None without a hold-out), ``ratio``, ``executed``
+    (fraction of the method's compute that ran on the held-out batches; None where nothing is skipped
+    per token), ``tokens`` (trained on), ``seconds``, and the method's own entries. A ratio above 1.5 is logged and warned
     (:class:`QualityWarning`). On any error the model is left exactly as it came, the order of the
     applied methods (``config.condify``) included; on success that order is kept too. A PEFT model is
     unwrapped (its base model is calibrated: the method's own options say what is trained).

@@ -337,7 +337,7 @@ def calibrate(model: nn.Module, run: Run, opts: ModThresholdCalibration) -> dict
         shifts, kept = run.keep_if_better(
             attempt, 1.0, "mod-threshold train", fallback=lambda: fit_biases(model, fit_on, capacity)
         )
-        result["lr_scale"], result["tried"] = kept["lr"], kept["tried"]
+        result["lr_factor"], result["tried"] = kept["lr"], kept["tried"]
     else:
         shifts = fit_biases(model, fit_on, capacity)
     run.drop_teacher()  # free the dense copy before measuring

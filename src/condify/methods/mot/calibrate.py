@@ -155,7 +155,7 @@ def _transition(model: nn.Module, run: Run, opts: MoTCalibration, steps: int) ->
 
     losses, kept = run.keep_if_better(attempt, opts.lr, "mot transition") if steps else ([], {})
     out["transition_losses"] = losses or []
-    out["lr_scale"] = None if not kept or kept["lr"] is None else kept["lr"] / opts.lr
+    out["lr_factor"] = None if not kept or kept["lr"] is None else kept["lr"] / opts.lr
     return out
 
 
