@@ -333,8 +333,8 @@ def test_rates_scaled_to_the_weights_give_the_same_relative_step_at_any_weight_s
     def relative_step(scale: float, lr_scale: str) -> torch.Tensor:
         net = Net(scale)
         w0 = net.lin.weight.detach().clone()
-        train(net, list(net.parameters()), [{"x": x}], 3, loss, lr=1e-2, warmup=0, lr_scale=lr_scale, max_grad_norm=0,
-              progress=False)  # fmt: skip
+        train(net, list(net.parameters()), [{"x": x}], 3, loss, lr=1e-2, warmup=0, lr_scale=lr_scale,
+              max_grad_norm=0, progress=False)  # fmt: skip
         return (net.lin.weight.detach() - w0) / w0
 
     torch.testing.assert_close(
