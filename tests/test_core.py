@@ -350,5 +350,5 @@ def test_rates_scaled_to_the_weights_give_the_same_relative_step_at_any_weight_s
     w = mlp.up_proj.weight
     assert lr_of[id(w)] == pytest.approx(1e-3 * float(w.detach().pow(2).mean().sqrt()) / LR_REFERENCE_RMS)
     assert all(lr_of[id(p)] == 1e-3 for p in mlp.router.parameters())
-    with pytest.raises(condify.ConfigError, match="lr_scale"):
-        condify.calibrate(model, [torch.randint(0, 128, (1, 16)) for _ in range(4)], lr_scale="adam")
+    with pytest.raises(condify.ConfigError, match="adapt_lr_scale"):
+        condify.calibrate(model, [torch.randint(0, 128, (1, 16)) for _ in range(4)], adapt_lr_scale="adam")

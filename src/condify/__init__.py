@@ -62,7 +62,6 @@ def calibrate(
     method: str | None = None,
     holdout: int | Any | None = None,
     keep_if_better: bool = True,
-    lr_scale: str = "weights",
     progress: bool = True,
     **options: Any,
 ) -> dict[str, Any]:
@@ -75,11 +74,7 @@ def calibrate(
     two or more). ``keep_if_better`` (default): a recovery fine-tune (dynamic-k's routed fine-tune, lte's
     hard stage, layer-parallel's paired-layer fine-tune) that raises the held-out NLL is undone and tried
     once more at a tenth of its rate (:meth:`condify.training.Run.keep_if_better`); ``False`` keeps it as
-    trained. ``lr_scale="weights"`` (default): the methods' fine-tuning rates are quoted for weight
-    matrices of RMS 0.2 and each of the model's own matrices trains at rate x its RMS / 0.2
-    (:func:`condify.training.scale_to_weights`: Gemma-3-270M's, 5-10x smaller than SmolLM2-135M's, take
-    5-10x smaller steps); ``"none"``: the rates as given. The result always has ``dense_ppl`` and
-    ``ppl`` (held-out perplexity before and after, None without a hold-out), ``ratio``, ``executed``
+    trained. The result always has ``dense_ppl`` and ``ppl`` (held-out perplexity before and after, None without a hold-out), ``ratio``, ``executed``
     (fraction of the method's compute that ran on the held-out batches; None where nothing is skipped
     per token), ``tokens`` (trained on), ``seconds``, and the method's own entries. A ratio above 1.5 is logged and warned
     (:class:`QualityWarning`). On any error the model is left exactly as it came, the order of the
@@ -106,7 +101,7 @@ def calibrate(
     device = next(model.parameters()).device
     vocab = vocab_size(model)
     fit, held = split_holdout(as_batches(data, device, vocab), holdout, vocab)
-    run = Run(model, fit, held, progress=progress, guard=keep_if_better, lr_scale=lr_scale)
+    run = Run(model, fit, held, progress=progress, guard=keep_if_better)
     start = time.perf_counter()
     snap = snapshot(model)
     try:

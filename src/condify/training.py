@@ -201,6 +201,13 @@ def scale_to_weights(model: nn.Module, groups: list[dict[str, Any]]) -> list[dic
     return out
 
 
+def short_warmup(steps: int) -> int:
+    """Warm-up steps for a short fine-tune: a quarter of ``steps`` (at most 50). Adam's first steps move
+    every entry by about the full rate whatever its gradient, and a one-pass recovery fine-tune has
+    10-20 steps, where a tenth of them is no warm-up at all."""
+    return min(50, math.ceil(steps / 4))
+
+
 def train(
     model: nn.Module,
     params: Groups,
@@ -223,9 +230,8 @@ def train(
     ``lr_scale="weights"``: each of the model's own weight matrices trains at the rate x its RMS / 0.2
     (:func:`scale_to_weights`); ``"none"``: the rates as given.
 
-    ``warmup`` defaults to a quarter of the steps (at most 50): Adam's first steps move every entry by
-    about the full rate whatever its gradient, and the recovery fine-tunes are short (one pass: 10-20
-    steps), where a tenth of the steps was no warm-up at all. ``after_step(step, loss)`` runs after
+    ``warmup`` defaults to a tenth of the steps (at most 10; :func:`short_warmup` for one-pass
+    fine-tunes). ``after_step(step, loss)`` runs after
     each optimiser step and may return a short status for the progress bar. A non-finite loss raises
     :class:`FloatingPointError`; on any error the trained parameters get their values back.
     """
@@ -242,7 +248,7 @@ def train(
             raise ConfigError(f"{desc}: learning rate must be a finite number >= 0, got {g['lr']!r}")
     flat = [p for g in groups for p in g["params"]]
     saved = [p.detach().clone() for p in flat]
-    warmup = min(50, math.ceil(steps / 4)) if warmup is None else warmup
+    warmup = min(10, steps // 10) if warmup is None else warmup
     try:
         with only_trainable(model, flat):
             opt = torch.optim.AdamW(groups, weight_decay=weight_decay)
@@ -332,7 +338,6 @@ class Run:
     held: list[Batch]
     progress: bool = True
     guard: bool = True  # recovery fine-tunes kept only if the held-out NLL drops (:meth:`keep_if_better`)
-    lr_scale: str = "weights"  # :meth:`train`'s rates for the model's own matrices (:func:`scale_to_weights`)
     tokens: int = 0
     eval_mode: Callable[[], contextlib.AbstractContextManager[Any]] | None = None
     _teacher: nn.Module | None = field(default=None, repr=False)
@@ -342,8 +347,6 @@ class Run:
         (e.g. batches built by hand) and non-finite weights (training would only spread the NaN)."""
         from .convert import check_finite_weights
 
-        if self.lr_scale not in LR_SCALES:
-            raise ConfigError(f"calibrate: `lr_scale` must be one of {LR_SCALES}, got {self.lr_scale!r}")
         vocab = vocab_size(self.model)
         for name, part in (("calibration data", self.fit), ("calibrate: `holdout`", self.held)):
             for i, b in enumerate(part):
@@ -367,7 +370,6 @@ class Run:
         if steps > len(batches):
             log.info("%s: %d steps = %.1f passes over %d batches", kwargs.get("desc", "train"), steps,
                      steps / len(batches), len(batches))  # fmt: skip
-        kwargs.setdefault("lr_scale", self.lr_scale)
         losses = train(self.model, params, batches, steps, loss_fn, progress=self.progress, **kwargs)
         self.tokens += sum(real_tokens([batches[i % len(batches)]]) for i in range(len(losses)))
         return losses

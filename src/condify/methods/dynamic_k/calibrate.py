@@ -34,8 +34,10 @@
    thresholds stay fixed, so the model learns to work with the selection it will run with. This is the
    step that recovers quality on a non-ReLU model (``benchmarks/results/dynamic_k_adapt.md``). It is kept
    only if it lowers the held-out NLL, else retried at a tenth of ``adapt_lr``, else undone
-   (``Run.keep_if_better``). ``adapt_lr`` is quoted for weights of RMS 0.2 (``condify.calibrate``'s
-   ``lr_scale``): unscaled, it took Gemma-3-270M x1.66 -> x3.21 at a 50 % target, scaled x1.66 -> x1.46
+   (``Run.keep_if_better``). ``adapt_lr`` is quoted for weights of RMS 0.2: with ``adapt_lr_scale=
+   "weights"`` (default) each of the model's own matrices trains at ``adapt_lr`` x its RMS / 0.2 and the
+   stage warms up over a quarter of its steps; unscaled (``"none"``, one warm-up step) the rate took
+   Gemma-3-270M (matrices of RMS 0.02-0.04) x1.66 -> x3.21 at a 50 % target, scaled x1.66 -> x1.46
    (``benchmarks/results/finetune_rates.md``).
 
 The teacher of stages 1 and 5 (``distill=True``) is the model as ``calibrate`` received it, unmodified:
@@ -62,7 +64,7 @@ from ...batches import real_tokens
 from ...config import ConfigError, Options, option
 from ...convert import applied_configs, update_config
 from ...tracking import track
-from ...training import Batch, Run, fit_regression, mean_nll
+from ...training import LR_SCALES, Batch, Run, fit_regression, mean_nll
 from .clustering import balanced_kmeans, permutation
 from .config import DynamicKConfig
 from .finetune import PARAMS, adapt_, sparsify_
@@ -319,6 +321,7 @@ class DynamicKCalibration(Options):
     adapt_steps: int | None = option(None, ge=0)
     adapt_lr: float = option(3e-4, ge=0.0)
     adapt_params: str = option("all", choices=PARAMS)
+    adapt_lr_scale: str = option("weights", choices=LR_SCALES)
     oracle: bool = False
 
 
@@ -391,7 +394,10 @@ def calibrate(model: nn.Module, run: Run, opts: DynamicKCalibration) -> dict[str
         if held:
             res["ppl_before_adapt"] = measure(model, held)["ppl"]
         losses, kept = run.keep_if_better(
-            lambda lr: adapt_(model, run, teacher, steps=adapt_steps, lr=lr, params=o.adapt_params),
+            lambda lr: adapt_(
+                model, run, teacher, steps=adapt_steps, lr=lr, params=o.adapt_params,
+                lr_scale=o.adapt_lr_scale,
+            ),
             o.adapt_lr, "dynamic-k adapt",
         )  # fmt: skip
         model.eval()

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ...convert import update_config
-from ...training import Run, distill_loss
+from ...training import Run, distill_loss, short_warmup
 from .config import DynamicKConfig
 from .losses import PENALTIES
 from .modules import converted, mode
@@ -60,7 +60,7 @@ def sparsify_(
         with mode(model, "dense"):
             return run.train(
                 _trainable(model, params), steps, distill_loss(teacher, extra=penalty_term),
-                lr=lr, desc="sparsify",
+                lr=lr, warmup=max(1, steps // 10), desc="sparsify",
             )  # fmt: skip
     finally:
         for m in mlps:
@@ -75,11 +75,14 @@ def adapt_(
     steps: int,
     lr: float,
     params: str,
+    lr_scale: str = "weights",
 ) -> list[float]:
     """Stage 5: fine-tune the model under its own routing (mode ``"masked"``: each token's unselected
-    experts contribute nothing, exactly as in ``"sparse"``); routers and thresholds stay fixed."""
+    experts contribute nothing, exactly as in ``"sparse"``); routers and thresholds stay fixed. Rates
+    scaled to the weights (``lr_scale``, :func:`condify.training.scale_to_weights`), warm-up over a
+    quarter of the steps."""
     with mode(model, "masked"):
         return run.train(
             _trainable(model, params), steps, distill_loss(teacher),
-            lr=lr, desc="adapt",
+            lr=lr, lr_scale=lr_scale, warmup=short_warmup(steps), desc="adapt",
         )  # fmt: skip

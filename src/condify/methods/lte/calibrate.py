@@ -342,7 +342,7 @@ def hard_stage(
     with mode(model, "masked"), recording(model) as recs:
         losses = run.train(
             _trainable(model, o.hard_params), steps, distill_loss(teacher), after_step=after,
-            lr=o.hard_lr, desc="lte hard",
+            lr=o.hard_lr, warmup=max(1, steps // 10), desc="lte hard",
         )  # fmt: skip
     out: dict[str, Any] = {"hard_loss": (losses[0], losses[-1]), "hard_executed": (fs[0], fs[-1])}
     if o.hold_target:
