@@ -310,7 +310,7 @@ def test_kl_loss_in_chunks_equals_the_whole_batch_in_value_and_gradient(monkeypa
 def test_rates_scaled_to_the_weights_give_the_same_relative_step_at_any_weight_size() -> None:
     """lr_scale="weights": a model whose matrices are 10x smaller (and whose forward undoes that, so it
     computes the same function) takes 10x smaller steps, the same relative change as the original;
-    vectors and parameters condify added keep the rate as given; "none" moves both by the same amount."""
+    parameters condify added (routers) keep the rate as given; "none" moves both by the same amount."""
     from condify.training import LR_REFERENCE_RMS, scale_to_weights, train
 
     class Net(nn.Module):

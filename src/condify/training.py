@@ -231,8 +231,8 @@ def train(
     (:func:`scale_to_weights`); ``"none"``: the rates as given.
 
     ``warmup`` defaults to a tenth of the steps (at most 10; :func:`short_warmup` for one-pass
-    fine-tunes). ``after_step(step, loss)`` runs after
-    each optimiser step and may return a short status for the progress bar. A non-finite loss raises
+    fine-tunes). ``after_step(step, loss)`` runs after each optimiser step and may return a short
+    status for the progress bar. A non-finite loss raises
     :class:`FloatingPointError`; on any error the trained parameters get their values back.
     """
     if lr_scale not in LR_SCALES:
@@ -392,10 +392,9 @@ class Run:
 
         For stages that keep the compute budget fixed and exist to win quality back (dynamic-k's routed
         fine-tune, lte's hard stage, layer-parallel's paired-layer fine-tune): a step size that suits one
-        model can wreck another (Gemma-3-270M at the SmolLM2 rate, before rates were scaled to the weights:
-        x1.19 -> x3.19). Tries ``lr * f`` for
-        each of ``factors``; an attempt that raises the held-out NLL is undone (every tensor of the model's
-        state put back) and the next, smaller rate is tried; when none helps, the model stays as it came
+        model can wreck another (Gemma-3-270M at the SmolLM2 rate, unscaled: x1.19 -> x3.19). Tries
+        ``lr * f`` for each of ``factors``; an attempt that raises the held-out NLL is undone (every
+        tensor of the model's state put back) and the next, smaller rate is tried; when none helps, the model stays as it came
         (result ``None``) and a warning says so. The held-out batches decide, so the ratio calibrate then
         reports has been used for this one choice (the frontier judges on text calibrate never saw).
         ``fallback``: what the model is without the stage, when that is not the model as it comes (e.g.
