@@ -12,10 +12,11 @@ import json
 import sys
 import time
 
+import harness
 import torch
 
 import condify
-from condify import data, evaluate
+from condify import evaluate
 
 
 def main(
@@ -23,11 +24,9 @@ def main(
 ) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model, tok = data.load_model(None if model_name == "smol" else model_name)
-    bos = data.adds_bos(tok)
-    train = data.train_batches(tok, int(batches), 1, int(seq_len), seed=0, text=text, bos=bos)
-    held = data.eval_batches(tok, "test", int(evals), int(seq_len), batch_size=1, text=text, bos=bos)
-    dense = evaluate.perplexity(model, held, progress=False)
+    model, train, held, dense = harness.frontier_windows(
+        model_name, text, int(batches), int(seq_len), int(evals)
+    )
     t0 = time.time()
     condify.modify(model, "dynamic-k")
     cal = condify.calibrate(

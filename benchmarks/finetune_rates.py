@@ -20,10 +20,11 @@ import sys
 import time
 from typing import Any
 
+import harness
 import torch
 
 import condify
-from condify import data, evaluate
+from condify import evaluate
 from condify.batches import as_batches, split_holdout, vocab_size
 from condify.methods.dynamic_k.finetune import _trainable
 from condify.methods.dynamic_k.modules import mode
@@ -33,11 +34,7 @@ from condify.training import Run, distill_loss, frozen_teacher, kl_loss
 def main(name: str, text: str, batches: str, seq_len: str, evals: str, target: str, variants: str) -> None:
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    model, tok = data.load_model(None if name == "smol" else name)
-    bos = data.adds_bos(tok)
-    train = data.train_batches(tok, int(batches), 1, int(seq_len), seed=0, text=text, bos=bos)
-    test = data.eval_batches(tok, "test", int(evals), int(seq_len), batch_size=1, text=text, bos=bos)
-    dense = evaluate.perplexity(model, test, progress=False)
+    model, train, test, dense = harness.frontier_windows(name, text, int(batches), int(seq_len), int(evals))
     condify.modify(model, "dynamic-k")
     t0 = time.time()
     condify.calibrate(model, train, target_sparsity=float(target), adapt_steps=0, progress=False)

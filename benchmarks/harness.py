@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import torch
 
 import condify
+from condify import data, evaluate
 from condify.data import load_model
 from condify.environment import environment as condify_environment
 from condify.environment import set_threads
@@ -93,6 +94,18 @@ def start(args: argparse.Namespace) -> tuple[torch.nn.Module, Any]:
     """:func:`setup`, then ``condify.data.load_model(args.model)``: (model, tokenizer)."""
     setup(args)
     return load_model(args.model)
+
+
+def frontier_windows(
+    model: str, text: str, batches: int, seq_len: int, evals: int
+) -> tuple[torch.nn.Module, list[torch.Tensor], list[torch.Tensor], float]:
+    """The windows ``frontier.py`` uses (seed 0): (model, calibration windows, test windows, dense
+    perplexity on the test windows). ``model``: ``"smol"`` (the embedded model) or a ``load_model`` name."""
+    m, tok = data.load_model(None if model == "smol" else model)
+    bos = data.adds_bos(tok)
+    train = data.train_batches(tok, batches, 1, seq_len, seed=0, text=text, bos=bos)
+    test = data.eval_batches(tok, "test", evals, seq_len, batch_size=1, text=text, bos=bos)
+    return m, train, test, evaluate.perplexity(m, test, progress=False)
 
 
 # --------------------------------------------------------------------------- environment
