@@ -92,3 +92,17 @@ def test_frontier_run_refuses_an_unknown_text_before_writing_anything(tmp_path):
     with pytest.raises(ValueError, match="unknown text 'nope'"):
         frontier.run(tmp_path / "out", text="nope")
     assert not (tmp_path / "out").exists()
+
+
+def test_frontier_plot_has_a_speed_panel_only_when_speed_was_measured(tmp_path):
+    """A run with ``--no-speed`` gets one panel (ratio vs FLOPs), not an empty speed axis beside it."""
+    import struct
+
+    pts = [{"method": "m", "ratio": r, "executed_flops": f} for r, f in ((1.1, 0.9), (1.3, 0.8))]
+
+    def width(points: list[dict]) -> int:
+        path = frontier.plot(points, tmp_path / f"p{len(points[0])}.png", "t")
+        return struct.unpack(">I", path.read_bytes()[16:20])[0]  # PNG IHDR width
+
+    with_speed = [{**p, "decode_speedup": 1.0 + i / 10} for i, p in enumerate(pts)]
+    assert width(pts) < 0.75 * width(with_speed)

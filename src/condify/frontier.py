@@ -352,25 +352,31 @@ def table(points: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def plot(points: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
-    """Two panels: ratio vs executed FLOPs, ratio vs decode speed-up; one curve per method."""
+    """Ratio vs executed FLOPs and, when any point has one, vs decode speed-up; one curve per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    labels = {
+        "executed_flops": "executed FLOPs / dense (1 x seq_len tokens; lower is cheaper)",
+        "decode_speedup": "decode speed-up vs dense, batch 1 (higher is faster)",
+    }
+    keys = [k for k in labels if any(p.get(k) is not None for p in points)] or ["executed_flops"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.5 + 3.75 * len(keys), 4.2), squeeze=False)
+    axes = list(axes[0])
     by: dict[str, list[dict[str, Any]]] = {}
     for p in points:
         by.setdefault(p["method"], []).append(p)
     for name, ps in by.items():
         style = "k--o" if "baseline" in name else "-o"
-        for ax, x in zip(axes, ("executed_flops", "decode_speedup"), strict=True):
+        for ax, x in zip(axes, keys, strict=True):
             xs = [(p[x], p["ratio"]) for p in ps if p.get(x) is not None]
             if xs:
                 xs.sort()
                 ax.plot([a for a, _ in xs], [b for _, b in xs], style, label=name)
-    axes[0].set_xlabel("executed FLOPs / dense (1 x seq_len tokens; lower is cheaper)")
-    axes[1].set_xlabel("decode speed-up vs dense, batch 1 (higher is faster)")
+    for ax, x in zip(axes, keys, strict=True):
+        ax.set_xlabel(labels[x])
     for ax in axes:
         ax.set_ylabel("held-out perplexity / dense (lower is better)")
         ax.axhline(1.0, color="grey", lw=0.8)
