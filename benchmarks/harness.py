@@ -23,7 +23,6 @@ import torch
 
 import condify
 from condify import data, evaluate
-from condify.data import load_model
 from condify.environment import environment as condify_environment
 from condify.environment import set_threads
 from condify.evaluate import compare_speed
@@ -93,7 +92,7 @@ def setup(args: argparse.Namespace) -> None:
 def start(args: argparse.Namespace) -> tuple[torch.nn.Module, Any]:
     """:func:`setup`, then ``condify.data.load_model(args.model)``: (model, tokenizer)."""
     setup(args)
-    return load_model(args.model)
+    return data.load_model(args.model)
 
 
 def frontier_windows(

@@ -377,7 +377,6 @@ def plot(points: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
                 ax.plot([a for a, _ in xs], [b for _, b in xs], style, label=name)
     for ax, x in zip(axes, keys, strict=True):
         ax.set_xlabel(labels[x])
-    for ax in axes:
         ax.set_ylabel("held-out perplexity / dense (lower is better)")
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.grid(alpha=0.3)

@@ -75,7 +75,7 @@ def adapt_(
     steps: int,
     lr: float,
     params: str,
-    lr_scale: str = "weights",
+    lr_scale: str,
 ) -> list[float]:
     """Stage 5: fine-tune the model under its own routing (mode ``"masked"``: each token's unselected
     experts contribute nothing, exactly as in ``"sparse"``); routers and thresholds stay fixed. Rates
