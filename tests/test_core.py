@@ -280,6 +280,59 @@ def test_keep_if_better_undoes_a_fine_tune_that_hurts_held_out_quality():
     assert out is not None and info["lr"] == pytest.approx(1e-2) and info["held_nll"][1] < nll
 
 
+def test_keep_if_better_keeps_a_held_out_rise_within_noise_and_undoes_one_beyond_it():
+    """The guard's bar is the paired standard error of the per-token NLL change: a small mean rise with
+    large per-token swings is noise (kept); a uniform rise of the same size is not (undone)."""
+    from condify.training import GUARD_SE, Run, paired_change
+
+    before = torch.full((200,), 3.0, dtype=torch.float64)
+    swings = torch.tensor([1.0, -1.0] * 100, dtype=torch.float64)
+    rise, se = paired_change(before, before + swings + 0.02)
+    assert rise == pytest.approx(0.02) and se == pytest.approx(swings.std().item() / 200**0.5)
+    assert rise <= GUARD_SE * se
+    rise, se = paired_change(before, before + 0.02)
+    assert rise == pytest.approx(0.02) and se == pytest.approx(0.0, abs=1e-12) and rise > GUARD_SE * se
+
+    model = tiny("llama")
+    batches = [torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    run = Run(model, batches[:3], batches[3:], progress=False)
+    assert run.held_nlls().numel() == 2 * 15 and run.held_nll() == pytest.approx(
+        float(run.held_nlls().mean())
+    )
+    head = model.lm_head.weight.detach().clone()
+
+    def jitter(seed: int):  # large per-token swings, a small mean change
+        def attempt(lr: float) -> None:
+            g = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                model.lm_head.weight.add_(0.3 * head.std() * torch.randn(head.shape, generator=g))
+
+        return attempt
+
+    before = run.held_nlls()
+    for seed in range(50):  # a jitter that raises the held-out NLL, but by less than one standard error
+        jitter(seed)(1.0)
+        rise, se = paired_change(before, run.held_nlls())
+        with torch.no_grad():
+            model.lm_head.weight.copy_(head)
+        if 0 < rise <= GUARD_SE * se:
+            break
+    assert 0 < rise <= GUARD_SE * se
+    out, info = run.keep_if_better(jitter(seed), 1.0, "jitter", factors=(1.0,))
+    assert info["lr"] == 1.0 and info["tried"][0][1:] == pytest.approx((float(before.mean()) + rise, se))
+    assert not torch.equal(model.lm_head.weight, head)  # kept
+    with torch.no_grad():
+        model.lm_head.weight.copy_(head)
+
+    def sharpen(lr: float) -> None:  # peaked random predictions: a rise far outside the noise
+        with torch.no_grad():
+            model.lm_head.weight.mul_(30)
+
+    with pytest.warns(UserWarning, match="beyond noise"):
+        _, info = run.keep_if_better(sharpen, 1.0, "sharpen", factors=(1.0,))
+    assert info["lr"] is None and torch.equal(model.lm_head.weight, head)
+
+
 def test_kl_loss_in_chunks_equals_the_whole_batch_in_value_and_gradient(monkeypatch) -> None:
     """kl_loss splits large-vocabulary logits into checkpointed chunks: same loss, same gradient."""
     from condify import training

@@ -31,6 +31,7 @@ __all__ = [
     "model_bytes",
     "output_cache",
     "perplexity",
+    "token_nlls",
     "prefill_kv_bytes",
     "set_threads",
     "time_decode",
@@ -88,7 +89,12 @@ def _as_ids(input_ids: torch.Tensor, model: nn.Module) -> torch.Tensor:
 
 
 def perplexity(model: nn.Module, batches: Iterable[Batch], *, progress: bool = True) -> float:
-    """``exp`` of the token-weighted mean next-token NLL over ``batches``.
+    """``exp`` of the token-weighted mean next-token NLL over ``batches`` (of :func:`token_nlls`)."""
+    return float(token_nlls(model, batches, progress=progress).mean().exp())
+
+
+def token_nlls(model: nn.Module, batches: Iterable[Batch], *, progress: bool = True) -> torch.Tensor:
+    """The next-token NLL of every scored target of ``batches``, in order (1-D, float64).
 
     Each batch is an ``input_ids`` tensor ``(b, s)`` or a mapping with ``input_ids`` and optionally
     ``attention_mask`` (0 = padding) and ``labels`` (-100 = ignored). A target counts when it and
@@ -98,8 +104,7 @@ def perplexity(model: nn.Module, batches: Iterable[Batch], *, progress: bool = T
     from tqdm.auto import tqdm
 
     device = _device(model)
-    total_nll = 0.0
-    total_tokens = 0
+    nlls: list[torch.Tensor] = []
     batches = list(batches) if not isinstance(batches, list) else batches
     if not batches:
         raise ValueError("perplexity needs at least one batch")
@@ -134,13 +139,12 @@ def perplexity(model: nn.Module, batches: Iterable[Batch], *, progress: bool = T
                 if not bool(keep.any()):
                     continue
                 nll = torch.nn.functional.cross_entropy(
-                    logits[row][keep].float(), targets[row][keep].long(), reduction="sum"
+                    logits[row][keep].float(), targets[row][keep].long(), reduction="none"
                 )
-                total_nll += float(nll)
-                total_tokens += int(keep.sum())
-    if total_tokens == 0:
+                nlls.append(nll.double().cpu())
+    if not nlls:
         raise ValueError("no target tokens to score (all masked or sequences of length 1)")
-    return float(torch.tensor(total_nll / total_tokens, dtype=torch.float64).exp())
+    return torch.cat(nlls)
 
 
 # --------------------------------------------------------------------------- FLOPs
