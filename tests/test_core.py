@@ -202,21 +202,40 @@ def test_methods_compose_on_disjoint_layers_and_refuse_overlap(tmp_path):
     ],
 )
 def test_defaults_run_the_stages_that_win_quality_back_and_report_held_out(method, budget, entry):
-    """``calibrate(model, data, <budget>)`` alone fine-tunes (one pass over the fit batches) and reports
-    held-out quality on batches it did not train on."""
+    """``calibrate(model, data, <budget>)`` alone fine-tunes (passes over the fit batches sized to the data:
+    ``recovery_steps``; mod-threshold one pass) and reports held-out quality on batches it did not train on."""
     model = tiny("llama")
     condify.modify(model, method)
     batches = [torch.randint(0, 128, (2, 32)) for _ in range(10)]
     res = condify.calibrate(model, batches, progress=False, **budget)
     assert entry in res
     one_pass = 9 * 2 * 32  # the 9 fit batches; the 10th is held out
-    assert res["tokens"] in (one_pass, 2 * one_pass)  # a fine-tune that hurt held-out quality: retried once
+    passes = 1 if method == "mod-threshold" else 4  # 576 tokens a pass: RECOVERY_MAX_PASSES
+    assert res["tokens"] in (passes * one_pass, 2 * passes * one_pass)  # one that hurt: retried once
     assert (
         res["dense_ppl"] > 0
         and res["ppl"] > 0
         and res["ratio"] == pytest.approx(res["ppl"] / res["dense_ppl"])
     )
     assert res["seconds"] > 0
+
+
+def test_recovery_steps_are_whole_passes_sized_to_the_data():
+    """Enough passes for RECOVERY_TOKENS tokens, at least one, at most RECOVERY_MAX_PASSES."""
+    from condify.training import RECOVERY_MAX_PASSES, RECOVERY_TOKENS, recovery_steps
+
+    def data(n: int, seq: int, pad: int = 0) -> list[dict[str, torch.Tensor]]:
+        mask = torch.ones(1, seq, dtype=torch.long)
+        mask[:, :pad] = 0
+        return [{"input_ids": torch.zeros(1, seq, dtype=torch.long), "attention_mask": mask}] * n
+
+    assert RECOVERY_TOKENS == 32768 and RECOVERY_MAX_PASSES == 4
+    assert recovery_steps(data(14, 512)) == 4 * 14  # 7k tokens a pass: capped at 4 passes
+    assert recovery_steps(data(24, 512)) == 3 * 24  # 12k: 3 passes reach 32k
+    assert recovery_steps(data(64, 512)) == 64  # 32k: one pass
+    assert recovery_steps(data(100, 512)) == 100  # never less than one pass
+    assert recovery_steps(data(24, 512, pad=256)) == 4 * 24  # padding is not counted: 6k a pass
+    assert recovery_steps([]) == 0
 
 
 def test_calibrate_warns_when_held_out_quality_is_poor():

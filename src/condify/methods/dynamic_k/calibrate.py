@@ -27,8 +27,8 @@
    Then (``reorder=True``, router selection only) the experts of each site are renumbered so that
    co-selected experts are neighbours (:func:`order_experts_`; same function, fewer runs of selected
    experts per token for the CPU decode path).
-5. **Adapt** (``adapt_steps``; default: one pass over the fit batches whenever there is a target):
-   fine-tune the model weights (everything but the
+5. **Adapt** (``adapt_steps``; default whenever there is a target: :func:`condify.training.recovery_steps`,
+   1-4 passes over the fit batches, sized to the data): fine-tune the model weights (everything but the
    routers with ``adapt_params="all"``, or only the converted sites with ``"mlp"``) under its own routing
    (mode ``"masked"``: exactly the sparse function, differentiable), KL to the dense model. Routers and
    thresholds stay fixed, so the model learns to work with the selection it will run with. This is the
@@ -64,7 +64,7 @@ from ...batches import real_tokens
 from ...config import ConfigError, Options, option
 from ...convert import applied_configs, update_config
 from ...tracking import track
-from ...training import LR_SCALES, Batch, Run, fit_regression, mean_nll
+from ...training import LR_SCALES, Batch, Run, fit_regression, mean_nll, recovery_steps
 from .clustering import balanced_kmeans, permutation
 from .config import DynamicKConfig
 from .finetune import PARAMS, adapt_, sparsify_
@@ -341,7 +341,9 @@ def calibrate(model: nn.Module, run: Run, opts: DynamicKCalibration) -> dict[str
             f"need at least {MIN_TOKENS} (e.g. 4 sequences of 256 tokens)"
         )
     target = cfg.target_sparsity if o.target_sparsity is None else o.target_sparsity
-    adapt_steps = (len(fit) if target is not None else 0) if o.adapt_steps is None else o.adapt_steps
+    adapt_steps = (
+        (recovery_steps(fit) if target is not None else 0) if o.adapt_steps is None else o.adapt_steps
+    )
     if adapt_steps and target is None:
         raise ConfigError(
             "dynamic-k calibrate: `adapt_steps` fine-tunes the model under its routing at a target; "
@@ -402,7 +404,7 @@ def calibrate(model: nn.Module, run: Run, opts: DynamicKCalibration) -> dict[str
         )  # fmt: skip
         model.eval()
         res["adapt_loss"] = (losses[0], losses[-1]) if losses else None
-        res["adapt_lr"], res["adapt_tried"] = kept["lr"], kept["tried"]
+        res["adapt_steps"], res["adapt_lr"], res["adapt_tried"] = adapt_steps, kept["lr"], kept["tried"]
     if o.oracle:
         run.eval_mode = lambda: mode(model, "oracle")
     model.train(was_training)

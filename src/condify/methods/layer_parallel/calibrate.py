@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from ...adapters import get_adapter
 from ...config import ConfigError, Options, option
 from ...convert import applied_configs, free_layers, modify, unmodify, update_config
-from ...training import Batch, Run, distill_loss, mean_nll
+from ...training import Batch, Run, distill_loss, mean_nll, recovery_steps
 from .config import LayerParallelConfig
 
 
@@ -29,8 +29,9 @@ class LayerParallelCalibration(Options):
     of a pair (``"any"``) or of the range (default: all that keep the first and last layer dense). The
     first ``sweep_batches`` fit batches score the sweep; all fit batches feed the fine-tune
     (``finetune_steps`` AdamW steps on the paired layers only, KL to the dense model when ``distill``
-    else LM loss; default: one pass over the fit batches, the step that wins the quality back on small
-    models: x1.46 -> x1.10 at 4 pairs on SmolLM2, ``benchmarks/results/layer_parallel.md``).
+    else LM loss; default: :func:`condify.training.recovery_steps`, 1-4 passes over the fit batches sized
+    to the data; the step that wins the quality back on small models: x1.46 -> x1.10 at 4 pairs on
+    SmolLM2, ``benchmarks/results/layer_parallel.md``).
     """
 
     owner = "layer-parallel calibrate"
@@ -196,7 +197,7 @@ def calibrate(model: nn.Module, run: Run, opts: LayerParallelCalibration) -> dic
     final = next(c for c in applied_configs(model) if c.method == "layer-parallel")
     n = len(get_adapter(model).layer_list(model))
     result.update(pairs=p, start=start, layers=final.resolve(n), ppl_training_free=math.exp(nll))
-    steps = len(run.fit) if opts.finetune_steps is None else opts.finetune_steps
+    steps = recovery_steps(run.fit) if opts.finetune_steps is None else opts.finetune_steps
     if steps:
         layers = get_adapter(model).layer_list(model)
         params = [prm for i in final.resolve(n) for prm in layers[i].parameters()]
