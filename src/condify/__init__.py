@@ -73,8 +73,8 @@ def calibrate(
     :func:`condify.batches.split_holdout`; default: the last 10 % of ``data``, at least one batch of
     two or more). ``keep_if_better`` (default): a recovery fine-tune (dynamic-k's routed fine-tune, lte's
     hard stage, layer-parallel's paired-layer fine-tune, mod-threshold's training) that raises the held-out
-    NLL beyond noise (one paired standard error) is undone and tried once more at a tenth of its rate (:meth:`condify.training.Run.keep_if_better`); ``False`` keeps it as
-    trained. The result always has ``dense_ppl`` and ``ppl`` (held-out perplexity before and after, None without a hold-out), ``ratio``, ``executed``
+    NLL beyond noise (one paired standard error) is undone and tried once more at a tenth of its rate
+    (:meth:`condify.training.Run.keep_if_better`); ``False`` keeps it as trained. The result always has ``dense_ppl`` and ``ppl`` (held-out perplexity before and after, None without a hold-out), ``ratio``, ``executed``
     (fraction of the method's compute that ran on the held-out batches; None where nothing is skipped
     per token), ``tokens`` (trained on), ``seconds``, and the method's own entries. A ratio above 1.5 is logged and warned
     (:class:`QualityWarning`). On any error the model is left exactly as it came, the order of the

@@ -31,11 +31,11 @@ __all__ = [
     "model_bytes",
     "output_cache",
     "perplexity",
-    "token_nlls",
     "prefill_kv_bytes",
     "set_threads",
     "time_decode",
     "time_prefill",
+    "token_nlls",
 ]
 
 FLOP_GROUPS = ("attention", "mlp", "lm_head", "other", "total")
