@@ -31,7 +31,7 @@ from ...config import ConfigError, Options, option
 from ...convert import applied_configs, modify, unmodify, update_config
 from ...patching import patched
 from ...tracking import track
-from ...training import LR_SCALES, Batch, Run, distill_loss, kl_loss, recovery_steps, short_warmup
+from ...training import LR_SCALES, Batch, Run, distill_loss, kl_loss, short_warmup
 from .config import ModThresholdConfig
 from .modules import RouterState, quantile_shift
 
@@ -242,8 +242,8 @@ class ModThresholdCalibration(Options):
     """Options of mod-threshold's ``calibrate``.
 
     ``capacity`` defaults to the config's (and is recorded there). ``router_steps`` first train the
-    routers alone (model frozen), then ``steps`` (default: :func:`condify.training.recovery_steps`, 1-4
-    passes over the fit batches sized to the data) train routers and model together; the capacity ramp
+    routers alone (model frozen), then ``steps`` (default: one pass over the fit batches) train
+    routers and model together; the capacity ramp
     (over the first ``ramp`` fraction) runs over both. ``train``: ``"all"`` decoder layers, ``"gated"``
     layers only, or ``"routers"`` only. ``init`` gives routers that are still at their init (weight 0)
     the training-free start of :func:`init_routers`. The first ``fit_batches`` batches fit the biases
@@ -292,7 +292,7 @@ def calibrate(model: nn.Module, run: Run, opts: ModThresholdCalibration) -> dict
     adapter = get_adapter(model)
     gated, state, batches = _gated(model), _state(model), run.fit
     routers = [p for layer in gated.values() for p in layer.router.parameters()]
-    steps = recovery_steps(run.fit) if opts.steps is None else opts.steps
+    steps = len(run.fit) if opts.steps is None else opts.steps
     total = opts.router_steps + steps
     fit_on = batches[: opts.fit_batches]
     ramp_steps = max(1, round(opts.ramp * total))
