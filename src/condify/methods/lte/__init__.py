@@ -17,8 +17,7 @@ from .config import LteConfig
 from .modules import mode, set_mode, set_threshold
 from .transform import patch_target, remove, targets
 
-# Budgets. Each holds out 10 % of its batches; by default the soft stage makes one pass over the rest and
-# the hard stage 1-4 (condify.training.recovery_steps; "long" has data for one).
+# Budgets. Each holds out 10 % of its batches; by default each stage makes one pass over the rest.
 # "quick": CI smoke (seconds); "cpu": the setting of benchmarks/results/lte.md (20 soft + 40 hard steps of
 # 2 x 128 tokens = 15.4k tokens: 15 minutes wall on one thread of the shared, oversubscribed 2-core machine
 # it was measured on, with the held-out evaluations);

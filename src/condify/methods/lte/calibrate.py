@@ -25,10 +25,10 @@
    With ``hold_target`` (default) the shared threshold tracks the target during the fine-tune (the
    routers' inputs drift as the layers below them train, and the executed fraction with them).
 
-Budget rule, one batch per step over the calibration batches (the fit batches, i.e. without the
-hold-out): ``soft_steps`` defaults to one pass (the routers); ``hard_steps`` to
-:func:`condify.training.recovery_steps`, 1-4 passes sized to the data (whole passes, for 32k tokens), as
-dynamic-k's routed fine-tune. The result reports ``passes``; more passes than that are logged as a warning.
+Budget rule: each stage makes at most one pass over the calibration batches (the fit batches, i.e.
+without the hold-out) by default: ``soft_steps`` and ``hard_steps`` default to the number of fit
+batches, one batch per step, so no parameter is trained twice on the same batch. More steps than fit
+batches must be asked for explicitly (they cycle, and the result reports ``passes``).
 The teacher (``distill=True``) is the model as ``calibrate`` received it, without any condify method.
 """
 
@@ -46,7 +46,7 @@ from ...batches import real_tokens
 from ...config import ConfigError, Options, option
 from ...convert import applied_configs, update_config
 from ...tracking import track
-from ...training import Batch, Run, distill_loss, mean_nll, recovery_steps
+from ...training import Batch, Run, distill_loss, mean_nll
 from ..dynamic_k.modules import expert_norms, hidden
 from .config import LteConfig
 from .modules import METHOD, converted, mode, recording, set_threshold
@@ -390,11 +390,10 @@ def calibrate(model: nn.Module, run: Run, opts: LteCalibration) -> dict[str, Any
             f"sparsity or use smaller experts"
         )
     soft_steps = (len(fit) if o.soft_steps is None else o.soft_steps) if soft else 0
-    hard_steps = (recovery_steps(fit) if o.hard_steps is None else o.hard_steps) if hard else 0
+    hard_steps = (len(fit) if o.hard_steps is None else o.hard_steps) if hard else 0
     passes = max(soft_steps, hard_steps) / len(fit)
     if passes > 1:
-        log.log(
-            logging.INFO if o.hard_steps is None and soft_steps <= len(fit) else logging.WARNING,
+        log.warning(
             "lte calibrate: %d steps on %d fit batches: %.1f passes over the data",
             max(soft_steps, hard_steps),
             len(fit),
