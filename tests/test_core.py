@@ -238,6 +238,39 @@ def test_recovery_steps_are_whole_passes_sized_to_the_data():
     assert recovery_steps([]) == 0
 
 
+def test_best_pass_ends_at_the_pass_that_scored_best_on_the_hold_out():
+    """Run.train(best_pass=True) measures the held-out NLL after every pass and puts back the best pass's
+    state; without it (or with the guard off) the model ends where the last step left it."""
+    from condify.training import Run, distill_loss, state_copy
+
+    lm = distill_loss(None)
+    batches = [torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+
+    def run_passes(best_pass: bool, guard: bool = True) -> tuple[Run, list[float]]:
+        model = tiny("llama")
+        run = Run(model, [{"input_ids": b} for b in batches[:3]], [{"input_ids": batches[3]}], guard=guard,
+                  progress=False)  # fmt: skip
+        held = run.held[0]
+
+        def loss(m: nn.Module, b: dict, step: int) -> torch.Tensor:  # pass 1 helps the hold-out, 2-3 hurt it
+            return (1.0 if step < 3 else -1.0) * lm(m, held, step)
+
+        nlls: list[float] = []
+        run.train(list(model.parameters()), 9, loss, lr=3e-3, warmup=0, best_pass=best_pass,
+                  after_step=lambda step, _: nlls.append(run.held_nll()) if step % 3 == 2 else None)  # fmt: skip
+        return run, nlls
+
+    run, nlls = run_passes(best_pass=True)
+    rec = run.passes["train"]
+    assert rec["held_nll"] == pytest.approx(nlls) and rec["kept"] == 1.0  # the caller's after_step still runs
+    assert nlls[0] < min(nlls[1:]) and run.held_nll() == pytest.approx(nlls[0])
+    kept = state_copy(run.model)
+    for best_pass, guard in ((False, True), (True, False)):
+        other, nlls = run_passes(best_pass, guard)
+        assert "train" not in other.passes and other.held_nll() == pytest.approx(nlls[-1]) > run.held_nll()
+    assert all(torch.equal(v, run.model.state_dict()[k]) for k, v in kept.items())
+
+
 def test_calibrate_warns_when_held_out_quality_is_poor():
     model = tiny("llama")
     with torch.no_grad():

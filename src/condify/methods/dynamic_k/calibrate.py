@@ -28,7 +28,8 @@
    co-selected experts are neighbours (:func:`order_experts_`; same function, fewer runs of selected
    experts per token for the CPU decode path).
 5. **Adapt** (``adapt_steps``; default whenever there is a target: :func:`condify.training.recovery_steps`,
-   1-4 passes over the fit batches, sized to the data): fine-tune the model weights (everything but the
+   1-4 passes over the fit batches sized to the data, ending at the pass that scored best on the hold-out):
+   fine-tune the model weights (everything but the
    routers with ``adapt_params="all"``, or only the converted sites with ``"mlp"``) under its own routing
    (mode ``"masked"``: exactly the sparse function, differentiable), KL to the dense model. Routers and
    thresholds stay fixed, so the model learns to work with the selection it will run with. This is the
@@ -405,6 +406,7 @@ def calibrate(model: nn.Module, run: Run, opts: DynamicKCalibration) -> dict[str
         model.eval()
         res["adapt_loss"] = (losses[0], losses[-1]) if losses else None
         res["adapt_steps"], res["adapt_lr"], res["adapt_tried"] = adapt_steps, kept["lr"], kept["tried"]
+        res["adapt_passes"] = run.passes.get("adapt")  # held-out NLL per pass, the pass kept
     if o.oracle:
         run.eval_mode = lambda: mode(model, "oracle")
     model.train(was_training)

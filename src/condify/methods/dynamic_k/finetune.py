@@ -80,9 +80,10 @@ def adapt_(
     """Stage 5: fine-tune the model under its own routing (mode ``"masked"``: each token's unselected
     experts contribute nothing, exactly as in ``"sparse"``); routers and thresholds stay fixed. Rates
     scaled to the weights (``lr_scale``, :func:`condify.training.scale_to_weights`), warm-up over a
-    quarter of the steps."""
+    quarter of the steps. Over several passes the model ends at the pass that scored best on the hold-out
+    (``best_pass``, :meth:`condify.training.Run.train`)."""
     with mode(model, "masked"):
         return run.train(
             _trainable(model, params), steps, distill_loss(teacher),
-            lr=lr, lr_scale=lr_scale, warmup=short_warmup(steps), desc="adapt",
+            lr=lr, lr_scale=lr_scale, warmup=short_warmup(steps), desc="adapt", best_pass=True,
         )  # fmt: skip
