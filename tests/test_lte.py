@@ -178,9 +178,14 @@ def test_defaults_size_steps_from_data() -> None:
     model = tiny("llama")
     condify.modify(model, "lte", expert_size=8)
     res = condify.calibrate(model, data(6), target_sparsity=0.25, progress=False)
-    assert res["soft_steps"] == res["hard_steps"] == 5 and res["passes"] == 1.0  # 6 batches, 1 held out
+    # 6 batches, 1 held out: routers one pass; the hard fine-tune 4 passes (far below RECOVERY_TOKENS)
+    assert res["soft_steps"] == 5 and res["hard_steps"] == 20 and res["passes"] == 4.0
     tried = len(res["hard_tried"])  # a hard stage that raised the held-out NLL is tried again at lr / 10
-    assert res["tokens"] == (5 + 5 * tried) * 4 * 32 and res["ratio"] is not None
+    assert res["tokens"] == (5 + 20 * tried) * 4 * 32 and res["ratio"] is not None
+    passes = res["hard_passes"]  # the last attempt's held-out NLL after each pass, and the pass kept
+    assert len(passes["held_nll"]) == 4 and passes["kept"] == 1 + passes["held_nll"].index(
+        min(passes["held_nll"])
+    )
     assert abs(res["executed_fit"] - 0.75) < 0.05
 
 

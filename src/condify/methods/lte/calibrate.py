@@ -25,10 +25,13 @@
    With ``hold_target`` (default) the shared threshold tracks the target during the fine-tune (the
    routers' inputs drift as the layers below them train, and the executed fraction with them).
 
-Budget rule: each stage makes at most one pass over the calibration batches (the fit batches, i.e.
-without the hold-out) by default: ``soft_steps`` and ``hard_steps`` default to the number of fit
-batches, one batch per step, so no parameter is trained twice on the same batch. More steps than fit
-batches must be asked for explicitly (they cycle, and the result reports ``passes``).
+Budget rule (one batch per step, over the fit batches, i.e. without the hold-out): ``soft_steps``
+defaults to one pass, so no router is trained twice on the same batch; ``hard_steps`` defaults to
+:func:`condify.training.recovery_steps` (1-4 whole passes sized to the data, as dynamic-k's routed
+fine-tune), and over several passes the model ends at the pass that scored best on the hold-out
+(``hard_passes``). Its rate is quoted for weights of RMS 0.2 (``hard_lr_scale="weights"``, as
+dynamic-k's). More soft steps than fit batches must be asked for explicitly (they cycle, and the result
+reports ``passes``).
 The teacher (``distill=True``) is the model as ``calibrate`` received it, without any condify method.
 """
 
@@ -46,7 +49,7 @@ from ...batches import real_tokens
 from ...config import ConfigError, Options, option
 from ...convert import applied_configs, update_config
 from ...tracking import track
-from ...training import Batch, Run, distill_loss, mean_nll
+from ...training import LR_SCALES, Batch, Run, distill_loss, mean_nll, recovery_steps, short_warmup
 from ..dynamic_k.modules import expert_norms, hidden
 from .config import LteConfig
 from .modules import METHOD, converted, mode, recording, set_threshold
@@ -79,6 +82,7 @@ class LteCalibration(Options):
     fit_tokens: int = option(2048, ge=1)
     hard_steps: int | None = option(None, ge=0)
     hard_lr: float = option(3e-4, ge=0.0)
+    hard_lr_scale: str = option("weights", choices=LR_SCALES)
     hard_params: str = option("all", choices=PARAMS)
     hold_target: bool = True
 
@@ -339,10 +343,17 @@ def hard_stage(
             state["logit"] = hold_threshold(model, state["logit"], f, executed)
         return f"executed={f:.2f}"
 
+    base = distill_loss(teacher)
+
+    def loss_fn(m: nn.Module, b: Batch, step: int) -> torch.Tensor:
+        for r in recs:  # only this step's scores: not those of a held-out pass evaluation (best_pass)
+            r.clear()
+        return base(m, b, step)
+
     with mode(model, "masked"), recording(model) as recs:
         losses = run.train(
-            _trainable(model, o.hard_params), steps, distill_loss(teacher), after_step=after,
-            lr=o.hard_lr, warmup=max(1, steps // 10), desc="lte hard",
+            _trainable(model, o.hard_params), steps, loss_fn, after_step=after, lr=o.hard_lr,
+            lr_scale=o.hard_lr_scale, warmup=short_warmup(steps), desc="lte hard", best_pass=True,
         )  # fmt: skip
     out: dict[str, Any] = {"hard_loss": (losses[0], losses[-1]), "hard_executed": (fs[0], fs[-1])}
     if o.hold_target:
@@ -357,8 +368,8 @@ def calibrate(model: nn.Module, run: Run, opts: LteCalibration) -> dict[str, Any
     ``threshold`` and ``executed_fit`` (hard, on the calibration tokens it was fitted on);
     ``ppl_after_soft`` and ``executed_after_soft`` (held-out, hard mode, when stage 2 follows);
     ``hard_loss`` and ``hard_executed`` (first, last batch of stage 2), ``threshold_after_hard``
-    (``hold_target``); ``soft_steps``, ``hard_steps``, ``passes``. ``condify.calibrate`` adds ``ppl``,
-    ``executed`` and ``executed_per_layer`` (hard mode, held-out)."""
+    (``hold_target``), ``hard_passes``; ``soft_steps``, ``hard_steps``, ``passes``. ``condify.calibrate``
+    adds ``ppl``, ``executed`` and ``executed_per_layer`` (hard mode, held-out)."""
     cfg, o, fit = _cfg(model), opts, run.fit
     n_tokens = real_tokens(fit)
     if n_tokens < MIN_TOKENS:
@@ -390,15 +401,12 @@ def calibrate(model: nn.Module, run: Run, opts: LteCalibration) -> dict[str, Any
             f"sparsity or use smaller experts"
         )
     soft_steps = (len(fit) if o.soft_steps is None else o.soft_steps) if soft else 0
-    hard_steps = (len(fit) if o.hard_steps is None else o.hard_steps) if hard else 0
+    hard_steps = (recovery_steps(fit) if o.hard_steps is None else o.hard_steps) if hard else 0
     passes = max(soft_steps, hard_steps) / len(fit)
-    if passes > 1:
-        log.warning(
-            "lte calibrate: %d steps on %d fit batches: %.1f passes over the data",
-            max(soft_steps, hard_steps),
-            len(fit),
-            passes,
-        )
+    asked = max(soft_steps, hard_steps if o.hard_steps is not None else 0)
+    if asked > len(fit):
+        log.warning("lte calibrate: %d steps on %d fit batches: %.1f passes over the data", asked,
+                    len(fit), asked / len(fit))  # fmt: skip
     res: dict[str, Any] = {"soft_steps": soft_steps, "hard_steps": hard_steps,
                            "passes": passes}  # fmt: skip
     was_training = model.training
@@ -425,6 +433,7 @@ def calibrate(model: nn.Module, run: Run, opts: LteCalibration) -> dict[str, Any
         )  # fmt: skip
         res.update(hard or {})
         res["hard_lr"], res["hard_tried"] = kept["lr"], kept["tried"]
+        res["hard_passes"] = run.passes.get("lte hard")  # held-out NLL per pass, the pass kept
         model.eval()
         update_config(model, cfg.replace(calibrated="hard"))
     model.train(was_training)
