@@ -203,14 +203,14 @@ def test_methods_compose_on_disjoint_layers_and_refuse_overlap(tmp_path):
 )
 def test_defaults_run_the_stages_that_win_quality_back_and_report_held_out(method, budget, entry):
     """``calibrate(model, data, <budget>)`` alone fine-tunes (passes over the fit batches sized to the data:
-    ``recovery_steps``; mod-threshold one pass) and reports held-out quality on batches it did not train on."""
+    ``recovery_steps``) and reports held-out quality on batches it did not train on."""
     model = tiny("llama")
     condify.modify(model, method)
     batches = [torch.randint(0, 128, (2, 32)) for _ in range(10)]
     res = condify.calibrate(model, batches, progress=False, **budget)
     assert entry in res
     one_pass = 9 * 2 * 32  # the 9 fit batches; the 10th is held out
-    passes = 1 if method == "mod-threshold" else 4  # 576 tokens a pass: RECOVERY_MAX_PASSES
+    passes = 4  # 576 tokens a pass: RECOVERY_MAX_PASSES
     assert res["tokens"] in (passes * one_pass, 2 * passes * one_pass)  # one that hurt: retried once
     assert (
         res["dense_ppl"] > 0

@@ -10,7 +10,10 @@ hard keep-rate of that layer matches the scheduled capacity (the ``(1 - c)`` qua
 logits is put at the threshold, smoothed with ``bias_momentum``). This holds every layer exactly at
 its target without fighting the LM gradient, which shapes the router *weights* (which tokens to
 keep). The capacity walks linearly from 1.0 down to the target over the first ``ramp`` fraction of
-the steps. After training, biases are fitted once more layer by layer on the calibration data
+the first pass over the fit batches (router steps included), and holds the target after it. By default
+the model trains for :func:`condify.training.recovery_steps` steps (1-4 whole passes sized to the
+data) and ends at the pass that scored best on the hold-out (every pass ends at the target). After
+training, biases are fitted once more layer by layer on the calibration data
 (:func:`fit_biases`), so the hard keep-rate of every gated layer equals the target on that data.
 """
 
@@ -31,7 +34,7 @@ from ...config import ConfigError, Options, option
 from ...convert import applied_configs, modify, unmodify, update_config
 from ...patching import patched
 from ...tracking import track
-from ...training import LR_SCALES, Batch, Run, distill_loss, kl_loss, short_warmup
+from ...training import LR_SCALES, Batch, Run, distill_loss, kl_loss, recovery_steps, short_warmup
 from .config import ModThresholdConfig
 from .modules import RouterState, quantile_shift
 
@@ -242,9 +245,10 @@ class ModThresholdCalibration(Options):
     """Options of mod-threshold's ``calibrate``.
 
     ``capacity`` defaults to the config's (and is recorded there). ``router_steps`` first train the
-    routers alone (model frozen), then ``steps`` (default: one pass over the fit batches) train
-    routers and model together; the capacity ramp
-    (over the first ``ramp`` fraction) runs over both. ``train``: ``"all"`` decoder layers, ``"gated"``
+    routers alone (model frozen), then ``steps`` (default: :func:`condify.training.recovery_steps`, 1-4
+    passes over the fit batches, ending at the pass that scored best on the hold-out) train routers and
+    model together; the capacity ramp (over the first ``ramp`` fraction of the router steps and the
+    first pass) runs over both. ``train``: ``"all"`` decoder layers, ``"gated"``
     layers only, or ``"routers"`` only. ``init`` gives routers that are still at their init (weight 0)
     the training-free start of :func:`init_routers`. The first ``fit_batches`` batches fit the biases
     (:func:`fit_biases`) before and after training. Loss: KL to the dense model (``distill``) or LM,
@@ -292,10 +296,10 @@ def calibrate(model: nn.Module, run: Run, opts: ModThresholdCalibration) -> dict
     adapter = get_adapter(model)
     gated, state, batches = _gated(model), _state(model), run.fit
     routers = [p for layer in gated.values() for p in layer.router.parameters()]
-    steps = len(run.fit) if opts.steps is None else opts.steps
+    steps = recovery_steps(run.fit) if opts.steps is None else opts.steps
     total = opts.router_steps + steps
     fit_on = batches[: opts.fit_batches]
-    ramp_steps = max(1, round(opts.ramp * total))
+    ramp_steps = max(1, round(opts.ramp * (opts.router_steps + min(steps, len(run.fit)))))
     if opts.init and all(not layer.router.weight.any() for layer in gated.values()):
         init_routers(model, fit_on)
         fit_biases(model, fit_on, 1.0 - (1.0 - capacity) / ramp_steps if total else capacity)
@@ -337,7 +341,7 @@ def calibrate(model: nn.Module, run: Run, opts: ModThresholdCalibration) -> dict
             )
             run.train(
                 groups, n, loss_fn, after_step=after_step, lr_scale=opts.lr_scale, warmup=short_warmup(n),
-                desc=f"mod-threshold: train {phase}",
+                desc=f"mod-threshold: train {phase}", best_pass=phase != "routers",
             )  # fmt: skip
         return fit_biases(model, fit_on, capacity)
 
@@ -355,6 +359,7 @@ def calibrate(model: nn.Module, run: Run, opts: ModThresholdCalibration) -> dict
     for layer in gated.values():
         layer._condify_patch.state.config.capacity = capacity
     result["steps"] = {"routers": opts.router_steps, opts.train: steps}
+    result["passes"] = run.passes.get(f"mod-threshold: train {opts.train}")  # held-out NLL per pass, kept
     result["keep_rates"] = keep_rates(model, fit_on)
     if run.held:
         result["keep_rates_holdout"] = keep_rates(model, run.held)
