@@ -8,15 +8,16 @@ Stages (``condify.calibrate(model, data, stage=...)``):
   where MoT becomes one-token-per-expert routing).
 - ``"transition"``: every MoT layer becomes a token-choice top-k MoE initialised from the MoT weights
   (the controller is the router; the experts are the same blocks), recorded in the saved config, then
-  ``steps`` steps of fine-tuning (default: one pass), kept only if it lowers the held-out NLL of the
-  untrained transitioned MoE (:meth:`~condify.training.Run.keep_if_better`). The KL target is the dense
+  ``steps`` steps of fine-tuning (default: :func:`condify.training.recovery_steps`, 1-4 passes sized to
+  the data, ending at the pass that scored best on the hold-out; warm-up over a quarter of the steps),
+  kept only if it lowers the held-out NLL of the untrained transitioned MoE (:meth:`~condify.training.Run.keep_if_better`). The KL target is the dense
   model as the call received it (``transition_teacher="dense"``, the default: a pretrained model's own
   function) or the MoT model as it was before the switch (``"mot"``, a frozen copy: for MoT trained from
   scratch, as in the paper).
 - ``"full"`` (the default): ``"mot"`` for ``steps``, then ``"transition"`` for ``transition_steps``: one
   call that ends in the batch-independent model. ``transition_steps`` defaults to 10 % of ``steps`` (at
-  least 1; the paper's schedule) when ``steps`` is given, and to one pass when both are sized from the
-  data: on a pretrained model the MoT start is far from dense (x16 on SmolLM2) and the transition
+  least 1; the paper's schedule) when ``steps`` is given, and to ``recovery_steps`` when both are sized
+  from the data: on a pretrained model the MoT start is far from dense (x16 on SmolLM2) and the transition
   fine-tune is what wins quality back (``benchmarks/results/mot.md``).
 
 ``params``: what trains: ``"mlp"`` (the converted MLPs and their controllers), ``"layers"`` (the whole
@@ -37,7 +38,7 @@ from torch import nn
 from ...adapters import get_adapter
 from ...config import ConfigError, Options, option
 from ...convert import applied_configs
-from ...training import Batch, Run, distill_loss, mean_nll
+from ...training import Batch, Run, distill_loss, mean_nll, recovery_steps, short_warmup
 from .config import MoTConfig
 from .modules import METHOD, converted, stage
 from .transform import set_stage
@@ -151,11 +152,12 @@ def _transition(model: nn.Module, run: Run, opts: MoTCalibration, steps: int) ->
 
     def attempt(lr: float) -> list[float]:
         groups = param_groups(model, opts.params, lr, opts.router_lr * lr / opts.lr)
-        return run.train(groups, steps, loss, desc="transition")
+        return run.train(groups, steps, loss, warmup=short_warmup(steps), desc="transition", best_pass=True)
 
     losses, kept = run.keep_if_better(attempt, opts.lr, "mot transition") if steps else ([], {})
     out["transition_losses"] = losses or []
     out["lr_factor"] = None if not kept or kept["lr"] is None else kept["lr"] / opts.lr
+    out["transition_passes"] = run.passes.get("transition")  # held-out NLL per pass, the pass kept
     return out
 
 
@@ -176,11 +178,11 @@ def calibrate(model: nn.Module, run: Run, opts: MoTCalibration) -> dict[str, Any
         result["losses"] = _train_mot(model, run, opts, steps)
     if opts.stage in ("transition", "full"):
         if opts.stage == "transition":
-            t_steps = steps
+            t_steps = recovery_steps(run.fit) if opts.steps is None else opts.steps
         elif opts.transition_steps is not None:
             t_steps = opts.transition_steps
         else:
-            t_steps = one_pass if opts.steps is None else max(1, round(0.1 * steps))
+            t_steps = recovery_steps(run.fit) if opts.steps is None else max(1, round(0.1 * steps))
         result["steps"] = {"mot": steps if opts.stage == "full" else 0, "transition": t_steps}
         result.update(_transition(model, run, opts, t_steps))
     result["temperature"] = {
