@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     p = harness.parser(__doc__, threads=2, out=harness.RESULTS, out_help="output folder")
     p.add_argument("--defaults", nargs="+", type=Path, help="frontier JSON runs: write defaults.md from them")
     p.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
-                   help="a finished run's JSON, then partial JSONs of runs that stopped (same model, text and "
-                   "sizes): one report with the points of all, each method from one run")  # fmt: skip
+                   help="runs on one setting (finished or partial JSONs; same model, text and sizes): one "
+                   "report, each point from the first run that has it, the header from the first")  # fmt: skip
     p.add_argument(
         "--text",
         default="shakespeare",
@@ -64,9 +64,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def merge(out: Path, runs: list[Path]) -> None:
-    """One report from a finished run and the points of stopped runs (methods the finished one lacks)."""
+    """One report from several runs on one setting: each point (method, knob value) from the first run
+    that has it; the first run gives the header (machine, sizes)."""
     res = harness.read_json(runs[0])
-    have = {p["method"] for p in res["points"]}
+    have = {(p["method"], p["knob"], p["value"]) for p in res["points"]}
     extra, commands = [], [res["command"]]
     for path in runs[1:]:
         part = harness.read_json(path)
@@ -74,10 +75,17 @@ def merge(out: Path, runs: list[Path]) -> None:
             raise SystemExit(
                 f"{path}: {part['model']} on {part['text']}, not {res['model']} on {res['text']}"
             )
-        extra += [p for p in part["points"] if p["method"] not in have]
+        new = [p for p in part["points"] if (p["method"], p["knob"], p["value"]) not in have]
+        have |= {(p["method"], p["knob"], p["value"]) for p in new}
+        extra += new
         commands.append(part.get("command", str(path)))
     order = {m: i for i, m in enumerate(frontier.SWEEPS)}
-    res["points"] = sorted(extra + res["points"], key=lambda p: order.get(p["method"], len(order)))
+
+    def rank(p: dict) -> tuple[int, int]:  # sweep order, then each method's values gentle first
+        values = frontier.SWEEPS[p["method"]].values if p["method"] in frontier.SWEEPS else ()
+        return order.get(p["method"], len(order)), values.index(p["value"]) if p["value"] in values else 0
+
+    res["points"] = sorted(res["points"] + extra, key=rank)
     res["command"] = " ; ".join(commands)
     stem = runs[0].name.removesuffix(".json")
     print("wrote", *frontier.report(res, out, stem))

@@ -17,7 +17,8 @@ from .config import LteConfig
 from .modules import mode, set_mode, set_threshold
 from .transform import patch_target, remove, targets
 
-# Budgets. Each holds out 10 % of its batches; by default each stage makes one pass over the rest.
+# Budgets. Each holds out 10 % of its batches; by default the routers make one pass over the rest and
+# the hard fine-tune 1-4 (condify.training.recovery_steps); these recipes pin their steps.
 # "quick": CI smoke (seconds); "cpu": the setting of benchmarks/results/lte.md (20 soft + 40 hard steps of
 # 2 x 128 tokens = 15.4k tokens: 15 minutes wall on one thread of the shared, oversubscribed 2-core machine
 # it was measured on, with the held-out evaluations);

@@ -6,7 +6,8 @@ contiguous neuron blocks (after a balanced k-means permutation, in place) and ad
 per expert (continuous, causal, needs batch % G == 0). ``calibrate(stage="mot")`` trains it;
 ``calibrate(stage="transition")`` turns it into a sparse token-choice MoE (top-k through
 ``condify.ops.expert_mlp``, any batch size, ``generate`` with the cache) and fine-tunes it; the stage is
-saved in the config. ``stage="full"`` (the default) does both in one call, one pass over the data each.
+saved in the config. ``stage="full"`` (the default) does both in one call: one pass of MoT, then the
+transition's recovery fine-tune (:func:`condify.training.recovery_steps`, 1-4 passes sized to the data).
 
 The conversion is far from dense at init (each token receives about 1/G of the expert compute, on
 mixed inputs): on SmolLM2-135M, G=2 and 16 experts in layers 15-29, held-out perplexity is x29 of dense
