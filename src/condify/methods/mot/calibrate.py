@@ -10,15 +10,16 @@ Stages (``condify.calibrate(model, data, stage=...)``):
   (the controller is the router; the experts are the same blocks), recorded in the saved config, then
   ``steps`` steps of fine-tuning (default: :func:`condify.training.recovery_steps`, 1-4 passes sized to
   the data, ending at the pass that scored best on the hold-out; warm-up over a quarter of the steps),
-  kept only if it lowers the held-out NLL of the untrained transitioned MoE (:meth:`~condify.training.Run.keep_if_better`). The KL target is the dense
-  model as the call received it (``transition_teacher="dense"``, the default: a pretrained model's own
-  function) or the MoT model as it was before the switch (``"mot"``, a frozen copy: for MoT trained from
-  scratch, as in the paper).
+  kept only if it lowers the held-out NLL of the untrained transitioned MoE
+  (:meth:`~condify.training.Run.keep_if_better`). The KL target is the dense model as the call received
+  it (``transition_teacher="dense"``, the default: a pretrained model's own function) or the MoT model as
+  it was before the switch (``"mot"``, a frozen copy: for MoT trained from scratch, as in the paper).
 - ``"full"`` (the default): ``"mot"`` for ``steps``, then ``"transition"`` for ``transition_steps``: one
   call that ends in the batch-independent model. ``transition_steps`` defaults to 10 % of ``steps`` (at
   least 1; the paper's schedule) when ``steps`` is given, and to ``recovery_steps`` when both are sized
-  from the data: on a pretrained model the MoT start is far from dense (x16 on SmolLM2) and the transition
-  fine-tune is what wins quality back (``benchmarks/results/mot.md``).
+  from the data: on a pretrained model the MoT start is far from dense (x16 on SmolLM2) and the
+  transition fine-tune is what wins quality back (``benchmarks/results/mot.md``; with the passes, top-8
+  on Gemma-3-270M x2.113 -> x1.546, ``recovery_passes.md``).
 
 ``params``: what trains: ``"mlp"`` (the converted MLPs and their controllers), ``"layers"`` (the whole
 converted decoder layers), ``"all"``. Controllers train at ``router_lr``.
