@@ -67,7 +67,11 @@ def merge(out: Path, runs: list[Path]) -> None:
     """One report from several runs on one setting: each point (method, knob value) from the first run
     that has it; the first run gives the header (machine, sizes)."""
     res = harness.read_json(runs[0])
-    have = {(p["method"], p["knob"], p["value"]) for p in res["points"]}
+
+    def key(p: dict) -> tuple:
+        return p["method"], p["knob"], p["value"]
+
+    have = {key(p) for p in res["points"]}
     extra, commands = [], [res["command"]]
     for path in runs[1:]:
         part = harness.read_json(path)
@@ -75,8 +79,8 @@ def merge(out: Path, runs: list[Path]) -> None:
             raise SystemExit(
                 f"{path}: {part['model']} on {part['text']}, not {res['model']} on {res['text']}"
             )
-        new = [p for p in part["points"] if (p["method"], p["knob"], p["value"]) not in have]
-        have |= {(p["method"], p["knob"], p["value"]) for p in new}
+        new = [p for p in part["points"] if key(p) not in have]
+        have |= {key(p) for p in new}
         extra += new
         commands.append(part.get("command", str(path)))
     order = {m: i for i, m in enumerate(frontier.SWEEPS)}
