@@ -19,7 +19,7 @@ from pathlib import Path
 
 import harness
 
-from condify import frontier
+from condify import WARN_RATIO, frontier
 
 TARGETS = {"gentle": 1.10, "strong": 1.25}
 
@@ -104,8 +104,11 @@ def render(out: Path, runs: list[Path]) -> None:
         "both settings; calibrate warns (`condify.QualityWarning`) above x1.5. Rows from `benchmarks/frontier.py`",
         "(one run per setting; see each `frontier-*.md` for the command, machine and the baseline).",
         "",
-        "| setting | method | budget | ratio | target | met | executed | tokens | minutes |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "`calibrate`: the ratio on calibrate's own hold-out, with its upper bound (`ratio_high`) where the run",
+        "recorded it; `warns`: whether that call raised `condify.QualityWarning` (ratio or bound above x1.5).",
+        "",
+        "| setting | method | budget | ratio | target | met | calibrate | warns | executed | tokens | minutes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for path in runs:
         res = harness.read_json(path)
@@ -118,9 +121,12 @@ def render(out: Path, runs: list[Path]) -> None:
             target = TARGETS["gentle" if i == 0 else "strong"]
             met = "yes" if pt["ratio"] <= target else "**no**"
             ex = "-" if pt.get("executed") is None else f"{pt['executed']:.1%}"
+            cal, high = pt["calibrate_ratio"], pt.get("calibrate_ratio_high")
+            said = f"x{cal:.3f}" + (f" (<= x{high:.3f})" if high is not None else "")
+            warns = "yes" if max(cal, high or 0.0) > WARN_RATIO else "no"
             lines.append(
                 f"| {setting} | {pt['method']} | {pt['knob']}={pt['value']} | x{pt['ratio']:.3f} | x{target} "
-                f"| {met} | {ex} | {pt['tokens']} | {pt['minutes']:.1f} |"
+                f"| {met} | {said} | {warns} | {ex} | {pt['tokens']} | {pt['minutes']:.1f} |"
             )
     harness.write_markdown(out / "defaults.md", lines)
     print(f"wrote {out / 'defaults.md'}")

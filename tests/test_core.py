@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -284,7 +286,28 @@ def test_calibrate_warns_when_held_out_quality_is_poor():
         res = condify.calibrate(
             model, batches, router_steps=0, target_sparsity=0.9, adapt_steps=0, progress=False
         )
-    assert res["ratio"] > 1.5
+    assert res["ratio"] > 1.5 and res["ratio_high"] >= res["ratio"]
+    assert res["ratio"] == pytest.approx(res["ppl"] / res["dense_ppl"])
+
+
+@pytest.mark.parametrize("tokens, warned", [(64, True), (20_000, False)])
+def test_quality_warning_allows_for_a_small_hold_out(tokens: int, warned: bool):
+    """x1.42 on the hold-out is under the x1.5 bar, but on 64 tokens it is not told apart from x1.5: warn."""
+    from condify import _quality, _report
+
+    change = torch.randn(tokens, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    change = (change - change.mean()) / change.std() + math.log(1.42)  # mean log 1.42, one nat spread
+    dense = torch.full((tokens,), 3.0, dtype=torch.float64)
+    q = _quality(dense, dense + change)
+    assert q["ratio"] == pytest.approx(1.42) and q["dense_ppl"] == pytest.approx(math.exp(3.0))
+    assert q["ratio_high"] == pytest.approx(1.42 * math.exp(2 / math.sqrt(tokens)))
+    result = {"method": "dynamic-k", "executed": 0.5, **q}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _report(result, 1, tokens)
+    messages = [str(w.message) for w in caught if w.category is condify.QualityWarning]
+    assert len(messages) == warned
+    assert not warned or ("within the hold-out's noise" in messages[0] and "holdout=" in messages[0])
 
 
 def test_keep_if_better_undoes_a_fine_tune_that_hurts_held_out_quality():

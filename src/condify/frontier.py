@@ -135,7 +135,7 @@ def method_point(ctx: Context, sweep: Sweep, value: float | int, progress: bool 
     point = {
         "method": sweep.method, "knob": sweep.knob, "value": value, "modify": mod_opts, "calibrate": cal_opts,
         "tokens": cal["tokens"], "minutes": seconds / 60, "calibrate_ratio": cal["ratio"],
-        "executed": cal["executed"],
+        "calibrate_ratio_high": cal["ratio_high"], "executed": cal["executed"],
     }  # fmt: skip
     point.update(ctx.judge(model))
     return point
