@@ -1,21 +1,21 @@
 """One point of a method on a frontier setting with extra ``calibrate`` options; prints one JSON line.
 
-Same windows as ``frontier.py`` (seed 0): ``modify(model, METHOD)`` then ``calibrate(model, train,
-KNOB=VALUE, **options)`` (the method's budget knob, as the frontier sweeps it), judged on the test split.
+Same windows and judge as ``frontier.py`` (seed 0): ``modify(model, METHOD)`` then ``calibrate(model,
+train, KNOB=VALUE, **options)`` (the method's budget knob, as the frontier sweeps it), judged on the test
+split. The line is a frontier point (``frontier.py --merge`` takes a file of them) with ``options`` added.
 
     .venv/bin/python benchmarks/point.py dynamic-k gemma3 python-docs 12 256 8 0.5 '{"adapt_lr": 1e-4}'
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
-import time
 
 import harness
 import torch
 
-import condify
 from condify import evaluate, frontier
 
 
@@ -27,21 +27,15 @@ def main(
     model, train, held, dense = harness.frontier_windows(
         model_name, text, int(batches), int(seq_len), int(evals)
     )
-    mod_opts, cal_opts = frontier.SWEEPS[method].calls(float(value) if "." in value else int(value))
-    t0 = time.time()
-    condify.modify(model, method, **mod_opts)
-    cal = condify.calibrate(model, train, progress=False, **cal_opts, **json.loads(options))
-    ratio = evaluate.perplexity(model, held, progress=False) / dense
-    scalars = {k: v for k, v in cal.items() if not isinstance(v, (dict, list))}
-    out = {
-        "method": method,
-        "value": value,
-        "test_ratio": ratio,
-        "options": json.loads(options),
-        "minutes": (time.time() - t0) / 60,
-        "cal": scalars,
-    }
-    print("RESULT", json.dumps(out, default=str), flush=True)
+    model.eval()
+    ctx = frontier.Context(
+        model, train, held, dense, evaluate.executed_flops(model, held[0][:1]), speed=False
+    )
+    extra = json.loads(options)
+    sweep = frontier.SWEEPS[method]
+    sweep = dataclasses.replace(sweep, calibrate={**sweep.calibrate, **extra})
+    point = frontier.method_point(ctx, sweep, float(value) if "." in value else int(value))
+    print("RESULT", json.dumps({**point, "options": extra}, default=str), flush=True)
 
 
 if __name__ == "__main__":

@@ -204,9 +204,11 @@ def scale_to_weights(model: nn.Module, groups: list[dict[str, Any]]) -> list[dic
     return out
 
 
-def recovery_steps(batches: list[Batch]) -> int:
+def recovery_steps(
+    batches: list[Batch], tokens: int = RECOVERY_TOKENS, max_passes: int = RECOVERY_MAX_PASSES
+) -> int:
     """Default length of a recovery fine-tune on ``batches``, one batch per step: whole passes, enough for
-    ``RECOVERY_TOKENS`` tokens, at least one and at most ``RECOVERY_MAX_PASSES``.
+    ``tokens`` tokens (default ``RECOVERY_TOKENS``), at least one and at most ``max_passes``.
 
     Measured on dynamic-k's routed fine-tune at a 50 % target (held-out test ratio at 1 / 2 / 4 passes):
     SmolLM2 + shakespeare, 7k tokens a pass, x1.372 / x1.291 / x1.238; Gemma-3-270M + python-docs, 2.8k
@@ -215,7 +217,7 @@ def recovery_steps(batches: list[Batch]) -> int:
     per_pass = real_tokens(batches)
     if not batches or per_pass == 0:
         return len(batches)
-    return len(batches) * min(RECOVERY_MAX_PASSES, max(1, math.ceil(RECOVERY_TOKENS / per_pass)))
+    return len(batches) * min(max_passes, max(1, math.ceil(tokens / per_pass)))
 
 
 def short_warmup(steps: int) -> int:
@@ -449,7 +451,7 @@ class Run:
         attempt: Callable[[float], T],
         lr: float,
         desc: str,
-        factors: Sequence[float] = LR_FALLBACK,
+        factors: Sequence[float | tuple[float, ...]] = LR_FALLBACK,
         *,
         fallback: Callable[[], None] | None = None,
     ) -> tuple[T | None, dict[str, Any]]:
@@ -465,15 +467,19 @@ class Run:
         noise is kept: the held-out slice can be one window (256 tokens on Gemma-3's frontier setting),
         where a fine-tune that lowered the test perplexity x1.662 -> x1.462 raised it 3.261 -> 3.281.
         The held-out batches decide, so the ratio calibrate then reports has been used for this one
-        choice (the frontier judges on text calibrate never saw).
+        choice (the frontier judges on text calibrate never saw). An entry of ``factors`` that is a tuple
+        is a choice: each of its rates is tried from the model as it came and the one with the lowest
+        held-out NLL is the entry's attempt (one more copy of the state is held meanwhile); without a
+        hold-out only its first rate runs.
         ``fallback``: what the model is without the stage, when that is not the model as it comes (e.g.
         mod-threshold's routers refitted to the final capacity without training); it is applied to the
         model as it came to measure the bar, and again when nothing is kept.
         Returns the kept attempt's result and ``{"lr", "held_nll": (before, after), "tried": [(lr, nll,
         standard error of the change)]}``.
         """
+        groups = [f if isinstance(f, tuple) else (f,) for f in factors]
         if not self.held or not self.guard:
-            return attempt(lr), {"lr": lr, "held_nll": None, "tried": []}
+            return attempt(lr * groups[0][0]), {"lr": lr * groups[0][0], "held_nll": None, "tried": []}
         state = state_copy(self.model)
 
         def put_back() -> None:
@@ -485,10 +491,8 @@ class Run:
         bar = float(before.mean())
         put_back()
         tried: list[tuple[float, float, float]] = []
-        for f in factors:
-            out = attempt(lr * f)
-            rise, se = paired_change(before, self.held_nlls())
-            tried.append((lr * f, bar + rise, se))
+        for group in groups:
+            out, f, rise, se = self._best_rate(attempt, lr, group, before, put_back, tried)
             if rise <= GUARD_SE * se:
                 return out, {"lr": lr * f, "held_nll": (bar, bar + rise), "tried": tried}
             put_back()
@@ -505,6 +509,36 @@ class Run:
             stacklevel=3,
         )
         return None, {"lr": None, "held_nll": (bar, bar), "tried": tried}
+
+    def _best_rate(
+        self,
+        attempt: Callable[[float], T],
+        lr: float,
+        group: tuple[float, ...],
+        before: torch.Tensor,
+        put_back: Callable[[], None],
+        tried: list[tuple[float, float, float]],
+    ) -> tuple[T, float, float, float]:
+        """Run ``attempt(lr * f)`` for each ``f`` of ``group`` from the model as it came (``put_back``);
+        the model ends at the one with the lowest held-out NLL. Returns its result, factor and paired
+        change (mean, standard error) against ``before``; every rate's ``(lr, nll, se)`` joins ``tried``."""
+        best: tuple[T, float, float, float] | None = None
+        best_state: dict[str, torch.Tensor] | None = None  # None while the model itself is the best so far
+        best_passes = dict(self.passes)
+        for j, f in enumerate(group):
+            if j:
+                best_state = state_copy(self.model) if best_state is None else best_state
+                put_back()
+            out = attempt(lr * f)
+            rise, se = paired_change(before, self.held_nlls())
+            tried.append((lr * f, float(before.mean()) + rise, se))
+            if best is None or rise < best[2]:
+                best, best_state, best_passes = (out, f, rise, se), None, dict(self.passes)
+            elif best_state is not None:
+                put_state(self.model, best_state)
+        self.passes = best_passes  # the per-pass record of the attempt kept
+        assert best is not None
+        return best
 
 
 def state_copy(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -37,14 +37,15 @@ RECIPES = {
     ),
     "cpu": Recipe(
         {"expert_size": 32, "clustering": "coactivation"},
-        {"router_steps": 300, "router_tokens": 4096, "target_sparsity": 0.5, "adapt_steps": 48},  # one pass, as measured
+        {"router_steps": 300, "router_tokens": 4096, "target_sparsity": 0.5, "adapt_steps": 48,
+         "adapt_lr_choice": None},  # one pass at one rate, as measured
         Data(2, 128, 53),
     ),
     "long": Recipe(
         {"expert_size": 32, "clustering": "coactivation"},
         {
             "router_steps": 3000, "router_tokens": 65536, "coactivation_tokens": 8192, "target_sparsity": 0.5,
-            "adapt_steps": 2000, "adapt_lr": 1e-4,
+            "adapt_steps": 2000, "adapt_lr": 1e-4, "adapt_lr_choice": None,
         },
         Data(8, 512, 2200),
     ),

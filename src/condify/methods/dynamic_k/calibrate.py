@@ -33,9 +33,13 @@
    routers with ``adapt_params="all"``, or only the converted sites with ``"mlp"``) under its own routing
    (mode ``"masked"``: exactly the sparse function, differentiable), KL to the dense model. Routers and
    thresholds stay fixed, so the model learns to work with the selection it will run with. This is the
-   step that recovers quality on a non-ReLU model (``benchmarks/results/dynamic_k_adapt.md``). It is kept
-   only if it lowers the held-out NLL, else retried at a tenth of ``adapt_lr``, else undone
-   (``Run.keep_if_better``). ``adapt_lr`` is quoted for weights of RMS 0.2: with ``adapt_lr_scale=
+   step that recovers quality on a non-ReLU model (``benchmarks/results/dynamic_k_adapt.md``). It runs
+   at ``adapt_lr`` and at ``adapt_lr_choice`` x ``adapt_lr`` (None: only the first), each from the same
+   start, and keeps the one that scored better on the hold-out: no one rate suits every model and data
+   size (frontier settings, 75 % / 50 % targets, 3e-4 vs 1e-4: SmolLM2 x1.058 / x1.219 vs x1.284 at
+   50 %, Gemma-3-270M x1.147 / x1.487 vs x1.102 / x1.380; calibrate's hold-out picked the better rate in
+   each; ``benchmarks/results/dynamic_k_rates.md``). The kept attempt must not raise the held-out NLL
+   beyond noise, else the stage is retried at a tenth of ``adapt_lr``, else undone (``Run.keep_if_better``). ``adapt_lr`` is quoted for weights of RMS 0.2: with ``adapt_lr_scale=
    "weights"`` (default) each of the model's own matrices trains at ``adapt_lr`` x its RMS / 0.2 and the
    stage warms up over a quarter of its steps; unscaled (``"none"``, one warm-up step) the rate took
    Gemma-3-270M (matrices of RMS 0.02-0.04) x1.66 -> x3.21 at a 50 % target, scaled x1.66 -> x1.46
@@ -65,7 +69,7 @@ from ...batches import real_tokens
 from ...config import ConfigError, Options, option
 from ...convert import applied_configs, update_config
 from ...tracking import track
-from ...training import LR_SCALES, Batch, Run, fit_regression, mean_nll, recovery_steps
+from ...training import LR_FALLBACK, LR_SCALES, Batch, Run, fit_regression, mean_nll, recovery_steps
 from .clustering import balanced_kmeans, permutation
 from .config import DynamicKConfig
 from .finetune import PARAMS, adapt_, sparsify_
@@ -321,6 +325,7 @@ class DynamicKCalibration(Options):
     reorder: bool = True
     adapt_steps: int | None = option(None, ge=0)
     adapt_lr: float = option(3e-4, ge=0.0)
+    adapt_lr_choice: float | None = option(1 / 3, gt=0.0)
     adapt_params: str = option("all", choices=PARAMS)
     adapt_lr_scale: str = option("weights", choices=LR_SCALES)
     oracle: bool = False
@@ -402,6 +407,7 @@ def calibrate(model: nn.Module, run: Run, opts: DynamicKCalibration) -> dict[str
                 lr_scale=o.adapt_lr_scale,
             ),
             o.adapt_lr, "dynamic-k adapt",
+            factors=((1.0,) if o.adapt_lr_choice is None else (1.0, o.adapt_lr_choice), *LR_FALLBACK[1:]),
         )  # fmt: skip
         model.eval()
         res["adapt_loss"] = (losses[0], losses[-1]) if losses else None

@@ -11,8 +11,9 @@ logits is put at the threshold, smoothed with ``bias_momentum``). This holds eve
 its target without fighting the LM gradient, which shapes the router *weights* (which tokens to
 keep). The capacity walks linearly from 1.0 down to the target over the first ``ramp`` fraction of
 the first pass over the fit batches (router steps included), and holds the target after it. By default
-the model trains for :func:`condify.training.recovery_steps` steps (1-4 whole passes sized to the
-data) and ends at the pass that scored best on the hold-out (every pass ends at the target). After
+the model trains for ``TRAIN_TOKENS`` tokens in whole passes (1-``TRAIN_MAX_PASSES``, twice the other
+methods' recovery fine-tune: :func:`condify.training.recovery_steps`) and ends at the pass that scored
+best on the hold-out (every pass ends at the target). After
 training, biases are fitted once more layer by layer on the calibration data
 (:func:`fit_biases`), so the hard keep-rate of every gated layer equals the target on that data.
 """
@@ -34,13 +35,29 @@ from ...config import ConfigError, Options, option
 from ...convert import applied_configs, modify, unmodify, update_config
 from ...patching import patched
 from ...tracking import track
-from ...training import LR_SCALES, Batch, Run, distill_loss, kl_loss, recovery_steps, short_warmup
+from ...training import (
+    LR_SCALES,
+    RECOVERY_MAX_PASSES,
+    RECOVERY_TOKENS,
+    Batch,
+    Run,
+    distill_loss,
+    kl_loss,
+    recovery_steps,
+    short_warmup,
+)
 from .config import ModThresholdConfig
 from .modules import RouterState, quantile_shift
 
 log = logging.getLogger("condify")
 
 _TRAIN = ("all", "gated", "routers")
+# Default training length: twice the recovery fine-tunes' (RECOVERY_TOKENS, 4 passes). mod-threshold
+# learns which tokens skip while the layers adapt, and on small data gains from passes beyond 4:
+# SmolLM2 + shakespeare, capacity 0.75, 7k tokens a pass: 4 passes x1.123, 8 passes x1.091 (test split;
+# benchmarks/results/mod_threshold_passes.md).
+TRAIN_TOKENS = 2 * RECOVERY_TOKENS
+TRAIN_MAX_PASSES = 2 * RECOVERY_MAX_PASSES
 
 
 def _gated(model: nn.Module) -> dict[int, nn.Module]:
@@ -245,8 +262,8 @@ class ModThresholdCalibration(Options):
     """Options of mod-threshold's ``calibrate``.
 
     ``capacity`` defaults to the config's (and is recorded there). ``router_steps`` first train the
-    routers alone (model frozen), then ``steps`` (default: :func:`condify.training.recovery_steps`, 1-4
-    passes over the fit batches, ending at the pass that scored best on the hold-out) train routers and
+    routers alone (model frozen), then ``steps`` (default: ``TRAIN_TOKENS`` tokens in 1-8 whole passes
+    over the fit batches, ending at the pass that scored best on the hold-out) train routers and
     model together; the capacity ramp (over the first ``ramp`` fraction of the router steps and the
     first pass) runs over both. ``train``: ``"all"`` decoder layers, ``"gated"``
     layers only, or ``"routers"`` only. ``init`` gives routers that are still at their init (weight 0)
@@ -296,7 +313,7 @@ def calibrate(model: nn.Module, run: Run, opts: ModThresholdCalibration) -> dict
     adapter = get_adapter(model)
     gated, state, batches = _gated(model), _state(model), run.fit
     routers = [p for layer in gated.values() for p in layer.router.parameters()]
-    steps = recovery_steps(run.fit) if opts.steps is None else opts.steps
+    steps = recovery_steps(run.fit, TRAIN_TOKENS, TRAIN_MAX_PASSES) if opts.steps is None else opts.steps
     total = opts.router_steps + steps
     fit_on = batches[: opts.fit_batches]
     ramp_steps = max(1, round(opts.ramp * (opts.router_steps + min(steps, len(run.fit)))))
