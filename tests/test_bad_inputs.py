@@ -347,7 +347,7 @@ OPTION_CASES = [
     ("mod-threshold", {"sink_tokens": -1}, "`sink_tokens` must be an integer >= 0"),
     ("mod-threshold", {"threshold": 0.0}, "`threshold` must be a number > 0.0 and < 1.0, got 0.0"),
     ("mod-threshold", {"threshold": 1.5}, "`threshold` must be a number > 0.0 and < 1.0, got 1.5"),
-    ("mod-threshold", {"capacity": 0}, "`capacity` must be an integer > 0.0 and <= 1.0, got 0"),
+    ("mod-threshold", {"capacity": 0}, "`capacity` must be a number > 0.0 and <= 1.0, got 0"),
     ("mod-threshold", {"mode": "fast"}, "`mode` must be one of \\('gather', 'mask'\\), got 'fast'"),
     ("mod-threshold", {"debug_checks": 1}, "`debug_checks` must be bool, got 1 \\(int\\)"),
     ("mod-threshold", {"layers": [10]}, "layer indices \\[10\\] are out of range"),

@@ -127,7 +127,7 @@ class Options:
             "lt": (float.__lt__, "<"),
         }
         if not all(ops[k][0](float(value), float(b)) for k, b in bounds):
-            kind = "an integer" if isinstance(value, int) else "a number"
+            kind = "a number" if "float" in str(f.type) else "an integer"  # what the option takes
             allowed = " and ".join(f"{ops[k][1]} {b}" for k, b in bounds)
             raise ConfigError(f"{self.owner}: `{f.name}` must be {kind} {allowed}, got {value!r}")
 
