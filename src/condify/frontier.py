@@ -368,13 +368,13 @@ def plot(points: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
     by: dict[str, list[dict[str, Any]]] = {}
     for p in points:
         by.setdefault(p["method"], []).append(p)
-    for name, ps in by.items():
-        style = "k--o" if "baseline" in name else "-o"
+    for i, (name, ps) in enumerate(by.items()):
+        fmt, color = ("--o", "k") if "baseline" in name else ("-o", f"C{i}")  # one colour per method
         for ax, x in zip(axes, keys, strict=True):
             xs = [(p[x], p["ratio"]) for p in ps if p.get(x) is not None]
             if xs:
                 xs.sort()
-                ax.plot([a for a, _ in xs], [b for _, b in xs], style, label=name)
+                ax.plot([a for a, _ in xs], [b for _, b in xs], fmt, color=color, label=name)
     for ax, x in zip(axes, keys, strict=True):
         ax.set_xlabel(labels[x])
         ax.set_ylabel("held-out perplexity / dense (lower is better)")

@@ -55,7 +55,7 @@ _TRAIN = ("all", "gated", "routers")
 # Default training length: twice the recovery fine-tunes' (RECOVERY_TOKENS, 4 passes). mod-threshold
 # learns which tokens skip while the layers adapt, and on small data gains from passes beyond 4:
 # SmolLM2 + shakespeare, capacity 0.75, 7k tokens a pass: 4 passes x1.123, 8 passes x1.091 (test split;
-# benchmarks/results/mod_threshold_passes.md).
+# benchmarks/results/rates_and_passes.md).
 TRAIN_TOKENS = 2 * RECOVERY_TOKENS
 TRAIN_MAX_PASSES = 2 * RECOVERY_MAX_PASSES
 
