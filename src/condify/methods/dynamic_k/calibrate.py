@@ -39,7 +39,8 @@
    size (frontier settings, 75 % / 50 % targets, 3e-4 vs 1e-4: SmolLM2 x1.058 / x1.219 vs x1.284 at
    50 %, Gemma-3-270M x1.147 / x1.487 vs x1.102 / x1.380; calibrate's hold-out picked the better rate in
    each; ``benchmarks/results/rates_and_passes.md``). The kept attempt must not raise the held-out NLL
-   beyond noise, else the stage is retried at a tenth of ``adapt_lr``, else undone (``Run.keep_if_better``). ``adapt_lr`` is quoted for weights of RMS 0.2: with ``adapt_lr_scale=
+   beyond noise, else the stage is retried at a tenth of ``adapt_lr``, else undone
+   (``Run.keep_if_better``). ``adapt_lr`` is quoted for weights of RMS 0.2: with ``adapt_lr_scale=
    "weights"`` (default) each of the model's own matrices trains at ``adapt_lr`` x its RMS / 0.2 and the
    stage warms up over a quarter of its steps; unscaled (``"none"``, one warm-up step) the rate took
    Gemma-3-270M (matrices of RMS 0.02-0.04) x1.66 -> x3.21 at a 50 % target, scaled x1.66 -> x1.46

@@ -13,9 +13,9 @@ keep). The capacity walks linearly from 1.0 down to the target over the first ``
 the first pass over the fit batches (router steps included), and holds the target after it. By default
 the model trains for ``TRAIN_TOKENS`` tokens in whole passes (1-``TRAIN_MAX_PASSES``, twice the other
 methods' recovery fine-tune: :func:`condify.training.recovery_steps`) and ends at the pass that scored
-best on the hold-out (every pass ends at the target). After
-training, biases are fitted once more layer by layer on the calibration data
-(:func:`fit_biases`), so the hard keep-rate of every gated layer equals the target on that data.
+best on the hold-out (every pass ends at the target). After training, biases are fitted once more layer
+by layer on the calibration data (:func:`fit_biases`), so the hard keep-rate of every gated layer equals
+the target on that data.
 """
 
 from __future__ import annotations
