@@ -180,7 +180,9 @@ def test_defaults_size_steps_from_data() -> None:
     res = condify.calibrate(model, data(6), target_sparsity=0.25, progress=False)
     # 6 batches, 1 held out: routers one pass; the hard fine-tune 4 passes (far below RECOVERY_TOKENS)
     assert res["soft_steps"] == 5 and res["hard_steps"] == 20 and res["passes"] == 4.0
-    tried = len(res["hard_tried"])  # a hard stage that raised the held-out NLL is tried again at lr / 10
+    rates = [t[0] for t in res["hard_tried"]]  # the default rate and a third of it, each from the same start
+    assert rates[:2] == pytest.approx([3e-4, 1e-4]) and res["hard_lr"] in (*rates, None)
+    tried = len(rates)  # a hard stage that raised the held-out NLL beyond noise is tried again at lr / 10
     assert res["tokens"] == (5 + 20 * tried) * 4 * 32 and res["ratio"] is not None
     passes = res["hard_passes"]  # the last attempt's held-out NLL after each pass, and the pass kept
     assert len(passes["held_nll"]) == 4 and passes["kept"] == 1 + passes["held_nll"].index(

@@ -32,6 +32,7 @@ from .config import ConfigError
 log = logging.getLogger("condify")
 T = TypeVar("T")
 LR_FALLBACK = (1.0, 0.1)  # recovery fine-tunes: the method's rate, then a tenth of it (Run.keep_if_better)
+RATE_CHOICE = 1 / 3  # recovery fine-tunes choose between their rate and this fraction of it (lr_factors)
 GUARD_SE = 1.0  # Run.keep_if_better: a held-out NLL rise within this many paired standard errors is noise
 LR_REFERENCE_RMS = 0.2  # rates are quoted for weight matrices of this RMS (SmolLM2-135M's: 0.17-0.20)
 LR_SCALES = ("weights", "none")
@@ -202,6 +203,11 @@ def scale_to_weights(model: nn.Module, groups: list[dict[str, Any]]) -> list[dic
             rms = float(torch.linalg.vector_norm(p.detach())) / math.sqrt(p.numel())
             out.append({**g, "params": [p], "lr": g["lr"] * (rms / LR_REFERENCE_RMS if rms > 0 else 1.0)})
     return out
+
+
+def lr_factors(choice: float | None) -> tuple[float | tuple[float, ...], ...]:
+    """``Run.keep_if_better`` factors: a choice of the rate and ``choice`` x it (None: the rate alone), then the fallback."""
+    return ((1.0,) if choice is None else (1.0, choice), *LR_FALLBACK[1:])
 
 
 def recovery_steps(

@@ -70,7 +70,16 @@ from ...batches import real_tokens
 from ...config import ConfigError, Options, option
 from ...convert import applied_configs, update_config
 from ...tracking import track
-from ...training import LR_FALLBACK, LR_SCALES, Batch, Run, fit_regression, mean_nll, recovery_steps
+from ...training import (
+    LR_SCALES,
+    RATE_CHOICE,
+    Batch,
+    Run,
+    fit_regression,
+    lr_factors,
+    mean_nll,
+    recovery_steps,
+)
 from .clustering import balanced_kmeans, permutation
 from .config import DynamicKConfig
 from .finetune import PARAMS, adapt_, sparsify_
@@ -326,7 +335,7 @@ class DynamicKCalibration(Options):
     reorder: bool = True
     adapt_steps: int | None = option(None, ge=0)
     adapt_lr: float = option(3e-4, ge=0.0)
-    adapt_lr_choice: float | None = option(1 / 3, gt=0.0)
+    adapt_lr_choice: float | None = option(RATE_CHOICE, gt=0.0)
     adapt_params: str = option("all", choices=PARAMS)
     adapt_lr_scale: str = option("weights", choices=LR_SCALES)
     oracle: bool = False
@@ -408,7 +417,7 @@ def calibrate(model: nn.Module, run: Run, opts: DynamicKCalibration) -> dict[str
                 lr_scale=o.adapt_lr_scale,
             ),
             o.adapt_lr, "dynamic-k adapt",
-            factors=((1.0,) if o.adapt_lr_choice is None else (1.0, o.adapt_lr_choice), *LR_FALLBACK[1:]),
+            factors=lr_factors(o.adapt_lr_choice),
         )  # fmt: skip
         model.eval()
         res["adapt_loss"] = (losses[0], losses[-1]) if losses else None

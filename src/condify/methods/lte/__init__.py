@@ -18,7 +18,7 @@ from .modules import mode, set_mode, set_threshold
 from .transform import patch_target, remove, targets
 
 # Budgets. Each holds out 10 % of its batches; by default the routers make one pass over the rest and
-# the hard fine-tune 1-4 (condify.training.recovery_steps); these recipes pin their steps.
+# the hard fine-tune 1-4 (condify.training.recovery_steps) at two rates; these recipes pin their steps and one rate.
 # "quick": CI smoke (seconds); "cpu": the setting of benchmarks/results/lte.md (20 soft + 40 hard steps of
 # 2 x 128 tokens = 15.4k tokens: 15 minutes wall on one thread of the shared, oversubscribed 2-core machine
 # it was measured on, with the held-out evaluations);
@@ -26,9 +26,10 @@ from .transform import patch_target, remove, targets
 RECIPES = {
     "quick": Recipe({"expert_size": 32}, {"target_sparsity": 0.5, "soft_steps": 2, "hard_steps": 2}, Data(2, 64, 4)),
     "cpu": Recipe(
-        {"expert_size": 32}, {"target_sparsity": 0.5, "soft_steps": 20, "hard_steps": 40}, Data(2, 128, 44)
+        {"expert_size": 32}, {"target_sparsity": 0.5, "soft_steps": 20, "hard_steps": 40, "hard_lr_choice": None},
+        Data(2, 128, 44),
     ),
-    "long": Recipe({"expert_size": 32}, {"target_sparsity": 0.5}, Data(8, 512, 2200)),
+    "long": Recipe({"expert_size": 32}, {"target_sparsity": 0.5, "hard_lr_choice": None}, Data(8, 512, 2200)),
 }  # fmt: skip
 
 registry.register(

@@ -30,7 +30,9 @@ defaults to one pass, so no router is trained twice on the same batch; ``hard_st
 :func:`condify.training.recovery_steps` (1-4 whole passes sized to the data, as dynamic-k's routed
 fine-tune), and over several passes the model ends at the pass that scored best on the hold-out
 (``hard_passes``). Its rate is quoted for weights of RMS 0.2 (``hard_lr_scale="weights"``, as
-dynamic-k's). More soft steps than fit batches must be asked for explicitly (they cycle, and the result
+dynamic-k's); it runs at ``hard_lr`` and at ``hard_lr_choice`` x ``hard_lr`` (None: only the first)
+from the same start and keeps the one that scores better on the hold-out (as dynamic-k's routed
+fine-tune: Gemma-3-270M at 75 % executed x1.296 at 3e-4, x1.197 at 1e-4). More soft steps than fit batches must be asked for explicitly (they cycle, and the result
 reports ``passes``).
 The teacher (``distill=True``) is the model as ``calibrate`` received it, without any condify method.
 """
@@ -49,7 +51,17 @@ from ...batches import real_tokens
 from ...config import ConfigError, Options, option
 from ...convert import applied_configs, update_config
 from ...tracking import track
-from ...training import LR_SCALES, Batch, Run, distill_loss, mean_nll, recovery_steps, short_warmup
+from ...training import (
+    LR_SCALES,
+    RATE_CHOICE,
+    Batch,
+    Run,
+    distill_loss,
+    lr_factors,
+    mean_nll,
+    recovery_steps,
+    short_warmup,
+)
 from ..dynamic_k.modules import expert_norms, hidden
 from .config import LteConfig
 from .modules import METHOD, converted, mode, recording, set_threshold
@@ -82,6 +94,7 @@ class LteCalibration(Options):
     fit_tokens: int = option(2048, ge=1)
     hard_steps: int | None = option(None, ge=0)
     hard_lr: float = option(3e-4, ge=0.0)
+    hard_lr_choice: float | None = option(RATE_CHOICE, gt=0.0)
     hard_lr_scale: str = option("weights", choices=LR_SCALES)
     hard_params: str = option("all", choices=PARAMS)
     hold_target: bool = True
@@ -429,7 +442,7 @@ def calibrate(model: nn.Module, run: Run, opts: LteCalibration) -> dict[str, Any
     if hard and hard_steps:
         hard, kept = run.keep_if_better(
             lambda lr: hard_stage(model, run, teacher, dataclasses.replace(o, hard_lr=lr), executed, hard_steps),
-            o.hard_lr, "lte hard",
+            o.hard_lr, "lte hard", factors=lr_factors(o.hard_lr_choice),
         )  # fmt: skip
         res.update(hard or {})
         res["hard_lr"], res["hard_tried"] = kept["lr"], kept["tried"]
