@@ -2,8 +2,8 @@
 
 Same windows and judge as ``frontier.py`` (seed 0): ``modify(model, METHOD)`` then ``calibrate(model,
 train, KNOB=VALUE, **options)`` (the method's budget knob, as the frontier sweeps it), judged on the test
-split. The line is a frontier point (``frontier.py --merge`` takes a file of them) with ``options`` and
-``calibrate_result`` (calibrate's own result, its scalars, lists and per-pass records) added.
+split. The line is a frontier point (``frontier.py --merge`` takes a file of them, calibrate's own result
+included) with ``options`` added.
 
     .venv/bin/python benchmarks/point.py dynamic-k gemma3 python-docs 12 256 8 0.5 '{"adapt_lr": 1e-4}'
 """
@@ -17,7 +17,6 @@ import sys
 import harness
 import torch
 
-import condify
 from condify import evaluate, frontier
 
 
@@ -36,22 +35,10 @@ def main(
     extra = json.loads(options)
     sweep = frontier.SWEEPS[method]
     sweep = dataclasses.replace(sweep, calibrate={**sweep.calibrate, **extra})
-    seen: list[dict] = []
-    calibrate = condify.calibrate
-
-    def keep(*args: object, **kwargs: object) -> dict:  # calibrate's own result, kept for the line
-        seen.append(calibrate(*args, **kwargs))
-        return seen[-1]
-
-    condify.calibrate = keep
-    try:
-        point = frontier.method_point(ctx, sweep, float(value) if "." in value else int(value))
-    finally:
-        condify.calibrate = calibrate
-    scalars = {k: v for k, v in seen[-1].items() if not isinstance(v, dict) or k.endswith("passes")}
+    point = frontier.method_point(ctx, sweep, float(value) if "." in value else int(value))
     print(
         "RESULT",
-        json.dumps({**point, "options": extra, "calibrate_result": scalars}, default=str),
+        json.dumps({**point, "options": extra}, default=str),
         flush=True,
     )
 

@@ -76,6 +76,8 @@ def test_sweep_on_a_tiny_model_has_every_method_the_baseline_and_the_composed_po
         assert 0 < p["executed_flops"] < 2  # routers can cost more than they save on a 32-wide model
     dk = res["points"][0]
     assert dk["executed"] == pytest.approx(0.5, abs=0.2)  # of the MLP (its routers cost more at width 32)
+    for p in res["points"][: len(frontier.SWEEPS)]:  # calibrate's own result is kept with each method point
+        assert p["calibrate_result"]["ratio"] == p["calibrate_ratio"] and "tokens" in p["calibrate_result"]
     path = frontier.plot(res["points"], tmp_path / "f.png", "tiny")
     assert path.stat().st_size > 1000
     rows = frontier.table(res["points"])

@@ -123,7 +123,9 @@ class Context:
 
 
 def method_point(ctx: Context, sweep: Sweep, value: float | int, progress: bool = False) -> dict[str, Any]:
-    """Convert a copy of the dense model with ``sweep``'s method at ``value`` and defaults; judge it."""
+    """Convert a copy of the dense model with ``sweep``'s method at ``value`` and defaults; judge it.
+
+    The point keeps calibrate's own result (``calibrate_result``: its scalars, lists and per-pass records)."""
     import condify
 
     mod_opts, cal_opts = sweep.calls(value)
@@ -136,6 +138,7 @@ def method_point(ctx: Context, sweep: Sweep, value: float | int, progress: bool 
         "method": sweep.method, "knob": sweep.knob, "value": value, "modify": mod_opts, "calibrate": cal_opts,
         "tokens": cal["tokens"], "minutes": seconds / 60, "calibrate_ratio": cal["ratio"],
         "calibrate_ratio_high": cal["ratio_high"], "executed": cal["executed"],
+        "calibrate_result": {k: v for k, v in cal.items() if not isinstance(v, dict) or k.endswith("passes")},
     }  # fmt: skip
     point.update(ctx.judge(model))
     return point
