@@ -28,7 +28,8 @@ from condify import evaluate
 from condify.batches import as_batches, split_holdout, vocab_size
 from condify.methods.dynamic_k.finetune import _trainable
 from condify.methods.dynamic_k.modules import mode
-from condify.training import Run, distill_loss, frozen_teacher, kl_loss
+from condify.run import Run
+from condify.training import distill_loss, frozen_teacher, kl_loss
 
 
 def main(name: str, text: str, batches: str, seq_len: str, evals: str, target: str, variants: str) -> None:

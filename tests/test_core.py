@@ -243,7 +243,8 @@ def test_recovery_steps_are_whole_passes_sized_to_the_data():
 def test_best_pass_ends_at_the_pass_that_scored_best_on_the_hold_out():
     """Run.train(best_pass=True) measures the held-out NLL after every pass and puts back the best pass's
     state; without it (or with the guard off) the model ends where the last step left it."""
-    from condify.training import Run, distill_loss, state_copy
+    from condify.run import Run, state_copy
+    from condify.training import distill_loss
 
     lm = distill_loss(None)
     batches = [torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(4)]
@@ -313,7 +314,8 @@ def test_quality_warning_allows_for_a_small_hold_out(tokens: int, warned: bool):
 def test_keep_if_better_undoes_a_fine_tune_that_hurts_held_out_quality():
     """Run.keep_if_better keeps an attempt that lowers the held-out NLL; one that raises it is undone to the
     bit (every tensor of the state) and retried at a smaller rate; when none helps the model is as it was."""
-    from condify.training import Run, distill_loss, mean_nll
+    from condify.run import Run
+    from condify.training import distill_loss, mean_nll
 
     model = tiny("llama")
     batches = [{"input_ids": torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(i))}
@@ -360,7 +362,7 @@ def test_keep_if_better_undoes_a_fine_tune_that_hurts_held_out_quality():
 def test_keep_if_better_chooses_the_rate_that_scores_best_on_the_hold_out(best: int):
     """A tuple of factors is a choice: every rate runs from the same start and the model ends bit-equal to
     the best one run alone (whichever position it has); each rate is in ``tried``; no hold-out: the first."""
-    from condify.training import Run, state_copy
+    from condify.run import Run, state_copy
 
     batches = [{"input_ids": torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(i))}
                for i in range(4)]  # fmt: skip
@@ -393,7 +395,7 @@ def test_keep_if_better_chooses_the_rate_that_scores_best_on_the_hold_out(best: 
 def test_keep_if_better_keeps_a_held_out_rise_within_noise_and_undoes_one_beyond_it():
     """The guard's bar is the paired standard error of the per-token NLL change: a small mean rise with
     large per-token swings is noise (kept); a uniform rise of the same size is not (undone)."""
-    from condify.training import GUARD_SE, Run, paired_change
+    from condify.run import GUARD_SE, Run, paired_change
 
     before = torch.full((200,), 3.0, dtype=torch.float64)
     swings = torch.tensor([1.0, -1.0] * 100, dtype=torch.float64)

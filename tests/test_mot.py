@@ -355,7 +355,7 @@ def test_failed_transition_leaves_the_mot_model(monkeypatch) -> None:
     def boom(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("condify.training.train", boom)
+    monkeypatch.setattr("condify.run.train", boom)  # what Run.train calls
     with pytest.raises(RuntimeError, match="boom"):
         condify.calibrate(model, data(), stage="transition", steps=2, progress=False)
     assert stage(model) == "mot" and condify.applied_configs(model)[0].stage == "mot"

@@ -79,7 +79,7 @@ def calibrate(
     ``keep_if_better`` (default): a recovery fine-tune (dynamic-k's routed fine-tune, lte's hard stage,
     layer-parallel's paired-layer fine-tune, mod-threshold's training) that raises the held-out NLL
     beyond noise (one paired standard error) is undone and tried once more at a tenth of its rate
-    (:meth:`condify.training.Run.keep_if_better`); ``False`` keeps it as trained.
+    (:meth:`condify.run.Run.keep_if_better`); ``False`` keeps it as trained.
 
     The result always has ``dense_ppl`` and ``ppl`` (held-out perplexity before and after, None without
     a hold-out), ``ratio``, ``ratio_high`` (its upper bound: ``WARN_SE`` paired standard errors of the
@@ -94,7 +94,7 @@ def calibrate(
     from .batches import as_batches, split_holdout, vocab_size
     from .convert import order_configs, unwrap
     from .evaluate import token_nlls
-    from .training import Run, restore, snapshot
+    from .run import Run, restore, snapshot
 
     model = unwrap(model)
     configs = applied_configs(model)
@@ -137,7 +137,7 @@ def calibrate(
 
 def _quality(dense: torch.Tensor, nlls: torch.Tensor) -> dict[str, float]:
     """Perplexities, their ratio and its upper bound from per-token NLLs of one held-out text."""
-    from .training import paired_change
+    from .run import paired_change
 
     rise, se = paired_change(dense, nlls)
     return {

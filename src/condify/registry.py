@@ -63,7 +63,7 @@ class Method:
     - ``remove(model, adapter, config)``: optional; undo what ``patch``/``attach`` did beyond the
       children and forwards the core removes;
     - ``calibrate(model, run, options) -> dict``: the data-dependent step, with a
-      :class:`condify.training.Run` (fit / held-out batches, teacher, progress) and validated
+      :class:`condify.run.Run` (fit / held-out batches, teacher, progress) and validated
       ``options`` (an instance of ``options``, a :class:`condify.config.Options` dataclass);
     - ``recipes``: named budgets, ``"quick"`` (seconds) and ``"cpu"`` (minutes on 2 cores) at least;
     - ``training(model, options) -> TrainingHooks``: optional; the per-step terms of ``calibrate`` for

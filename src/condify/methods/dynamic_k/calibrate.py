@@ -69,17 +69,9 @@ from tqdm.auto import tqdm
 from ...batches import real_tokens
 from ...config import ConfigError, Options, option
 from ...convert import applied_configs, update_config
+from ...run import RATE_CHOICE, Run, lr_factors
 from ...tracking import track
-from ...training import (
-    LR_SCALES,
-    RATE_CHOICE,
-    Batch,
-    Run,
-    fit_regression,
-    lr_factors,
-    mean_nll,
-    recovery_steps,
-)
+from ...training import LR_SCALES, Batch, fit_regression, mean_nll, recovery_steps
 from .clustering import balanced_kmeans, permutation
 from .config import DynamicKConfig
 from .finetune import PARAMS, adapt_, sparsify_

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from ...convert import update_config
-from ...training import Run, distill_loss, short_warmup
+from ...run import Run
+from ...training import distill_loss, short_warmup
 from .config import DynamicKConfig
 from .losses import PENALTIES
 from .modules import converted, mode
@@ -81,7 +82,7 @@ def adapt_(
     experts contribute nothing, exactly as in ``"sparse"``); routers and thresholds stay fixed. Rates
     scaled to the weights (``lr_scale``, :func:`condify.training.scale_to_weights`), warm-up over a
     quarter of the steps. Over several passes the model ends at the pass that scored best on the hold-out
-    (``best_pass``, :meth:`condify.training.Run.train`)."""
+    (``best_pass``, :meth:`condify.run.Run.train`)."""
     with mode(model, "masked"):
         return run.train(
             _trainable(model, params), steps, distill_loss(teacher),

@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 from ...adapters import get_adapter
 from ...config import ConfigError, Options, option
 from ...convert import applied_configs, free_layers, modify, unmodify, update_config
-from ...training import Batch, Run, distill_loss, mean_nll, recovery_steps
+from ...run import Run
+from ...training import Batch, distill_loss, mean_nll, recovery_steps
 from .config import LayerParallelConfig
 
 

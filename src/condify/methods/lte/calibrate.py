@@ -50,18 +50,9 @@ from torch import nn
 from ...batches import real_tokens
 from ...config import ConfigError, Options, option
 from ...convert import applied_configs, update_config
+from ...run import RATE_CHOICE, Run, lr_factors
 from ...tracking import track
-from ...training import (
-    LR_SCALES,
-    RATE_CHOICE,
-    Batch,
-    Run,
-    distill_loss,
-    lr_factors,
-    mean_nll,
-    recovery_steps,
-    short_warmup,
-)
+from ...training import LR_SCALES, Batch, distill_loss, mean_nll, recovery_steps, short_warmup
 from ..dynamic_k.modules import expert_norms, hidden
 from .config import LteConfig
 from .modules import METHOD, converted, mode, recording, set_threshold

@@ -34,13 +34,13 @@ from ...adapters import Adapter, get_adapter
 from ...config import ConfigError, Options, option
 from ...convert import applied_configs, modify, unmodify, update_config
 from ...patching import patched
+from ...run import Run
 from ...tracking import track
 from ...training import (
     LR_SCALES,
     RECOVERY_MAX_PASSES,
     RECOVERY_TOKENS,
     Batch,
-    Run,
     distill_loss,
     kl_loss,
     recovery_steps,

@@ -11,7 +11,7 @@ Stages (``condify.calibrate(model, data, stage=...)``):
   ``steps`` steps of fine-tuning (default: :func:`condify.training.recovery_steps`, 1-4 passes sized to
   the data, ending at the pass that scored best on the hold-out; warm-up over a quarter of the steps),
   kept only if it lowers the held-out NLL of the untrained transitioned MoE
-  (:meth:`~condify.training.Run.keep_if_better`). The KL target is the dense model as the call received
+  (:meth:`~condify.run.Run.keep_if_better`). The KL target is the dense model as the call received
   it (``transition_teacher="dense"``, the default: a pretrained model's own function) or the MoT model as
   it was before the switch (``"mot"``, a frozen copy: for MoT trained from scratch, as in the paper).
 - ``"full"`` (the default): ``"mot"`` for ``steps``, then ``"transition"`` for ``transition_steps``: one
@@ -39,7 +39,8 @@ from torch import nn
 from ...adapters import get_adapter
 from ...config import ConfigError, Options, option
 from ...convert import applied_configs
-from ...training import Batch, Run, distill_loss, mean_nll, recovery_steps, short_warmup
+from ...run import Run
+from ...training import Batch, distill_loss, mean_nll, recovery_steps, short_warmup
 from .config import MoTConfig
 from .modules import METHOD, converted, stage
 from .transform import set_stage
