@@ -392,3 +392,37 @@ def test_default_calibrate_ends_transitioned_after_mot_and_recovery_passes() -> 
     assert len(res["losses"]) == 6 and len(res["transition_losses"]) in (0, 24)
     assert res["tokens"] in (6 * 2 * 16 + 24 * 2 * 16 * k for k in (1, 2))  # one that hurt: retried once
     assert math.isfinite(res["ratio"]) and len(res["transition_passes"]["held_nll"]) == 4
+
+
+def test_transition_router_refit_ranks_experts_by_their_outputs() -> None:
+    """``transition_router="regression"`` (default) refits each router to its experts' log output norms:
+    on held-out tokens its top-k overlaps the top-k by true output norm more than the controller's does,
+    and the switched model is closer to dense. ``"controller"`` keeps the MoT controller as the router."""
+    held = ids(4, 16, seed=50)
+    ref = logits(tiny("llama", inter=128), held)
+    kl, overlap = {}, {}
+    for how in ("controller", "regression"):
+        model = tiny("llama", inter=128)
+        condify.modify(model, "mot", group_size=2, num_experts=16, top_k=4, layers=[0, 1])
+        mlp = site(model)
+        controller = mlp.router.weight.clone()
+        res = condify.calibrate(
+            model, data(n=32), stage="transition", steps=0, transition_router=how, progress=False
+        )
+        assert torch.equal(mlp.router.weight, controller) == (how == "controller")
+        assert ("router_r2" in res) == (how == "regression")
+        xs: list[torch.Tensor] = []
+        hook = mlp.register_forward_pre_hook(lambda m, a, xs=xs: xs.append(a[0].reshape(-1, a[0].shape[-1])))
+        out = logits(model, held)
+        hook.remove()
+        with torch.no_grad():
+            chosen = mlp.router(xs[0]).topk(4, dim=-1).indices
+            norms = torch.stack([torch.stack([expert(mlp, e, v).norm() for e in range(16)]) for v in xs[0]])
+        best = norms.topk(4, dim=-1).indices
+        overlap[how] = (
+            sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(chosen, best, strict=True))
+            / best.numel()
+        )
+        kl[how] = float((ref.softmax(-1) * (ref.log_softmax(-1) - out.log_softmax(-1))).sum(-1).mean())
+    assert overlap["regression"] > overlap["controller"] + 0.05, overlap  # 4 of 16 at random: 0.25
+    assert kl["regression"] < kl["controller"], kl

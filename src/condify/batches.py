@@ -174,6 +174,16 @@ def real_tokens(batches: Iterable[Batch]) -> int:
     )
 
 
+def first_tokens(batches: list[Batch], tokens: int) -> list[Batch]:
+    """The shortest prefix of ``batches`` with at least ``tokens`` real tokens (all of them if fewer)."""
+    out: list[Batch] = []
+    for b in batches:
+        if real_tokens(out) >= tokens:
+            break
+        out.append(b)
+    return out
+
+
 def cycle(batches: list[Batch]) -> Iterator[Batch]:
     while True:
         yield from batches

@@ -66,7 +66,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...batches import real_tokens
+from ...batches import first_tokens, real_tokens
 from ...config import ConfigError, Options, option
 from ...convert import applied_configs, update_config
 from ...run import RATE_CHOICE, Run, lr_factors
@@ -81,16 +81,6 @@ from .thresholds import ALLOCATIONS, fit_tau, order_experts_
 from .transform import gate_features, relayout_
 
 MIN_TOKENS = 256  # calibration tokens (outside the hold-out) below which calibrate refuses to run
-
-
-def _first(batches: list[Batch], tokens: int) -> list[Batch]:
-    """The shortest prefix of ``batches`` with at least ``tokens`` real tokens (all of them if fewer)."""
-    out: list[Batch] = []
-    for b in batches:
-        if real_tokens(out) >= tokens:
-            break
-        out.append(b)
-    return out
 
 
 def _ppl(model: nn.Module, batches: list[Batch]) -> float:
@@ -395,7 +385,7 @@ def calibrate(model: nn.Module, run: Run, opts: DynamicKCalibration) -> dict[str
         data = data or _collect_inputs(model, fit, o.router_tokens)
         res["tau"] = fit_tau(
             model, data, target, allocation=o.allocation, oracle=o.oracle,
-            batches=_first(fit, o.sensitivity_tokens), progress=run.progress,
+            batches=first_tokens(fit, o.sensitivity_tokens), progress=run.progress,
         )  # fmt: skip
         if o.reorder and not o.oracle:
             res.update(order_experts_(model, data))

@@ -47,13 +47,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...batches import real_tokens
+from ...batches import first_tokens, real_tokens
 from ...config import ConfigError, Options, option
 from ...convert import applied_configs, update_config
 from ...run import RATE_CHOICE, Run, lr_factors
 from ...tracking import track
 from ...training import LR_SCALES, Batch, distill_loss, mean_nll, recovery_steps, short_warmup
-from ..dynamic_k.modules import expert_norms, hidden
+from ..dynamic_k.routers import record_norms, ridge
 from .config import LteConfig
 from .modules import METHOD, converted, mode, recording, set_threshold
 
@@ -102,20 +102,6 @@ def _trainable(model: nn.Module, params: str) -> list[nn.Parameter]:
     return [q for _, m in converted(model) for n, q in m.named_parameters() if not n.startswith("router.")]
 
 
-def _take(batches: list[Batch], max_tokens: int) -> list[Batch]:
-    out, seen = [], 0
-    for b in batches:
-        if seen >= max_tokens:
-            break
-        out.append(b)
-        seen += real_tokens([b])
-    return out
-
-
-def _real_rows(b: Batch) -> torch.Tensor | None:
-    return b["attention_mask"].reshape(-1).bool() if "attention_mask" in b else None
-
-
 @torch.no_grad()
 def init_routers(
     model: nn.Module, batches: list[Batch], executed: float, threshold: float
@@ -123,40 +109,15 @@ def init_routers(
     """Stage 0: ridge regression of standardised log expert norms, scaled so ``executed`` of each layer's
     scores are ``>= threshold`` on ``batches``. Returns the mean R^2 of the regression."""
     sites = converted(model)
-    xs: dict[str, list[torch.Tensor]] = {p: [] for p, _ in sites}
-    ys: dict[str, list[torch.Tensor]] = {p: [] for p, _ in sites}
-    keep: list[torch.Tensor | None] = []
-
-    def hook(mod: nn.Module, args: tuple, out: Any, p: str) -> None:
-        st = mod._condify_patch.state
-        x = args[0].reshape(-1, args[0].shape[-1])
-        w = st.adapter.mlp_weights(mod)
-        h = hidden(x, w, st.activation)
-        xs[p].append(x.float())
-        ys[p].append(torch.log(expert_norms(h, w["down"], st.expert_size).float() + 1e-6))
-
-    hooks = [m.register_forward_hook(lambda mod, a, o, p=p: hook(mod, a, o, p)) for p, m in sites]
-    try:
-        with mode(model, "original"):
-            for b in batches:
-                model(**b, use_cache=False)
-                keep.append(_real_rows(b))
-    finally:
-        for h in hooks:
-            h.remove()
+    with mode(model, "original"):
+        recorded = record_norms(model, sites, batches)
     r2 = []
     logit_tau = math.log(threshold / (1 - threshold))
     for p, m in sites:
-        rows = [k if k is not None else slice(None) for k in keep]
-        x = torch.cat([v[r] for v, r in zip(xs.pop(p), rows, strict=True)]).double()
-        y = torch.cat([v[r] for v, r in zip(ys.pop(p), rows, strict=True)]).double()
-        y = (y - y.mean()) / y.std().clamp(min=1e-6)  # one scale per layer: experts stay comparable
-        xa = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
-        gram = xa.t() @ xa
-        ridge = 1e-2 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=x.dtype)
-        coef = torch.linalg.solve(gram + ridge, xa.t() @ y)  # (d + 1, E)
-        z = xa @ coef
-        r2.append(float(1 - ((z - y) ** 2).mean() / (y**2).mean().clamp(min=1e-12)))
+        x, y = recorded.pop(p)
+        weight, bias, fit = ridge(x, y)
+        r2.append(fit)
+        z = x.double() @ weight.t() + bias
         zs = z.flatten().float().sort().values  # (torch.quantile refuses more than 16M values)
         pos = (1 - executed) * (zs.numel() - 1)  # linear interpolation, as torch.quantile
         lo = int(pos)
@@ -164,8 +125,8 @@ def init_routers(
         q = zs[lo] + (pos - lo) * (zs[hi_] - zs[lo]) if executed < 1 else zs[0] - 1
         scale = 2.0 / z.std().clamp(min=1e-6)  # logits with std 2: spread over (0, 1), not saturated
         r = m.router
-        r.weight.copy_((scale * coef[:-1].t()).to(r.weight.dtype))
-        r.bias.copy_((scale * (coef[-1] - q) + logit_tau).to(r.bias.dtype))
+        r.weight.copy_((scale * weight).to(r.weight.dtype))
+        r.bias.copy_((scale * (bias - q) + logit_tau).to(r.bias.dtype))
     return {"router_init_r2": sum(r2) / max(1, len(r2))}
 
 
@@ -419,11 +380,13 @@ def calibrate(model: nn.Module, run: Run, opts: LteCalibration) -> dict[str, Any
     if soft:
         set_threshold(model, cfg.threshold)
         if o.router_init == "regression":
-            res.update(init_routers(model, _take(fit, o.init_tokens), executed, cfg.threshold))
+            res.update(init_routers(model, first_tokens(fit, o.init_tokens), executed, cfg.threshold))
         res.update(soft_stage(model, run, teacher, o, executed, soft_steps))
         model.eval()
         if o.fit_threshold:
-            res["threshold"], res["executed_fit"] = fit_threshold(model, _take(fit, o.fit_tokens), executed)
+            res["threshold"], res["executed_fit"] = fit_threshold(
+                model, first_tokens(fit, o.fit_tokens), executed
+            )
         cfg = cfg.replace(target_sparsity=target, calibrated="soft")
         update_config(model, cfg)
         if run.held and hard_steps:
