@@ -31,9 +31,9 @@ defaults to one pass, so no router is trained twice on the same batch; ``hard_st
 fine-tune), and over several passes the model ends at the pass that scored best on the hold-out
 (``hard_passes``). Its rate is quoted for weights of RMS 0.2 (``hard_lr_scale="weights"``, as
 dynamic-k's); it runs at ``hard_lr`` and at ``hard_lr_choice`` x ``hard_lr`` (None: only the first)
-from the same start and keeps the one that scores better on the hold-out (as dynamic-k's routed
-fine-tune: Gemma-3-270M at 75 % executed x1.296 at 3e-4, x1.197 at 1e-4). More soft steps than fit batches must be asked for explicitly (they cycle, and the result
-reports ``passes``).
+from the same start and keeps the one that scores better on the hold-out, as dynamic-k's routed
+fine-tune (Gemma-3-270M at 75 % executed: x1.296 at 3e-4, x1.197 at 1e-4). More soft steps than fit
+batches must be asked for explicitly (they cycle, and the result reports ``passes``).
 The teacher (``distill=True``) is the model as ``calibrate`` received it, without any condify method.
 """
 

@@ -7,11 +7,13 @@ per expert (continuous, causal, needs batch % G == 0). ``calibrate(stage="mot")`
 ``calibrate(stage="transition")`` turns it into a sparse token-choice MoE (top-k through
 ``condify.ops.expert_mlp``, any batch size, ``generate`` with the cache) and fine-tunes it; the stage is
 saved in the config. ``stage="full"`` (the default) does both in one call: one pass of MoT, then the
-transition's recovery fine-tune (:func:`condify.training.recovery_steps`, 1-4 passes sized to the data).
+transition's recovery fine-tune (:func:`condify.training.recovery_steps`, 1-4 passes sized to the data);
+at the switch each router is refit to rank experts by their outputs (``transition_router``).
 
 The conversion is far from dense at init (each token receives about 1/G of the expert compute, on
 mixed inputs): on SmolLM2-135M, G=2 and 16 experts in layers 15-29, held-out perplexity is x29 of dense
-at t=1 and x12 at t=0.01, and x2.4 for the untrained top-8 transitioned MoE (x243 / x4.1 with G=4).
+at t=1 and x12 at t=0.01, and x2.4 for the untrained top-8 transitioned MoE with the controller as its
+router (x243 / x4.1 with G=4).
 (validation plays, 512 tokens). Training is part of the method (``benchmarks/results/mot.md``).
 """
 
