@@ -17,7 +17,7 @@ import torch
 
 import condify
 from condify.batches import as_batches, first_tokens
-from condify.methods.mot.calibrate import _config, fit_routers
+from condify.methods.mot.calibrate import MoTCalibration, _config, fit_routers
 from condify.methods.mot.transform import set_stage
 from condify.training import mean_nll
 
@@ -29,7 +29,7 @@ def main(model_name: str, text: str, batches: str, seq_len: str, evals: str, top
     dense.eval()
     held = held[:4]
     dense_nll = mean_nll(dense, held)
-    fit = first_tokens(as_batches(train), 2048)
+    fit = first_tokens(as_batches(train), MoTCalibration().router_tokens)  # calibrate's default
     for start in ("modify", "after the MoT pass"):
         model = copy.deepcopy(dense)
         condify.modify(model, "mot", top_k=int(top_k))
