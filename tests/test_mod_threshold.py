@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen3Config
@@ -280,6 +282,34 @@ def test_short_calibrate_moves_keep_rates_toward_target() -> None:
     assert res["tokens"] == tries * 6 * 4 * 32 and len(res["losses"]) == 6
     assert condify.applied_configs(model)[0].capacity == 0.5
     _generate_equal(model, *left_padded(3, 9), new=5)
+
+
+def test_calibrate_scores_what_it_returns_at_the_target_capacity() -> None:
+    """Each pass is scored with the biases fitted to the target (the controller lags it while the layers
+    train), so the pass kept scores exactly what calibrate returns and reports."""
+    from condify.batches import as_batches
+    from condify.methods.mod_threshold.calibrate import at_capacity
+
+    model = tiny("llama")
+    condify.modify(model, method="mod-threshold", layers=[1, 2, 3, 4])
+    torch.manual_seed(0)
+    data = [torch.randint(3, 128, (4, 32)) for _ in range(3)]
+    holdout = [torch.randint(3, 128, (4, 32))]
+    res = condify.calibrate(
+        model, data, capacity=0.5, steps=9, holdout=holdout, progress=False, lr=1e-3, router_lr=1e-2
+    )
+    passes = res["passes"]
+    assert res["lr_factor"] == 1.0 and len(passes["held_nll"]) == 3, (res["tried"], passes)
+    kept = passes["held_nll"][int(passes["kept"]) - 1]
+    assert math.isclose(math.log(res["ppl"]), kept, rel_tol=1e-9), (res["ppl"], passes)
+    gated = [layer for _, layer in patched(model, "mod-threshold")]
+    with torch.no_grad():
+        for layer in gated:
+            layer.router.bias += 3.0  # keeps more than the target
+    moved = [float(layer.router.bias) for layer in gated]
+    with at_capacity(model, as_batches(data, torch.device("cpu")), 0.5):
+        assert all(abs(r - 0.5) <= 0.05 for r in keep_rates(model, data).values())
+    assert [float(layer.router.bias) for layer in gated] == moved
 
 
 @pytest.mark.slow
