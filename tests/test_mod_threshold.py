@@ -279,7 +279,7 @@ def test_short_calibrate_moves_keep_rates_toward_target() -> None:
     assert all(abs(r - 0.5) <= 0.05 for r in res["keep_rates"].values()), res["keep_rates"]
     assert all(abs(r - 0.5) <= 0.25 for r in res["keep_rates_holdout"].values()), res["keep_rates_holdout"]
     tries = len(res["tried"])  # training that lost to the training-free routers is tried once more
-    assert res["tokens"] == tries * 6 * 4 * 32 and len(res["losses"]) == 6
+    assert res["tokens"] == tries * 6 * 4 * 32 and len(res["losses"]) == len(res["train_keep"]) == 6
     assert condify.applied_configs(model)[0].capacity == 0.5
     _generate_equal(model, *left_padded(3, 9), new=5)
 

@@ -326,7 +326,9 @@ class ModThresholdCalibration(Options):
 
 def calibrate(model: nn.Module, run: Run, opts: ModThresholdCalibration) -> dict[str, Any]:
     """Train routers (and the model, per ``train``) to keep a fraction ``capacity`` of tokens per
-    layer. Returns per-layer keep-rates (fit and held-out batches), losses and bias shifts."""
+    layer. Returns per-layer keep-rates (fit and held-out batches), losses, per training step the
+    scheduled capacity and its forward's mean keep-rate (``train_keep``, before the step's bias move) and
+    bias shifts."""
     cfg = next(c for c in applied_configs(model) if c.method == "mod-threshold")
     capacity = cfg.capacity if opts.capacity is None else opts.capacity
     chosen = choose_layers(model, run, cfg, capacity, opts.select_batches) if cfg.auto_layers else None
@@ -348,6 +350,7 @@ def calibrate(model: nn.Module, run: Run, opts: ModThresholdCalibration) -> dict
         "train": opts.train,
         "distill": opts.distill,
         "losses": [],
+        "train_keep": [],
     }
     step = 0
     rec: dict[int, Any] = {}
@@ -364,12 +367,13 @@ def calibrate(model: nn.Module, run: Run, opts: ModThresholdCalibration) -> dict
         c_t = 1.0 - (1.0 - capacity) * min(1.0, (step + 1) / ramp_steps)
         keep = hold_capacity(gated, rec, c_t, cfg.threshold, opts.bias_momentum)
         result["losses"].append(loss)
+        result["train_keep"].append((round(c_t, 4), round(keep, 4)))
         step += 1
         return f"cap={c_t:.2f} keep={keep:.2f}"
 
     def attempt(scale: float) -> Any:  # both phases at ``scale`` x the learning rates, then the final biases
         nonlocal step
-        step, result["losses"] = 0, []
+        step, result["losses"], result["train_keep"] = 0, [], []
         for phase, n, params in (
             ("routers", opts.router_steps, []),
             (opts.train, steps, _params(model, adapter, gated, opts.train)),
