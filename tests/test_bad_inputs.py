@@ -307,6 +307,19 @@ def test_structural_fallback_accepts_an_exact_view(method, tmp_path):
     assert_unchanged(model, before)
 
 
+@pytest.mark.parametrize("arch", ["gemma2", "olmo2", "granite", "starcoder2", "llama"])
+def test_structural_fallback_finds_the_adapters_view(arch):
+    """Sandwich norms, post-norms, a residual scale and a plain MLP are found from the module tree alone: the view the
+    fallback verifies is the architecture's adapter (its name and the fields only data can give aside)."""
+    import dataclasses
+
+    from condify.adapters import ADAPTERS, get_adapter
+
+    found = get_adapter(_unknown(tiny(arch)))
+    want = dataclasses.replace(ADAPTERS[arch], norm_offset=0.0, qk_norm=False, fusable=False)
+    assert dataclasses.replace(found, name=want.name) == want
+
+
 def test_unsupported_meta_model_for_the_fallback():
     with torch.device("meta"):
         model = _unknown(tiny("llama"))

@@ -51,10 +51,12 @@ NOT_DENSE_AT_INIT = {
 }
 
 
-def _model(method: str, routed: bool = True, **overrides) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(dense, converted) tiny llamas; with ``routed`` the converted one has random new parameters."""
-    dense = tiny("llama", **overrides)
-    model = tiny("llama", **overrides)
+def _model(
+    method: str, routed: bool = True, arch: str = "llama", **overrides
+) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(dense, converted) tiny models; with ``routed`` the converted one has random new parameters."""
+    dense = tiny(arch, **overrides)
+    model = tiny(arch, **overrides)
     opts = {**OPTIONS.get(method, {}), **(ROUTED.get(method, {}) if routed else {})}
     condify.modify(model, method, **opts)
     if routed:
@@ -98,6 +100,30 @@ def test_unmodify_is_exact(method):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert all(v.is_contiguous() for v in a.values())
     assert repr(model) == repr(dense) and not hasattr(model.config, "condify")
+
+
+# sandwich norms (Gemma-2), post-norms only (OLMo-2), a residual scale (Granite), a plain MLP with biases
+# (StarCoder2), the structural fallback on a fused gate|up MLP (GLM: no adapter names it)
+@pytest.mark.parametrize("arch", ["gemma2", "olmo2", "granite", "starcoder2", "glm"])
+@pytest.mark.parametrize("method", METHODS)
+def test_other_architectures(method, arch):
+    if method not in NOT_DENSE_AT_INIT:
+        dense, model = _model(method, routed=False, arch=arch)
+        x = _ids()
+        torch.testing.assert_close(_logits(model, x), _logits(dense, x), atol=1e-5, rtol=1e-5)
+    dense, model = _model(method, arch=arch)
+    x = _ids(2, 7)
+    assert not torch.allclose(_logits(model, x), _logits(dense, x), atol=1e-4)  # routing is not trivial
+    kw = dict(
+        max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True
+    )
+    with torch.no_grad():
+        cached = model.generate(x, use_cache=True, **kw)
+    whole = _logits(model, cached.sequences)
+    for i, step in enumerate(cached.logits):
+        torch.testing.assert_close(step, whole[:, x.shape[1] - 1 + i], atol=1e-4, rtol=1e-4)
+    condify.unmodify(model)
+    assert torch.equal(_logits(model, x), _logits(dense, x))
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -5,14 +5,19 @@ from __future__ import annotations
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
     Gemma3TextConfig,
     GemmaConfig,
+    GlmConfig,
     GPT2Config,
+    GraniteConfig,
     LlamaConfig,
     MistralConfig,
+    Olmo2Config,
     Phi3Config,
     Qwen2Config,
     Qwen3Config,
+    Starcoder2Config,
 )
 
 COMMON = dict(
@@ -32,6 +37,11 @@ CONFIGS = {
     "gemma3_text": lambda: Gemma3TextConfig(
         **COMMON, head_dim=16, sliding_window=8, layer_types=["full_attention"] * 6
     ),
+    "gemma2": lambda: Gemma2Config(**COMMON, head_dim=16, sliding_window=8),  # sliding/full alternate
+    "granite": lambda: GraniteConfig(**COMMON, residual_multiplier=0.5, embedding_multiplier=2.0),
+    "olmo2": lambda: Olmo2Config(**COMMON, pad_token_id=0),  # norms after the blocks, none before
+    "starcoder2": lambda: Starcoder2Config(**COMMON, sliding_window=8),  # plain MLP with biases
+    "glm": lambda: GlmConfig(**COMMON, head_dim=16, pad_token_id=0),  # no adapter: the structural fallback
     "phi3": lambda: Phi3Config(**COMMON, pad_token_id=0),
     "gpt2": lambda: GPT2Config(n_embd=64, n_layer=6, n_head=4, n_inner=96, vocab_size=128, n_positions=64),
 }

@@ -27,9 +27,9 @@ class Adapter:
     layers: str = "model.layers"  # from the top-level model
     attn: str = "self_attn"  # from a decoder layer
     mlp: str = "mlp"
-    attn_norm: str = "input_layernorm"
-    attn_post_norm: str | None = None  # sandwich norms (Gemma 2/3)
-    mlp_norm: str = "post_attention_layernorm"
+    attn_norm: str | None = "input_layernorm"  # None: no pre-norm (OLMo-2 normalises after the blocks)
+    attn_post_norm: str | None = None  # sandwich norms (Gemma 2/3), post-norms (OLMo-2)
+    mlp_norm: str | None = "post_attention_layernorm"
     mlp_post_norm: str | None = None
     q: str | None = "q_proj"  # from the attention module
     k: str | None = "k_proj"
@@ -42,6 +42,7 @@ class Adapter:
     gate_up: str | None = None  # fused [gate; up] projection (Phi-3)
     act: str = "act_fn"
     conv1d: bool = False  # GPT-2 Conv1D stores weights as (in, out)
+    residual_scale: str | None = None  # decoder-layer attribute scaling both residual updates (Granite)
     norm_offset: float = 0.0  # Gemma RMSNorm multiplies by (1 + weight)
     qk_norm: bool = False  # per-head q/k norms inside attention (Qwen3, Gemma3)
     fusable: bool = False  # layer-parallel may fuse pairs into wide GEMMs
@@ -51,6 +52,25 @@ class Adapter:
 
     def part(self, layer: nn.Module, name: str | None) -> nn.Module | None:
         return None if name is None else layer.get_submodule(name)
+
+    def attn_update(self, layer: nn.Module, x: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        """What ``layer``'s attention adds to the residual stream ``x`` (norms and residual scale applied)."""
+        out = layer.get_submodule(self.attn)(hidden_states=self.norm(layer, self.attn_norm, x), **kwargs)
+        return self._residual(layer, self.attn_post_norm, _first(out))
+
+    def mlp_update(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """What ``layer``'s MLP adds to the residual stream ``h`` (norms and residual scale applied)."""
+        out = layer.get_submodule(self.mlp)(self.norm(layer, self.mlp_norm, h))
+        return self._residual(layer, self.mlp_post_norm, out)
+
+    @staticmethod
+    def norm(layer: nn.Module, name: str | None, x: torch.Tensor) -> torch.Tensor:
+        """``layer``'s norm ``name`` applied to ``x`` (``x`` itself when the adapter names none)."""
+        return x if name is None else layer.get_submodule(name)(x)
+
+    def _residual(self, layer: nn.Module, post_norm: str | None, out: torch.Tensor) -> torch.Tensor:
+        out = self.norm(layer, post_norm, out)
+        return out if self.residual_scale is None else out * getattr(layer, self.residual_scale)
 
     def mlp_weights(self, mlp: nn.Module) -> dict[str, torch.Tensor | None]:
         """The MLP as nn.Linear-layout weights: gate/up (I, d), down (d, I), biases; views, no copies."""
@@ -75,22 +95,23 @@ class Adapter:
 
 
 _LLAMA = Adapter("llama", fusable=True)
+_GEMMA2 = dataclasses.replace(
+    _LLAMA,
+    name="gemma2",
+    attn_post_norm="post_attention_layernorm",
+    mlp_norm="pre_feedforward_layernorm",
+    mlp_post_norm="post_feedforward_layernorm",
+    norm_offset=1.0,
+    fusable=False,
+)
 ADAPTERS: dict[str, Adapter] = {
     "llama": _LLAMA,
     "mistral": dataclasses.replace(_LLAMA, name="mistral"),
     "qwen2": dataclasses.replace(_LLAMA, name="qwen2"),
     "qwen3": dataclasses.replace(_LLAMA, name="qwen3", qk_norm=True, fusable=False),
     "gemma": dataclasses.replace(_LLAMA, name="gemma", norm_offset=1.0),
-    "gemma3_text": dataclasses.replace(
-        _LLAMA,
-        name="gemma3_text",
-        attn_post_norm="post_attention_layernorm",
-        mlp_norm="pre_feedforward_layernorm",
-        mlp_post_norm="post_feedforward_layernorm",
-        norm_offset=1.0,
-        qk_norm=True,
-        fusable=False,
-    ),
+    "gemma2": _GEMMA2,
+    "gemma3_text": dataclasses.replace(_GEMMA2, name="gemma3_text", qk_norm=True),
     "phi3": dataclasses.replace(
         _LLAMA,
         name="phi3",
@@ -103,6 +124,21 @@ ADAPTERS: dict[str, Adapter] = {
         gate_up="gate_up_proj",
         act="activation_fn",
         fusable=False,
+    ),
+    "olmo2": dataclasses.replace(
+        _LLAMA,
+        name="olmo2",
+        attn_norm=None,
+        attn_post_norm="post_attention_layernorm",
+        mlp_norm=None,
+        mlp_post_norm="post_feedforward_layernorm",
+        fusable=False,
+    ),
+    "granite": dataclasses.replace(
+        _LLAMA, name="granite", residual_scale="residual_multiplier", fusable=False
+    ),
+    "starcoder2": dataclasses.replace(
+        _LLAMA, name="starcoder2", gate=None, up="c_fc", down="c_proj", act="act", fusable=False
     ),
     "gpt2": Adapter(
         "gpt2",
@@ -128,8 +164,19 @@ def supported() -> list[str]:
     return sorted(ADAPTERS)
 
 
-def _structural(model: nn.Module) -> Adapter | None:
-    """Guess an adapter for an unknown decoder-only model from its module tree."""
+_MLPS = (  # (gate, up, down, gate_up): GLU, fused GLU (Phi-3, GLM), plain up/down (Arcee, StarCoder2)
+    ("gate_proj", "up_proj", "down_proj", None),
+    (None, None, "down_proj", "gate_up_proj"),
+    (None, "up_proj", "down_proj", None),
+    (None, "c_fc", "c_proj", None),
+)
+
+
+def _structural(model: nn.Module) -> list[Adapter]:
+    """Candidate adapters for an unknown decoder-only model, guessed from its module tree (each still
+    has to pass :func:`verify`): the layer list, its attention and MLP children, the projections they
+    hold, and the norms in registration order, read as sandwich norms (four: attention pre/post, MLP
+    pre/post, as Gemma-2/3), as pre-norms, or as post-norms (two, after the blocks, as OLMo-2)."""
     n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     for path, mod in model.named_modules():
         if not isinstance(mod, nn.ModuleList) or len(mod) == 0 or (n is not None and len(mod) != n):
@@ -141,39 +188,77 @@ def _structural(model: nn.Module) -> Adapter | None:
         norms = [c for c, m in children.items() if "norm" in type(m).__name__.lower() or "ln" in c]
         if attn is None or mlp is None or len(norms) < 2:
             continue
+        attn_children = set(dict(layer.get_submodule(attn).named_children()))
         mlp_children = set(dict(layer.get_submodule(mlp).named_children()))
-        for base in (_LLAMA, ADAPTERS["phi3"]):
-            names = [base.gate, base.up, base.down, base.gate_up]
-            if all(x in mlp_children for x in names if x):
-                act = next((a for a in ("act_fn", "activation_fn", "act") if a in mlp_children), base.act)
-                return dataclasses.replace(
-                    base, name=f"structural:{path}", layers=path, attn=attn, mlp=mlp,
-                    attn_norm=norms[0], mlp_norm=norms[1], act=act, fusable=False,
-                )  # fmt: skip
-    return None
+        if {"q_proj", "k_proj", "v_proj"} <= attn_children:
+            proj = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "qkv": None}
+        elif "qkv_proj" in attn_children:
+            proj = {"q": None, "k": None, "v": None, "qkv": "qkv_proj"}
+        else:
+            continue
+        shape = next((m for m in _MLPS if all(x in mlp_children for x in m if x)), None)
+        if shape is None or "o_proj" not in attn_children:
+            continue
+        gate, up, down, gate_up = shape
+        act = next((a for a in ("act_fn", "activation_fn", "act") if a in mlp_children), "act_fn")
+        scale = (
+            "residual_multiplier" if isinstance(getattr(layer, "residual_multiplier", None), float) else None
+        )
+        base = dataclasses.replace(
+            _LLAMA, name=f"structural:{path}", layers=path, attn=attn, mlp=mlp, **proj, gate=gate, up=up,
+            down=down, gate_up=gate_up, act=act, residual_scale=scale, fusable=False,
+        )  # fmt: skip
+        out = []
+        if len(norms) == 4:
+            a_pre, a_post, m_pre, m_post = norms
+            out.append(dataclasses.replace(
+                base, name=f"{base.name}:sandwich", attn_norm=a_pre, attn_post_norm=a_post, mlp_norm=m_pre,
+                mlp_post_norm=m_post,
+            ))  # fmt: skip
+        out.append(dataclasses.replace(base, attn_norm=norms[0], mlp_norm=norms[1]))
+        if len(norms) == 2:  # norms after the blocks, none before (OLMo-2, EXAONE-4)
+            out.append(dataclasses.replace(
+                base, name=f"{base.name}:post", attn_norm=None, attn_post_norm=norms[0], mlp_norm=None,
+                mlp_post_norm=norms[1],
+            ))  # fmt: skip
+        return out
+    return []
 
 
 def get_adapter(model: nn.Module) -> Adapter:
     """The adapter for ``model`` (by ``config.model_type``, else structural), validated against it."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     adapter = ADAPTERS.get(model_type)
-    structural = adapter is None
-    if structural:
-        adapter = _structural(model)
-    if adapter is None:
+    if adapter is not None:
+        _check(model, adapter)
+        return adapter
+    candidates = _structural(model)
+    if not candidates:
         raise UnsupportedModelError(
             f"condify does not know how to convert model_type {model_type!r} ({type(model).__name__}): "
-            f"no adapter and the structural fallback found no decoder-layer list with attention, MLP and "
-            f"two norms. Supported model types: {supported()}."
+            f"no adapter and the structural fallback found no decoder-layer list with attention (q/k/v or "
+            f"qkv and o projections), a known MLP layout and two norms. Supported model types: {supported()}."
         )
-    _check(model, adapter)
     # a model condify already converted runs its forwards, not the original blocks (which may need
     # particular inputs): it was verified when it was converted, and unmodify needs the adapter
     converted = any(hasattr(m, "_condify_patch") for m in model.modules())
-    if structural and _VERIFIED.get(model) != adapter.name and not converted:
-        verify(model, adapter)
-        _VERIFIED[model] = adapter.name
-    return adapter
+    known = _VERIFIED.get(model)
+    for a in candidates:
+        if a.name == known or converted:
+            _check(model, a)
+            return a
+    first: UnsupportedModelError | None = None
+    for a in candidates:  # the first view that reproduces every layer exactly
+        try:
+            _check(model, a)
+            verify(model, a)
+        except UnsupportedModelError as e:
+            first = first or e
+            continue
+        _VERIFIED[model] = a.name
+        return a
+    assert first is not None
+    raise first
 
 
 _VERIFIED: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
@@ -193,8 +278,8 @@ def verify(model: nn.Module, a: Adapter, *, tokens: int = 6, seed: int = 0) -> N
     One forward of ``tokens`` random ids records each layer's input and output and its attention and
     MLP calls; the adapter's view must reproduce them: attention input = ``attn_norm(x)``, MLP input =
     ``mlp_norm(x + attn)``, MLP output = ``down(act(gate(u)) * up(u))`` from :meth:`Adapter.mlp_weights`
-    and the named activation, layer output = ``x + attn + mlp``. The model's weights, modes and flags
-    are untouched."""
+    and the named activation, layer output = ``x + attn + mlp`` (with sandwich norms and a residual
+    scale, ``attn`` and ``mlp`` pass their post-norms and the scale first). The model's weights, modes and flags are untouched."""
     layers = a.layer_list(model)
     ref = next((p for p in model.parameters()), None)
     if ref is None or ref.device.type == "meta":
@@ -266,11 +351,13 @@ def _verify_layer(a: Adapter, layer: nn.Module, i: int, rec: dict[tuple[int, str
         if w["gate"] is not None
         else act(lin(u, w["up"], w["b_up"]))
     )
+    h = x + a._residual(layer, a.attn_post_norm, attn_out)
+    m = a._residual(layer, a.mlp_post_norm, mlp_out)
     checks = {
-        "attention input = attn_norm(x)": (attn_in, layer.get_submodule(a.attn_norm)(x)),
-        "MLP input = mlp_norm(x + attention)": (mlp_in, layer.get_submodule(a.mlp_norm)(x + attn_out)),
+        "attention input = attn_norm(x)": (attn_in, a.norm(layer, a.attn_norm, x)),
+        "MLP input = mlp_norm(x + attention)": (mlp_in, a.norm(layer, a.mlp_norm, h)),
         "MLP output = down(act(gate) * up)": (mlp_out, lin(hidden, w["down"], w["b_down"])),
-        "layer output = x + attention + MLP": (out, x + attn_out + mlp_out),
+        "layer output = x + attention + MLP": (out, h + m),
     }
     for what, (got, want) in checks.items():
         if got.shape != want.shape or not _close(got, want):

@@ -121,24 +121,14 @@ class PairState(SiteState):
         return {"pair": self.pair, "fused": self.fused, **({"mixed": True} if self.mixed else {})}
 
 
-def _attn_update(a: Adapter, layer: nn.Module, x: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
-    out = layer.get_submodule(a.attn)(hidden_states=layer.get_submodule(a.attn_norm)(x), **kw)[0]
-    return layer.get_submodule(a.attn_post_norm)(out) if a.attn_post_norm else out
-
-
-def _mlp_update(a: Adapter, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = layer.get_submodule(a.mlp)(layer.get_submodule(a.mlp_norm)(x))
-    return layer.get_submodule(a.mlp_post_norm)(out) if a.mlp_post_norm else out
-
-
 _DROP = ("encoder_hidden_states", "encoder_attention_mask", "output_attentions")
 
 
 def _pair(
     a: Adapter, layers: tuple[nn.Module, nn.Module], x: torch.Tensor, kws: tuple[dict, dict]
 ) -> torch.Tensor:
-    h = x + _attn_update(a, layers[0], x, kws[0]) + _attn_update(a, layers[1], x, kws[1])
-    return h + _mlp_update(a, layers[0], h) + _mlp_update(a, layers[1], h)
+    h = x + a.attn_update(layers[0], x, **kws[0]) + a.attn_update(layers[1], x, **kws[1])
+    return h + a.mlp_update(layers[0], h) + a.mlp_update(layers[1], h)
 
 
 def _args(layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:

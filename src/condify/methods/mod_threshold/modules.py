@@ -168,13 +168,9 @@ def _updates(
     attn_kwargs: dict[str, Any],
 ) -> torch.Tensor:
     """The layer's output ``x + g·attn, then + g·mlp`` (``gate`` None = 1)."""
-    out = layer.get_submodule(a.attn)(hidden_states=layer.get_submodule(a.attn_norm)(x), **attn_kwargs)[0]
-    if a.attn_post_norm:
-        out = layer.get_submodule(a.attn_post_norm)(out)
+    out = a.attn_update(layer, x, **attn_kwargs)
     h = x + (out if gate is None else gate * out)
-    out = layer.get_submodule(a.mlp)(layer.get_submodule(a.mlp_norm)(h))
-    if a.mlp_post_norm:
-        out = layer.get_submodule(a.mlp_post_norm)(out)
+    out = a.mlp_update(layer, h)
     return h + (out if gate is None else gate * out)
 
 
