@@ -288,7 +288,7 @@ def test_calibrate_scores_what_it_returns_at_the_target_capacity() -> None:
     """Each pass is scored with the biases fitted to the target (the controller lags it while the layers
     train), so the pass kept scores exactly what calibrate returns and reports."""
     from condify.batches import as_batches
-    from condify.methods.mod_threshold.calibrate import at_capacity
+    from condify.methods.mod_threshold.routing import at_capacity
 
     model = tiny("llama")
     condify.modify(model, method="mod-threshold", layers=[1, 2, 3, 4])

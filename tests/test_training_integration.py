@@ -26,7 +26,7 @@ from condify.convert import ModifyError
 from condify.integrations import attach, attached, converted_model, detach, step
 from condify.methods.lte import modules as lte_modules
 from condify.methods.mod_threshold import keep_rates
-from condify.methods.mod_threshold.calibrate import init_routers
+from condify.methods.mod_threshold.routing import init_routers
 from condify.patching import patched
 
 METHODS = sorted(condify.list_methods())

@@ -4,15 +4,9 @@ from __future__ import annotations
 
 from ... import registry
 from ...registry import Data, Recipe
-from .calibrate import (
-    CapacityHold,
-    ModThresholdCalibration,
-    calibrate,
-    keep_rates,
-    layer_sensitivity,
-    least_sensitive_layers,
-)
+from .calibrate import CapacityHold, ModThresholdCalibration, calibrate
 from .config import ModThresholdConfig
+from .routing import keep_rates, layer_sensitivity, least_sensitive_layers
 from .transform import attach, patch_target, remove, targets
 
 RECIPES = {
