@@ -29,7 +29,8 @@ Stages (``condify.calibrate(model, data, stage=...)``):
   on Gemma-3-270M x2.113 -> x1.546, ``recovery_passes.md``).
 
 ``params``: what trains: ``"mlp"`` (the converted MLPs and their controllers), ``"layers"`` (the whole
-converted decoder layers), ``"all"``. Controllers train at ``router_lr``.
+converted decoder layers), ``"all"``. Controllers train at ``router_lr``. ``lr_scale="weights"``: each of
+the model's own matrices trains at ``lr`` x its RMS / 0.2 (:func:`condify.training.scale_to_weights`).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from ...batches import first_tokens
 from ...config import ConfigError, Options, option
 from ...convert import applied_configs
 from ...run import Run
-from ...training import Batch, distill_loss, mean_nll, recovery_steps, short_warmup
+from ...training import LR_SCALES, Batch, distill_loss, mean_nll, recovery_steps, short_warmup
 from ..dynamic_k.routers import record_norms, ridge
 from .config import MoTConfig
 from .modules import METHOD, converted, stage
@@ -68,6 +69,7 @@ class MoTCalibration(Options):
     transition_steps: int | None = option(None, ge=0)
     lr: float = option(1e-4, gt=0.0)
     router_lr: float = option(1e-3, gt=0.0)
+    lr_scale: str = option("none", choices=LR_SCALES)
     loss: str = option("kl", choices=("kl", "lm"))
     lm_weight: float = option(0.0, ge=0.0)
     params: str = option("mlp", choices=("mlp", "layers", "all"))
@@ -144,8 +146,9 @@ def _train_mot(model: nn.Module, run: Run, opts: MoTCalibration, steps: int) -> 
     groups = param_groups(model, opts.params, opts.lr, opts.router_lr)
     loss = distill_loss(teacher, lm_weight=opts.lm_weight)
     return run.train(
-        groups, steps, loss, after_step=_annealer(model, steps, opts.temperature_end), desc="mot"
-    )
+        groups, steps, loss, after_step=_annealer(model, steps, opts.temperature_end), desc="mot",
+        lr_scale=opts.lr_scale,
+    )  # fmt: skip
 
 
 @torch.no_grad()
@@ -181,7 +184,10 @@ def _transition(model: nn.Module, run: Run, opts: MoTCalibration, steps: int) ->
 
     def attempt(lr: float) -> list[float]:
         groups = param_groups(model, opts.params, lr, opts.router_lr * lr / opts.lr)
-        return run.train(groups, steps, loss, warmup=short_warmup(steps), desc="transition", best_pass=True)
+        return run.train(
+            groups, steps, loss, warmup=short_warmup(steps), desc="transition", best_pass=True,
+            lr_scale=opts.lr_scale,
+        )  # fmt: skip
 
     losses, kept = run.keep_if_better(attempt, opts.lr, "mot transition") if steps else ([], {})
     out["transition_losses"] = losses or []
