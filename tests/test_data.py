@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import condify
 from condify import data, models
 
 # --------------------------------------------------------------------------- fixtures
@@ -447,3 +448,20 @@ def test_gemma3_perplexity_is_sane_on_both_texts(gemma3):
     assert 20 < ppl["shakespeare", True] < 90 and 15 < ppl["python-docs", True] < 80
     assert ppl["shakespeare", False] > 3 * ppl["shakespeare", True]
     assert ppl["python-docs", False] > 3 * ppl["python-docs", True]
+
+
+def test_text_batches_cut_joined_texts_into_windows(small_tokenizer):
+    texts = ["To be, or not to be, that is the question.", "Whether 'tis nobler in the mind to suffer"]
+    ids = [small_tokenizer(t)["input_ids"] for t in texts]
+    joined = ids[0] + [small_tokenizer.eos_token_id] + ids[1]
+    seq = 7
+    batches = condify.text_batches(small_tokenizer, texts, seq_len=seq, batch_size=2)
+    rows = torch.cat(batches)
+    assert all(b.shape[1] == seq and b.dtype == torch.long for b in batches) and batches[0].shape[0] == 2
+    assert rows.shape[0] == len(joined) // seq  # the short tail is dropped
+    assert rows.flatten().tolist() == joined[: rows.numel()]
+    assert condify.batches.as_batches(batches)  # what calibrate takes
+    with pytest.raises(condify.DataError, match="fewer than one window of seq_len=4096"):
+        condify.text_batches(small_tokenizer, texts[0], seq_len=4096)
+    with pytest.raises(condify.DataError, match="tokenise text first: condify.text_batches"):
+        condify.batches.as_batches(texts)

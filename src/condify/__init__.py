@@ -18,7 +18,7 @@ from torch import nn
 
 from . import registry
 from .adapters import UnsupportedModelError
-from .batches import DataError
+from .batches import DataError, text_batches
 from .config import ConfigError, MethodConfig
 from .convert import ModifyError, applied_configs, describe, modify, unmodify
 from .integrations import training_loss
@@ -43,6 +43,7 @@ __all__ = [
     "list_methods",
     "modify",
     "save_pretrained",
+    "text_batches",
     "track",
     "training_loss",
     "unmodify",

@@ -1,5 +1,6 @@
-"""Calibration data: what ``condify.calibrate`` accepts, checked before anything changes, and the one
-hold-out contract of every method (reported numbers are always on batches nothing trained on)."""
+"""Calibration data: what ``condify.calibrate`` accepts, checked before anything changes, the one
+hold-out contract of every method (reported numbers are always on batches nothing trained on), and
+:func:`text_batches` (raw text to batches)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ class DataError(ValueError):
 
 
 _MAX_REPORT = 5
+_TOKENIZE = "; tokenise text first: condify.text_batches(tokenizer, texts, seq_len=512)"
 
 
 def vocab_size(model: nn.Module) -> int | None:
@@ -47,7 +49,7 @@ def as_batches(
     if data is None or isinstance(data, (str, bytes, dict)):
         raise DataError(
             f"{what}: expected a tensor of input_ids or an iterable of tensors / dicts with 'input_ids', "
-            f"got {type(data).__name__}"
+            f"got {type(data).__name__}" + (_TOKENIZE if isinstance(data, str) else "")
         )
     if isinstance(data, torch.Tensor):
         if data.dim() == 0:
@@ -70,6 +72,36 @@ def as_batches(
     return [{k: v.to(device) if device is not None else v for k, v in b.items()} for b in out]
 
 
+def text_batches(
+    tokenizer: Any, texts: str | Iterable[str], *, seq_len: int = 512, batch_size: int = 4
+) -> list[torch.Tensor]:
+    """Calibration batches from raw text: each text tokenised (with the tokenizer's special tokens), the
+    texts joined with its EOS token (when it has one), cut into consecutive windows of ``seq_len`` tokens
+    (a tail shorter than a window is dropped), ``batch_size`` windows a batch (the last may hold fewer).
+    Raises :class:`DataError` when the text is shorter than one window."""
+    if isinstance(texts, str):
+        texts = [texts]
+    texts = list(texts)
+    if not all(isinstance(t, str) for t in texts):
+        raise DataError("text_batches: `texts` must be a string or an iterable of strings")
+    if seq_len < 2 or batch_size < 1:
+        raise ConfigError(f"text_batches: need seq_len >= 2 and batch_size >= 1, got {seq_len}, {batch_size}")
+    eos = getattr(tokenizer, "eos_token_id", None)
+    ids: list[int] = []
+    for text in texts:
+        if ids and eos is not None:
+            ids.append(int(eos))
+        ids.extend(int(i) for i in tokenizer(text)["input_ids"])
+    windows = len(ids) // seq_len
+    if windows == 0:
+        raise DataError(
+            f"text_batches: the text holds {len(ids)} tokens, fewer than one window of seq_len={seq_len}; "
+            f"pass more text or a smaller seq_len"
+        )
+    rows = torch.tensor(ids[: windows * seq_len], dtype=torch.long).view(windows, seq_len)
+    return list(rows.split(batch_size))
+
+
 def _targets(b: Batch) -> int:
     """Next-token targets of a batch (pairs of consecutive real tokens)."""
     if "attention_mask" not in b:
@@ -86,6 +118,7 @@ def check_batch(item: Any, i: int, vocab: int | None, what: str) -> Batch:
         raise DataError(
             f"{where}: expected a tensor of input_ids or a dict with 'input_ids', got {type(item).__name__}"
             + (f" with keys {sorted(map(str, item))}" if isinstance(item, dict) else "")
+            + (_TOKENIZE if isinstance(item, str) else "")
         )
     b = {k: v for k, v in item.items() if k in ("input_ids", "attention_mask") and v is not None}
     for k, v in b.items():
