@@ -8,7 +8,8 @@ from test_dynamic_k import KINDS, data, ids, logits, same_state, snapshot, tiny
 
 import condify
 from condify.methods.dynamic_k import executed_fraction, mode, track_executed
-from condify.methods.dynamic_k.modules import ProjectionMLP, converted
+from condify.methods.dynamic_k.modules import converted
+from condify.methods.dynamic_k.projection import ProjectionMLP
 
 
 @pytest.fixture(autouse=True)

@@ -8,8 +8,8 @@ contiguous expert blocks) and gains two children:
   restores the original order exactly) and ``tau`` (this layer's threshold).
 
 With ``attention=True`` every attention projection (q/k/v/o, or fused qkv) is converted the same way,
-after it gains a third child ``expert_mlp`` (:class:`ProjectionMLP`, ``Linear -> ReLU -> Linear``)
-that replaces the linear map; the projection's own weight stays, untouched, as the distillation
+after it gains a third child ``expert_mlp`` (:class:`.projection.ProjectionMLP`, ``Linear -> ReLU ->
+Linear``) that replaces the linear map; the projection's own weight stays, untouched, as the distillation
 target and for ``unmodify``. Each site's typed state is an :class:`ExpertSite` (``site``: ``"mlp"`` or
 the projection name).
 
@@ -69,6 +69,7 @@ from ...hooks import global_hooks
 from ...ops import expert_mlp, sparse_ffn  # custom ops: Triton on CUDA, compiled kernel / torch on CPU
 from ...patching import SiteState, patched
 from ...tracking import Tracking, track
+from .projection import ProjectionWeights
 
 METHOD = "dynamic-k"
 MODES = ("sparse", "masked", "oracle", "dense", "original")
@@ -224,54 +225,6 @@ def checked_router(mlp: nn.Module, st: ExpertSite) -> bool:
         return True
     check_router(mlp, METHOD, st.layer, _ROUTER_WHY)
     return False
-
-
-class ProjectionMLP(nn.Module):
-    """``Linear(d_in, h) -> ReLU -> Linear(h, d_out)``: the MLP that replaces an attention projection."""
-
-    def __init__(self, d_in: int, hidden: int, d_out: int, bias: bool) -> None:
-        super().__init__()
-        self.up = nn.Linear(d_in, hidden)
-        self.down = nn.Linear(hidden, d_out, bias=bias)
-
-    @torch.no_grad()
-    def init_from_linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        """Exact best rank-``h/2`` approximation of ``x @ weight.T + bias`` (``weight`` is (d_out, d_in)).
-
-        With ``u_i, s_i, v_i`` the top singular triplets, neurons ``2i, 2i+1`` compute ``relu(±v_i x)``
-        and the down projection adds ``±s_i u_i`` times them, since ``relu(z) - relu(-z) = z``. So the
-        MLP equals the linear map when ``h >= 2 * min(d_in, d_out)``, and exactly half of the hidden
-        neurons are zero for every token.
-        """
-        u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
-        k = min(self.up.out_features // 2, s.numel())
-        up = torch.zeros_like(self.up.weight, dtype=torch.float32)
-        down = torch.zeros_like(self.down.weight, dtype=torch.float32)
-        up[0 : 2 * k : 2], up[1 : 2 * k : 2] = vh[:k], -vh[:k]
-        down[:, 0 : 2 * k : 2], down[:, 1 : 2 * k : 2] = u[:, :k] * s[:k], -u[:, :k] * s[:k]
-        self.up.weight.copy_(up)
-        self.up.bias.zero_()
-        self.down.weight.copy_(down)
-        if self.down.bias is not None:
-            self.down.bias.copy_(bias if bias is not None else torch.zeros_like(self.down.bias))
-
-
-class ProjectionWeights:
-    """``mlp_weights`` / ``mlp_modules`` of a converted projection: its ``expert_mlp`` as a non-GLU MLP."""
-
-    def mlp_modules(self, module: nn.Module) -> dict[str, nn.Module | None]:
-        e = module._modules["expert_mlp"]._modules
-        return {"gate": None, "up": e["up"], "down": e["down"], "gate_up": None}
-
-    def mlp_weights(self, module: nn.Module) -> dict[str, torch.Tensor | None]:
-        e = module.expert_mlp
-        return {
-            "gate": None, "up": e.up.weight, "down": e.down.weight,
-            "b_gate": None, "b_up": e.up.bias, "b_down": e.down.bias,
-        }  # fmt: skip
-
-
-PROJECTION = ProjectionWeights()
 
 
 class ExpertLayout(nn.Module):

@@ -20,16 +20,15 @@ from .modules import (
     _PLAIN_TENSORS,
     _PLAIN_TYPES,
     METHOD,
-    PROJECTION,
     ExpertLayout,
     ExpertSite,
-    ProjectionMLP,
     Router,
     converted,
     mlp_modules,
     model_activation,
     moe_forward,
 )
+from .projection import PROJECTION, ProjectionMLP
 
 
 def no_values(t: torch.Tensor) -> bool:
