@@ -284,6 +284,26 @@ def test_short_calibrate_moves_keep_rates_toward_target() -> None:
     _generate_equal(model, *left_padded(3, 9), new=5)
 
 
+def test_fit_biases_sets_the_keep_rate_on_any_data_and_refuses_a_bad_capacity() -> None:
+    """What a user runs after their own training loop: the keep-rate of every gated layer on the data
+    becomes the capacity (to one token); a capacity out of range changes nothing."""
+    model = tiny("llama")
+    condify.modify(model, "mod-threshold", capacity=0.5, sink_tokens=0)
+    x = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(3))
+    mod_threshold.routing.init_routers(model, [{"input_ids": x}])
+    with torch.no_grad():
+        for _, m in patched(model, "mod-threshold"):
+            m.router.bias += 3.0  # keeps (nearly) every token: what a lagging controller leaves
+    assert min(keep_rates(model, x).values()) > 0.8
+    biases = [float(m.router.bias.detach()) for _, m in patched(model, "mod-threshold")]
+    with pytest.raises(condify.ConfigError, match="`capacity` must be in \\(0, 1\\]"):
+        mod_threshold.fit_biases(model, x, 1.5)
+    assert [float(m.router.bias.detach()) for _, m in patched(model, "mod-threshold")] == biases
+    shifts = mod_threshold.fit_biases(model, x, 0.5)  # a (b, t) tensor, as calibrate takes
+    assert all(v < 0 for v in shifts.values())
+    assert all(abs(r - 0.5) <= 1 / x.numel() for r in keep_rates(model, x).values())
+
+
 def test_calibrate_scores_what_it_returns_at_the_target_capacity() -> None:
     """Each pass is scored with the biases fitted to the target (the controller lags it while the layers
     train), so the pass kept scores exactly what calibrate returns and reports."""

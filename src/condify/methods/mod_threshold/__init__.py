@@ -6,7 +6,7 @@ from ... import registry
 from ...registry import Data, Recipe
 from .calibrate import CapacityHold, ModThresholdCalibration, calibrate
 from .config import ModThresholdConfig
-from .routing import keep_rates, layer_sensitivity, least_sensitive_layers
+from .routing import at_capacity, fit_biases, keep_rates, layer_sensitivity, least_sensitive_layers
 from .transform import attach, patch_target, remove, targets
 
 RECIPES = {
@@ -36,6 +36,8 @@ registry.register(
 __all__ = [
     "ModThresholdCalibration",
     "ModThresholdConfig",
+    "at_capacity",
+    "fit_biases",
     "keep_rates",
     "layer_sensitivity",
     "least_sensitive_layers",

@@ -108,7 +108,9 @@ class CapacityHold:
     """mod-threshold in a user's training loop (:func:`condify.integrations.attach`): no loss term (the
     straight-through gate trains the routers through the LM loss); after each optimiser step
     :func:`hold_capacity` moves the router biases so the keep-rate holds ``capacity`` (default: the
-    config's; calibrate's controller without its ramp), ``bias_momentum`` as in calibrate."""
+    config's; calibrate's controller without its ramp), ``bias_momentum`` as in calibrate. While the
+    layers train, the keep-rate of the training forwards lags ``capacity`` (``after_step`` reports it):
+    :func:`.routing.fit_biases` on a few batches sets the rate the model then runs at."""
 
     def __init__(self, model: nn.Module, opts: ModThresholdCalibration) -> None:
         from ...integrations import Records

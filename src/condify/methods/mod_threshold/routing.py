@@ -81,12 +81,20 @@ def concat(batches: list[Batch]) -> Batch:
 
 
 @torch.no_grad()
-def fit_biases(model: nn.Module, batches: list[Batch], capacity: float) -> dict[int, float]:
-    """Shift each router bias so its hard keep-rate on ``batches`` is ``capacity``.
+def fit_biases(model: nn.Module, batches: list[Batch] | Any, capacity: float) -> dict[int, float]:
+    """Shift each router bias so its hard keep-rate on ``batches`` (any calibration data) is ``capacity``;
+    returns the shifts by layer index.
 
     One forward over all of ``batches`` at once; each gated layer fits its bias on its own inputs
-    before deciding, so later layers are fitted on the inputs they will really see.
+    before deciding, so later layers are fitted on the inputs they will really see. After training in
+    your own loop, where the bias controller lags the capacity while the layers change, this sets the
+    keep-rate the model runs at.
     """
+    from ...batches import as_batches
+
+    if not 0.0 < capacity <= 1.0:
+        raise ConfigError(f"fit_biases: `capacity` must be in (0, 1], got {capacity!r}")
+    batches = as_batches(batches, next(model.parameters()).device)
     gated, state = gated_layers(model), router_state(model)
     before = {i: float(layer.router.bias) for i, layer in gated.items()}
     was_training, state.fit = model.training, capacity
