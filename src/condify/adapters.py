@@ -240,7 +240,8 @@ def get_adapter(model: nn.Module) -> Adapter:
             f"qkv and o projections), a known MLP layout and two norms. Supported model types: {supported()}."
         )
     # a model condify already converted runs its forwards, not the original blocks (which may need
-    # particular inputs): it was verified when it was converted, and unmodify needs the adapter
+    # particular inputs): it was verified when it was converted (its sites keep the adapter they were
+    # built with), and unmodify needs only the paths, which every candidate shares
     converted = any(hasattr(m, "_condify_patch") for m in model.modules())
     known = _VERIFIED.get(model)
     for a in candidates:
@@ -278,8 +279,8 @@ def verify(model: nn.Module, a: Adapter, *, tokens: int = 6, seed: int = 0) -> N
     One forward of ``tokens`` random ids records each layer's input and output and its attention and
     MLP calls; the adapter's view must reproduce them: attention input = ``attn_norm(x)``, MLP input =
     ``mlp_norm(x + attn)``, MLP output = ``down(act(gate(u)) * up(u))`` from :meth:`Adapter.mlp_weights`
-    and the named activation, layer output = ``x + attn + mlp`` (with sandwich norms and a residual
-    scale, ``attn`` and ``mlp`` pass their post-norms and the scale first). The model's weights, modes and flags are untouched."""
+    and the named activation, layer output = ``x + attn + mlp`` (with post-norms and a residual scale,
+    ``attn`` and ``mlp`` pass through them first). The model's weights, modes and flags are untouched."""
     layers = a.layer_list(model)
     ref = next((p for p in model.parameters()), None)
     if ref is None or ref.device.type == "meta":
