@@ -275,6 +275,32 @@ def test_best_pass_ends_at_the_pass_that_scored_best_on_the_hold_out():
     assert all(torch.equal(v, run.model.state_dict()[k]) for k, v in kept.items())
 
 
+def test_best_pass_stops_after_passes_that_do_not_beat_the_best():
+    """Five passes asked with patience 2, pass 1 the best and every later one worse: training stops after
+    pass 3, keeps pass 1 and counts only the tokens it trained on; without patience all five run."""
+    from condify.run import Run
+    from condify.training import distill_loss
+
+    lm = distill_loss(None)
+    batches = [torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    model = tiny("llama")
+    run = Run(model, [{"input_ids": b} for b in batches[:3]], [{"input_ids": batches[3]}], progress=False)
+    held = run.held[0]
+
+    def loss(
+        m: nn.Module, b: dict, step: int
+    ) -> torch.Tensor:  # pass 1 helps the hold-out, later passes hurt
+        return (1.0 if step < 3 else -1.0) * lm(m, held, step)
+
+    losses = run.train(list(model.parameters()), 15, loss, lr=3e-3, warmup=0, best_pass=True, patience=2)
+    rec = run.passes["train"]
+    assert rec["stopped"] == 3 and len(rec["held_nll"]) == 3
+    assert len(losses) == 9 and run.tokens == 32 * len(losses)
+    assert rec["kept"] == 1.0 and run.held_nll() == pytest.approx(rec["held_nll"][0])
+    run.train(list(model.parameters()), 15, loss, lr=3e-3, warmup=0, best_pass=True)
+    assert run.passes["train"]["stopped"] is None and len(run.passes["train"]["held_nll"]) == 5
+
+
 def test_calibrate_warns_when_held_out_quality_is_poor():
     model = tiny("llama")
     with torch.no_grad():

@@ -28,6 +28,7 @@ T = TypeVar("T")
 LR_FALLBACK = (1.0, 0.1)  # recovery fine-tunes: the method's rate, then a tenth of it (Run.keep_if_better)
 RATE_CHOICE = 1 / 3  # recovery fine-tunes choose between their rate and this fraction of it (lr_factors)
 GUARD_SE = 1.0  # Run.keep_if_better: a held-out NLL rise within this many paired standard errors is noise
+PASS_PATIENCE = 2  # mod-threshold's training stops after this many passes that do not beat the best one
 
 
 def lr_factors(choice: float | None) -> tuple[float | tuple[float, ...], ...]:
@@ -83,6 +84,7 @@ class Run:
         *,
         batches: list[Batch] | None = None,
         best_pass: bool = False,
+        patience: int | None = None,
         **kwargs: Any,
     ) -> list[float]:
         """:func:`train` on ``self.fit`` (or ``batches``), counting the tokens it uses.
@@ -92,7 +94,10 @@ class Run:
         of its state put back; one copy of the state is held). Passes that fit the calibration text at
         the cost of other text are undone: Gemma-3-270M + python-docs, dynamic-k at 75 %, 4 passes of
         2.8k tokens raised calibrate's held-out ratio x1.029 -> x1.144 (``results/recovery_passes.md``).
-        Each pass's held-out NLL and the kept pass are recorded in ``passes[desc]``.
+        With ``patience`` (and the selection on), training stops after that many passes in a row that do
+        not beat the best one (``stopped``: the passes made); the pass kept is the whole run's whenever no
+        later pass would have beaten it. Each pass's held-out NLL and the kept pass are recorded in
+        ``passes[desc]``.
         """
         batches = self.fit if batches is None else batches
         desc = kwargs.get("desc", "train")
@@ -102,7 +107,7 @@ class Run:
             )
         per_pass, given = len(batches), kwargs.pop("after_step", None)
         select = best_pass and self.guard and bool(self.held) and steps > per_pass
-        record: dict[str, Any] = {"held_nll": [], "kept": None}
+        record: dict[str, Any] = {"held_nll": [], "kept": None, "stopped": None}
         best: dict[str, Any] = {}
 
         def after_step(step: int, loss: float) -> str | None:
@@ -112,12 +117,17 @@ class Run:
                 record["held_nll"].append(nll)
                 if not best or nll < best["nll"]:
                     best.update(nll=nll, passes=(step + 1) / per_pass, state=state_copy(self.model))
+                elif patience and (step + 1) / per_pass - best["passes"] >= patience and step + 1 < steps:
+                    record["stopped"] = (step + 1) / per_pass
             return status
 
         losses = train(
             self.model, params, batches, steps, loss_fn, progress=self.progress,
-            after_step=after_step if select else given, **kwargs,
+            after_step=after_step if select else given, stop=lambda: record["stopped"] is not None, **kwargs,
         )  # fmt: skip
+        if record["stopped"] is not None:
+            log.info("%s: stopped after pass %g of %g: %d passes did not beat pass %g", desc,
+                     record["stopped"], steps / per_pass, patience, best["passes"])  # fmt: skip
         if select and best:
             put_state(self.model, best["state"])
             record["kept"] = best["passes"]

@@ -266,6 +266,7 @@ def train(
     max_grad_norm: float = 1.0,
     lr_scale: str = "none",
     after_step: Callable[[int, float], str | None] | None = None,
+    stop: Callable[[], bool] | None = None,
     desc: str = "train",
     progress: bool = True,
 ) -> list[float]:
@@ -277,7 +278,8 @@ def train(
 
     ``warmup`` defaults to a tenth of the steps (at most 10; :func:`short_warmup` for one-pass
     fine-tunes). ``after_step(step, loss)`` runs after each optimiser step and may return a short
-    status for the progress bar. A non-finite loss raises
+    status for the progress bar; ``stop()``, checked after it, ends the training there when True (the
+    parameters stay as trained). A non-finite loss raises
     :class:`FloatingPointError`; on any error the trained parameters get their values back.
     """
     if lr_scale not in LR_SCALES:
@@ -320,6 +322,8 @@ def train(
                 losses.append(loss.item())
                 status = after_step(step, losses[-1]) if after_step is not None else None
                 bar.set_postfix_str(f"loss={losses[-1]:.3f}" + (f" {status}" if status else ""))
+                if stop is not None and stop():
+                    break
     except BaseException:
         with torch.no_grad():
             for p, v in zip(flat, saved, strict=True):
