@@ -28,7 +28,6 @@ T = TypeVar("T")
 LR_FALLBACK = (1.0, 0.1)  # recovery fine-tunes: the method's rate, then a tenth of it (Run.keep_if_better)
 RATE_CHOICE = 1 / 3  # recovery fine-tunes choose between their rate and this fraction of it (lr_factors)
 GUARD_SE = 1.0  # Run.keep_if_better: a held-out NLL rise within this many paired standard errors is noise
-PASS_PATIENCE = 2  # mod-threshold's training stops after this many passes that do not beat the best one
 
 
 def lr_factors(choice: float | None) -> tuple[float | tuple[float, ...], ...]:

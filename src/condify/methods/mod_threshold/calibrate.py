@@ -14,9 +14,9 @@ the first pass over the fit batches (router steps included), and holds the targe
 while the layers train). By default the model trains for ``TRAIN_TOKENS`` tokens in whole passes
 (1-``TRAIN_MAX_PASSES``, twice the other methods' recovery fine-tune: :func:`condify.training.recovery_steps`)
 and ends at the pass that scored best on the hold-out, every score taken with the biases fitted to the
-target (:func:`.routing.at_capacity`); it stops after ``PASS_PATIENCE`` passes in a row that do not beat
-the best (on every run with per-pass scores on record the pass kept is the same: Gemma-3-270M +
-python-docs makes 3 of 8 passes, SmolLM2 + shakespeare at 0.5 4 of 8; ``results/early_stop.md``). After training, biases are fitted once more layer
+target (:func:`.routing.at_capacity`). With ``patience=N`` it stops after N passes in a row that do not
+beat the best (``results/early_stop.md``: with 2, the same pass kept and a third of the time on Gemma-3,
+but SmolLM2 at capacity 0.75 stopped before its best pass). After training, biases are fitted once more layer
 by layer on the calibration data (:func:`.routing.fit_biases`), so the hard keep-rate of every gated layer
 equals the target on that data. The training-free tools (router init, bias fitting, layer choice) live in
 :mod:`.routing`.
@@ -35,7 +35,7 @@ from torch import nn
 from ...adapters import Adapter, get_adapter
 from ...config import Options, option
 from ...convert import applied_configs, update_config
-from ...run import PASS_PATIENCE, Run
+from ...run import Run
 from ...training import (
     LR_SCALES,
     RECOVERY_MAX_PASSES,
@@ -178,7 +178,8 @@ class ModThresholdCalibration(Options):
     own matrices trains at ``lr`` x its RMS / 0.2 (routers at ``router_lr`` as given), warm-up over a
     quarter of the steps; on Gemma-3-270M (matrices of RMS 0.02-0.04) x2.005 -> x1.856 at capacity 0.75
     and x6.147 -> x4.065 at 0.5 (``benchmarks/results/frontier-gemma-python-docs.md``).
-    When the config's ``auto_layers`` is set (``modify`` without ``layers=``), the gated layers are first
+    ``patience``: stop the training after that many passes in a row that do not beat the best one
+    (None: every pass runs). When the config's ``auto_layers`` is set (``modify`` without ``layers=``), the gated layers are first
     chosen on the first ``select_batches`` fit batches (:func:`choose_layers`).
     """
 
@@ -196,6 +197,7 @@ class ModThresholdCalibration(Options):
     ramp: float = option(0.5, ge=0.0, le=1.0)
     bias_momentum: float = option(0.5, ge=0.0, lt=1.0)
     init: bool = True
+    patience: int | None = option(None, ge=1)
     fit_batches: int = option(8, ge=1)
     select_batches: int = option(2, ge=1)
 
@@ -259,7 +261,7 @@ def calibrate(model: nn.Module, run: Run, opts: ModThresholdCalibration) -> dict
             )
             run.train(
                 groups, n, loss_fn, after_step=after_step, lr_scale=opts.lr_scale, warmup=short_warmup(n),
-                desc=f"mod-threshold: train {phase}", best_pass=phase != "routers", patience=PASS_PATIENCE,
+                desc=f"mod-threshold: train {phase}", best_pass=phase != "routers", patience=opts.patience,
             )  # fmt: skip
         return fit_biases(model, fit_on, capacity)
 
