@@ -16,9 +16,9 @@ while the layers train). By default the model trains for ``TRAIN_TOKENS`` tokens
 and ends at the pass that scored best on the hold-out, every score taken with the biases fitted to the
 target (:func:`.routing.at_capacity`). With ``patience=N`` it stops after N passes in a row that do not
 beat the best (``results/early_stop.md``: with 2, the same pass kept and a third of the time on Gemma-3,
-but SmolLM2 at capacity 0.75 stopped before its best pass). After training, biases are fitted once more layer
-by layer on the calibration data (:func:`.routing.fit_biases`), so the hard keep-rate of every gated layer
-equals the target on that data. The training-free tools (router init, bias fitting, layer choice) live in
+but SmolLM2 at capacity 0.75 stopped before its best pass). After training, biases are fitted once more
+layer by layer on the calibration data (:func:`.routing.fit_biases`), so the hard keep-rate of every gated
+layer equals the target on that data. The training-free tools (router init, bias fitting, layer choice) live in
 :mod:`.routing`.
 """
 
@@ -179,8 +179,9 @@ class ModThresholdCalibration(Options):
     quarter of the steps; on Gemma-3-270M (matrices of RMS 0.02-0.04) x2.005 -> x1.856 at capacity 0.75
     and x6.147 -> x4.065 at 0.5 (``benchmarks/results/frontier-gemma-python-docs.md``).
     ``patience``: stop the training after that many passes in a row that do not beat the best one
-    (None: every pass runs). When the config's ``auto_layers`` is set (``modify`` without ``layers=``), the gated layers are first
-    chosen on the first ``select_batches`` fit batches (:func:`choose_layers`).
+    (None: every pass runs). When the config's ``auto_layers`` is set (``modify`` without ``layers=``),
+    the gated layers are first chosen on the first ``select_batches`` fit batches
+    (:func:`.routing.choose_layers`).
     """
 
     owner = "mod-threshold calibrate"
