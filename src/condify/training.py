@@ -173,7 +173,8 @@ class Masters:
     steps the copies and each step's result is written back, rounded, to the model's parameter. Adam's
     updates are ~lr per step, below bf16's resolution for small weights (a 0.03 weight moves in steps of
     2.4e-4): without the copies most updates round away (a tiny llama in bf16, weights of RMS 0.02,
-    20 AdamW steps at lr 3e-5: 27 % of the MLP weights changed at all). fp32 parameters are used as they are."""
+    20 AdamW steps at lr 3e-5: 27 % of the MLP weights changed at all). fp32 parameters are used as
+    they are."""
 
     def __init__(self, params: Iterable[torch.Tensor]) -> None:
         low = (torch.bfloat16, torch.float16)

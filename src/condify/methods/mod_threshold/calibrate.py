@@ -18,8 +18,8 @@ target (:func:`.routing.at_capacity`). With ``patience=N`` it stops after N pass
 beat the best (``results/early_stop.md``: with 2, the same pass kept and a third of the time on Gemma-3,
 but SmolLM2 at capacity 0.75 stopped before its best pass). After training, biases are fitted once more
 layer by layer on the calibration data (:func:`.routing.fit_biases`), so the hard keep-rate of every gated
-layer equals the target on that data. The training-free tools (router init, bias fitting, layer choice) live in
-:mod:`.routing`.
+layer equals the target on that data. The training-free tools (router init, bias fitting, layer choice)
+live in :mod:`.routing`.
 """
 
 from __future__ import annotations
